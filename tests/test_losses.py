@@ -1,0 +1,151 @@
+"""The losses against direct PyTorch computations of the reference formulas on the selected rows."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from distilbert_jax import losses
+
+N, V, D = 24, 50, 16
+TEMPERATURE = 2.0
+
+
+@pytest.fixture(scope="module")
+def data():
+  rng = np.random.default_rng(0)
+  weights_N = (rng.random(N) < 0.6).astype(np.float32)
+  weights_N[:2] = (0.0, 1.0)  # at least one zero and one selected row whatever the draw
+  return dict(
+      s_NxV=(3.0 * rng.standard_normal((N, V))).astype(np.float32),
+      t_NxV=(3.0 * rng.standard_normal((N, V))).astype(np.float32),
+      s_NxD=rng.standard_normal((N, D)).astype(np.float32),
+      t_NxD=rng.standard_normal((N, D)).astype(np.float32),
+      targets_N=rng.integers(0, V, N).astype(np.int32),
+      weights_N=weights_N,
+  )
+
+
+def _selected(data, name):
+  """torch float64 copy of the selected rows, as the reference's masked_select gives them."""
+  return torch.from_numpy(data[name][data["weights_N"] > 0]).double()
+
+
+def test_ce_loss_matches_torch_kldiv_batchmean(data):
+  s, t = _selected(data, "s_NxV"), _selected(data, "t_NxV")
+  want = torch.nn.KLDivLoss(reduction="batchmean")(
+      torch.log_softmax(s / TEMPERATURE, -1), torch.softmax(t / TEMPERATURE, -1)) * TEMPERATURE**2
+  got = losses.ce_loss(data["s_NxV"], data["t_NxV"], data["weights_N"], TEMPERATURE)
+  assert got.dtype == jnp.float32 and got.shape == ()
+  np.testing.assert_allclose(got, want.item(), rtol=1e-5, atol=1e-5)
+
+
+def test_mlm_loss_matches_torch_cross_entropy(data):
+  targets = torch.from_numpy(data["targets_N"][data["weights_N"] > 0]).long()
+  want = torch.nn.CrossEntropyLoss()(_selected(data, "s_NxV"), targets)
+  got = losses.mlm_loss(data["s_NxV"], data["targets_N"], data["weights_N"])
+  np.testing.assert_allclose(got, want.item(), rtol=1e-5, atol=1e-5)
+
+
+def test_cosine_loss_matches_torch_cosine_embedding(data):
+  s_NxD = data["s_NxD"].copy()
+  s_NxD[1] = 0.0  # a zero vector on a selected row: the epsilon branch
+  data = dict(data, s_NxD=s_NxD)
+  s, t = _selected(data, "s_NxD"), _selected(data, "t_NxD")
+  want = torch.nn.CosineEmbeddingLoss()(s, t, torch.ones(s.shape[0], dtype=torch.float64))
+  got = losses.cosine_loss(data["s_NxD"], data["t_NxD"], data["weights_N"])
+  np.testing.assert_allclose(got, want.item(), rtol=1e-5, atol=1e-5)
+
+
+def test_mse_loss_matches_torch_sum_over_selected(data):
+  s, t = _selected(data, "s_NxV"), _selected(data, "t_NxV")
+  want = torch.nn.MSELoss(reduction="sum")(s, t) / s.shape[0]
+  got = losses.mse_loss(data["s_NxV"], data["t_NxV"], data["weights_N"])
+  np.testing.assert_allclose(got, want.item(), rtol=1e-5, atol=1e-5)
+
+
+def test_mlm_accuracy_counts(data):
+  selected_N = data["weights_N"] > 0
+  targets_N = data["targets_N"].copy()
+  targets_N[:6] = data["s_NxV"][:6].argmax(-1)  # make some predictions right
+  correct, total = losses.mlm_accuracy(data["s_NxV"], targets_N, data["weights_N"])
+  assert int(total) == selected_N.sum()
+  assert int(correct) == ((data["s_NxV"].argmax(-1) == targets_N) & selected_N).sum()
+  assert int(correct) >= 1
+
+
+def test_bf16_inputs_are_computed_in_float32(data):
+  s_bf16 = jnp.asarray(data["s_NxV"], jnp.bfloat16)
+  got = losses.mlm_loss(s_bf16, data["targets_N"], data["weights_N"])
+  want = losses.mlm_loss(s_bf16.astype(jnp.float32), data["targets_N"], data["weights_N"])
+  assert got.dtype == jnp.float32
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def _total(s_NxV, s_NxD, data, weights_N):
+  return (losses.ce_loss(s_NxV, data["t_NxV"], weights_N, TEMPERATURE)
+          + losses.mlm_loss(s_NxV, data["targets_N"], weights_N)
+          + losses.cosine_loss(s_NxD, data["t_NxD"], weights_N)
+          + losses.mse_loss(s_NxV, data["t_NxV"], weights_N))
+
+
+@pytest.mark.parametrize("which", ["some", "none"])
+def test_jit_and_finite_gradients(data, which):
+  weights_N = data["weights_N"] if which == "some" else np.zeros(N, np.float32)
+  s_NxD = data["s_NxD"].copy()
+  s_NxD[1] = 0.0
+  grad_fn = jax.jit(jax.value_and_grad(lambda a, b: _total(a, b, data, weights_N), argnums=(0, 1)))
+  value, (g_NxV, g_NxD) = grad_fn(data["s_NxV"], s_NxD)
+  assert np.isfinite(value) and np.isfinite(g_NxV).all() and np.isfinite(g_NxD).all()
+  np.testing.assert_allclose(value, _total(data["s_NxV"], s_NxD, data, weights_N), rtol=1e-6)
+  # Unselected rows get no gradient; with nothing selected every loss is 0, not NaN.
+  unselected = weights_N == 0
+  assert not g_NxV[unselected].any() and not g_NxD[unselected].any()
+  if which == "none":
+    assert value == 0.0
+
+
+def _gather_reference(x, weights, k):
+  flat_w = weights.reshape(-1)
+  idx = np.flatnonzero(flat_w > 0)[:k]
+  index = np.zeros(k, np.int64)
+  index[:len(idx)] = idx
+  w = np.zeros(k, np.float32)
+  w[:len(idx)] = flat_w[idx]
+  return x.reshape(-1, *x.shape[2:])[index], w, index
+
+
+@pytest.mark.parametrize("k", [4, 9, 30])  # fewer, as many as, more slots than selected positions
+def test_gather_positions_matches_numpy(k):
+  rng = np.random.default_rng(1)
+  weights_BxL = np.zeros((3, 7), np.float32)
+  weights_BxL.reshape(-1)[rng.choice(21, 9, replace=False)] = 1.0
+  x_BxLxD = rng.standard_normal((3, 7, 5)).astype(np.float32)
+  x_KxD, w_K, index_K = jax.jit(losses.gather_positions, static_argnums=2)(x_BxLxD, weights_BxL, k)
+  want_x, want_w, want_index = _gather_reference(x_BxLxD, weights_BxL, k)
+  assert x_KxD.shape == (k, 5) and w_K.shape == (k,) and index_K.shape == (k,)
+  np.testing.assert_array_equal(index_K, want_index)
+  np.testing.assert_array_equal(w_K, want_w)
+  np.testing.assert_array_equal(x_KxD, want_x)
+  if k > 9:
+    assert not w_K[9:].any()  # padding slots carry no weight
+
+
+def test_gathered_losses_equal_full_losses(data):
+  """Losses on gathered rows equal the full-path losses: the point of gathering."""
+  weights_BxL = data["weights_N"].reshape(4, 6)
+  k = int(weights_BxL.sum()) + 3
+  s_KxV, w_K, index_K = losses.gather_positions(data["s_NxV"].reshape(4, 6, V), weights_BxL, k)
+  t_KxV = data["t_NxV"][np.asarray(index_K)]
+  targets_K = data["targets_N"][np.asarray(index_K)]
+  np.testing.assert_allclose(losses.ce_loss(s_KxV, t_KxV, w_K, TEMPERATURE),
+                             losses.ce_loss(data["s_NxV"], data["t_NxV"], data["weights_N"], TEMPERATURE),
+                             rtol=1e-6)
+  np.testing.assert_allclose(losses.mlm_loss(s_KxV, targets_K, w_K),
+                             losses.mlm_loss(data["s_NxV"], data["targets_N"], data["weights_N"]), rtol=1e-6)
+
+
+def test_num_gather_slots():
+  assert losses.num_gather_slots(16, 128, 0.15) == 308  # ceil(307.2)
+  assert losses.num_gather_slots(10, 20, 0.15) == 30  # exact: no float round-up to 31
+  assert losses.num_gather_slots(1, 7, 1.0) == 7
