@@ -1,0 +1,393 @@
+"""Hugging Face I/O: `load_hf` and `save_hf` for BERT and DistilBERT masked-LM checkpoints.
+
+The mapping between our parameter tree and Hugging Face keys is one table per family. Each row names our
+parameter path, the Hugging Face key (relative to the base model, or `^`-anchored for head keys that live
+outside it) and a hook, a pair of array transforms (to JAX, to Hugging Face). `{i}` stands for a layer index.
+
+torch is imported only to read `pytorch_model.bin` files; safetensors checkpoints need nothing but numpy.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import pathlib
+import re
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from distilbert_jax import model as model_lib
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_ARCHITECTURES = {
+    "BertForMaskedLM": "bert", "BertForPreTraining": "bert", "BertModel": "bert",
+    "DistilBertForMaskedLM": "distilbert", "DistilBertModel": "distilbert",
+}
+_PREFIX = {"bert": "bert.", "distilbert": "distilbert."}
+
+
+class ConversionError(ValueError):
+  """A checkpoint or config that cannot be converted; the message names the problem and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Hook:
+  """Array transforms between a Hugging Face tensor and our parameter; both take (array, config)."""
+  to_jax: Callable[[np.ndarray, model_lib.EncoderConfig], np.ndarray]
+  to_hf: Callable[[np.ndarray, model_lib.EncoderConfig], np.ndarray]
+
+
+COPY = Hook(lambda x, c: x, lambda x, c: x)
+# torch Linear stores (out, in); a flax kernel is (in, out).
+LINEAR = Hook(lambda x, c: x.T, lambda x, c: x.T)
+# q/k/v: (H*K, D) -> (D, H, K), and their biases (H*K,) -> (H, K).
+HEADS_IN = Hook(lambda x, c: x.T.reshape(c.hidden_size, c.num_heads, c.head_size),
+                lambda x, c: x.reshape(c.hidden_size, -1).T)
+HEADS_IN_BIAS = Hook(lambda x, c: x.reshape(c.num_heads, c.head_size), lambda x, c: x.reshape(-1))
+# attention output: (D, H*K) -> (H, K, D).
+HEADS_OUT = Hook(lambda x, c: x.T.reshape(c.num_heads, c.head_size, c.hidden_size),
+                 lambda x, c: x.reshape(-1, c.hidden_size).T)
+
+
+def _dense_rows(ours: str, theirs: str, kernel: Hook = LINEAR, bias: Hook = COPY):
+  return [(f"{ours}/kernel", f"{theirs}.weight", kernel), (f"{ours}/bias", f"{theirs}.bias", bias)]
+
+
+def _norm_rows(ours: str, theirs: str):
+  return [(f"{ours}/scale", f"{theirs}.weight", COPY), (f"{ours}/bias", f"{theirs}.bias", COPY)]
+
+
+def _layer_rows(names: dict[str, str]):
+  """Rows of one layer, given the Hugging Face module name of each of our sub-modules."""
+  rows = []
+  for ours in ("query", "key", "value"):
+    rows += _dense_rows(f"layer_{{i}}/attention/{ours}", names[ours], HEADS_IN, HEADS_IN_BIAS)
+  rows += _dense_rows("layer_{i}/attention/out", names["out"], HEADS_OUT)
+  rows += _norm_rows("layer_{i}/attention_norm", names["attention_norm"])
+  rows += _dense_rows("layer_{i}/mlp/wi", names["wi"])
+  rows += _dense_rows("layer_{i}/mlp/wo", names["wo"])
+  rows += _norm_rows("layer_{i}/mlp_norm", names["mlp_norm"])
+  return rows
+
+
+def _embedding_rows(with_type: bool):
+  rows = [("embeddings/word_embeddings/embedding", "embeddings.word_embeddings.weight", COPY),
+          ("embeddings/position_embeddings/embedding", "embeddings.position_embeddings.weight", COPY)]
+  if with_type:
+    rows.append(("embeddings/token_type_embeddings/embedding", "embeddings.token_type_embeddings.weight", COPY))
+  return rows + _norm_rows("embeddings/layer_norm", "embeddings.LayerNorm")
+
+
+BERT_TABLE = {
+    "embeddings": _embedding_rows(with_type=True),
+    "layer": _layer_rows({
+        "query": "encoder.layer.{i}.attention.self.query", "key": "encoder.layer.{i}.attention.self.key",
+        "value": "encoder.layer.{i}.attention.self.value", "out": "encoder.layer.{i}.attention.output.dense",
+        "attention_norm": "encoder.layer.{i}.attention.output.LayerNorm",
+        "wi": "encoder.layer.{i}.intermediate.dense", "wo": "encoder.layer.{i}.output.dense",
+        "mlp_norm": "encoder.layer.{i}.output.LayerNorm"}),
+    "pooler": _dense_rows("pooler", "pooler.dense"),
+    "head": (_dense_rows("mlm_head/transform", "^cls.predictions.transform.dense")
+             + _norm_rows("mlm_head/transform_norm", "^cls.predictions.transform.LayerNorm")
+             + [("mlm_head/bias", "^cls.predictions.bias", COPY)]),
+}
+DISTILBERT_TABLE = {
+    "embeddings": _embedding_rows(with_type=False),
+    "layer": _layer_rows({
+        "query": "transformer.layer.{i}.attention.q_lin", "key": "transformer.layer.{i}.attention.k_lin",
+        "value": "transformer.layer.{i}.attention.v_lin", "out": "transformer.layer.{i}.attention.out_lin",
+        "attention_norm": "transformer.layer.{i}.sa_layer_norm",
+        "wi": "transformer.layer.{i}.ffn.lin1", "wo": "transformer.layer.{i}.ffn.lin2",
+        "mlp_norm": "transformer.layer.{i}.output_layer_norm"}),
+    "pooler": [],
+    "head": (_dense_rows("mlm_head/transform", "^vocab_transform")
+             + _norm_rows("mlm_head/transform_norm", "^vocab_layer_norm")
+             + [("mlm_head/bias", "^vocab_projector.bias", COPY)]),
+}
+TABLES = {"bert": BERT_TABLE, "distilbert": DISTILBERT_TABLE}
+
+# Keys a checkpoint may hold that we deliberately do not load: tied decoders (checked against their
+# source below), next-sentence prediction, and non-persistent buffers older checkpoints still wrote.
+IGNORED_KEYS = re.compile(r"^(cls\.predictions\.decoder\.(weight|bias)|vocab_projector\.weight|cls\.seq_relationship\..*"
+                      r"|(bert\.|distilbert\.)?embeddings\.(position_ids|token_type_ids))$")
+
+
+def mapping(cfg: model_lib.EncoderConfig, *, head: bool = True, pooler: bool | None = None,
+            base_prefix: str = "") -> list[tuple[tuple[str, ...], str, Hook]]:
+  """Every (our parameter path, Hugging Face key, hook) of a model with this config."""
+  table = TABLES[cfg.family]
+  rows = list(table["embeddings"])
+  for i in range(cfg.num_layers):
+    rows += [(ours.format(i=i), theirs.format(i=i), hook) for ours, theirs, hook in table["layer"]]
+  if cfg.use_pooler if pooler is None else pooler:
+    rows += table["pooler"]
+  if head:
+    rows += table["head"]
+  out = []
+  for ours, theirs, hook in rows:
+    key = theirs[1:] if theirs.startswith("^") else base_prefix + theirs
+    out.append((tuple(ours.split("/")), key, hook))
+  return out
+
+
+# ----------------------------------------------------------------------------------------------- configs
+
+def _config_from_hf(hf_cfg, family: str) -> model_lib.EncoderConfig:
+  """Our config from a transformers config object; refuses fields we cannot honour."""
+  def refuse(field, value, fix):
+    raise ConversionError(f"config field {field}={value!r} is not supported: {fix}")
+
+  if not getattr(hf_cfg, "tie_word_embeddings", True):
+    refuse("tie_word_embeddings", False, "this project ties the MLM decoder to the word embeddings")
+  common = dict(vocab_size=hf_cfg.vocab_size, max_position_embeddings=hf_cfg.max_position_embeddings,
+                initializer_range=hf_cfg.initializer_range, pad_token_id=hf_cfg.pad_token_id or 0)
+  try:
+    if family == "bert":
+      if getattr(hf_cfg, "position_embedding_type", "absolute") != "absolute":
+        refuse("position_embedding_type", hf_cfg.position_embedding_type, "only 'absolute' positions are implemented")
+      if getattr(hf_cfg, "is_decoder", False) or getattr(hf_cfg, "add_cross_attention", False):
+        refuse("is_decoder", True, "only bidirectional encoders are implemented")
+      return model_lib.EncoderConfig.bert(
+          hidden_size=hf_cfg.hidden_size, num_layers=hf_cfg.num_hidden_layers,
+          num_heads=hf_cfg.num_attention_heads, intermediate_size=hf_cfg.intermediate_size,
+          type_vocab_size=hf_cfg.type_vocab_size, hidden_act=hf_cfg.hidden_act,
+          layer_norm_eps=hf_cfg.layer_norm_eps, dropout_rate=hf_cfg.hidden_dropout_prob,
+          attention_dropout_rate=hf_cfg.attention_probs_dropout_prob, **common)
+    if getattr(hf_cfg, "sinusoidal_pos_embds", False):
+      refuse("sinusoidal_pos_embds", True, "only learned position embeddings are implemented")
+    return model_lib.EncoderConfig.distilbert(
+        hidden_size=hf_cfg.dim, num_layers=hf_cfg.n_layers, num_heads=hf_cfg.n_heads,
+        intermediate_size=hf_cfg.hidden_dim, hidden_act=hf_cfg.activation, layer_norm_eps=1e-12,
+        dropout_rate=hf_cfg.dropout, attention_dropout_rate=hf_cfg.attention_dropout, **common)
+  except ValueError as e:
+    if isinstance(e, ConversionError):
+      raise
+    raise ConversionError(f"config.json cannot be honoured: {e}") from e
+
+
+def _config_to_hf(cfg: model_lib.EncoderConfig, architecture: str):
+  import transformers
+  if cfg.family == "bert":
+    if not cfg.type_vocab_size:
+      raise ConversionError("transformers' BERT always has token-type embeddings but this model has none: "
+                            "export it with family='distilbert'")
+    return transformers.BertConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size,
+        max_position_embeddings=cfg.max_position_embeddings, type_vocab_size=cfg.type_vocab_size,
+        hidden_act=cfg.hidden_act, layer_norm_eps=cfg.layer_norm_eps, hidden_dropout_prob=cfg.dropout_rate,
+        attention_probs_dropout_prob=cfg.attention_dropout_rate, initializer_range=cfg.initializer_range,
+        pad_token_id=cfg.pad_token_id, architectures=[architecture])
+  if cfg.layer_norm_eps != 1e-12:
+    raise ConversionError(f"DistilBERT fixes LayerNorm eps at 1e-12 but this model uses {cfg.layer_norm_eps}: "
+                          "export it as BERT (family='bert') instead")
+  return transformers.DistilBertConfig(
+      vocab_size=cfg.vocab_size, dim=cfg.hidden_size, n_layers=cfg.num_layers, n_heads=cfg.num_heads,
+      hidden_dim=cfg.intermediate_size, max_position_embeddings=cfg.max_position_embeddings,
+      activation=cfg.hidden_act, dropout=cfg.dropout_rate, attention_dropout=cfg.attention_dropout_rate,
+      initializer_range=cfg.initializer_range, pad_token_id=cfg.pad_token_id, architectures=[architecture])
+
+
+# ----------------------------------------------------------------------------------------------- weights
+
+def _read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
+  import safetensors.numpy
+  try:
+    return safetensors.numpy.load_file(str(path))
+  except Exception as e:  # safetensors raises its own error types (and OSError on truncation).
+    raise ConversionError(f"{path} is not a readable safetensors file ({e}): it may be truncated or "
+                          "corrupt; download or export it again") from e
+
+
+def _read_torch_bin(path: pathlib.Path) -> dict[str, np.ndarray]:
+  try:
+    import torch
+  except ImportError as e:
+    raise ConversionError(f"{path} is a PyTorch pickle and reading it needs torch: "
+                          "pip install 'distilbert-jax[torch]' (or convert it to safetensors)") from e
+  try:
+    state = torch.load(str(path), map_location="cpu", weights_only=True)
+  except Exception as e:
+    raise ConversionError(f"{path} could not be read by torch.load(weights_only=True) ({e}): it may be truncated "
+                          "or corrupt; download or export it again") from e
+  # bf16 has no numpy dtype in torch: widen it; every other dtype round-trips as is.
+  return {k: (v.float() if v.dtype == torch.bfloat16 else v).numpy() for k, v in state.items()}
+
+
+def read_weights(folder: pathlib.Path) -> dict[str, np.ndarray]:
+  """All tensors of a checkpoint folder (single or sharded safetensors, or pytorch_model.bin)."""
+  for index_name, reader in (("model.safetensors.index.json", _read_safetensors),
+                             ("pytorch_model.bin.index.json", _read_torch_bin)):
+    if (folder / index_name).exists():
+      shards = sorted(set(json.loads((folder / index_name).read_text())["weight_map"].values()))
+      return {k: v for shard in shards for k, v in reader(folder / shard).items()}
+  if (folder / "model.safetensors").exists():
+    return _read_safetensors(folder / "model.safetensors")
+  if (folder / "pytorch_model.bin").exists():
+    return _read_torch_bin(folder / "pytorch_model.bin")
+  raise ConversionError(f"{folder} has no model.safetensors or pytorch_model.bin: point at a folder written by "
+                        "transformers' save_pretrained (or by distilbert_jax.save_hf)")
+
+
+def _normalise_keys(state: dict[str, np.ndarray], family: str) -> tuple[dict[str, np.ndarray], str]:
+  """Strip the base-model prefix and rename LayerNorm gamma/beta; returns (state, prefix found)."""
+  prefix = _PREFIX[family]
+  has_prefix = any(k.startswith(prefix) for k in state)
+  out = {}
+  for key, value in state.items():
+    key = key[len(prefix):] if key.startswith(prefix) else key
+    key = re.sub(r"(LayerNorm|layer_norm)\.gamma$", r"\1.weight", key)
+    key = re.sub(r"(LayerNorm|layer_norm)\.beta$", r"\1.bias", key)
+    out[key] = value
+  return out, prefix if has_prefix else ""
+
+
+def _set(tree: dict, path: tuple[str, ...], value):
+  for name in path[:-1]:
+    tree = tree.setdefault(name, {})
+  tree[path[-1]] = value
+
+
+def _get(tree: dict, path: tuple[str, ...]):
+  for name in path:
+    tree = tree[name]
+  return tree
+
+
+# ----------------------------------------------------------------------------------------------- public
+
+def load_hf(path: str | os.PathLike, *, dtype: str = "float32", param_dtype: str = "float32", seed: int = 0,
+            **config_overrides) -> tuple[model_lib.Encoder, dict]:
+  """Reads a Hugging Face BERT or DistilBERT checkpoint folder into (model, params).
+
+  `path` holds `config.json` and `model.safetensors` (or `pytorch_model.bin`) of a BertForMaskedLM,
+  BertForPreTraining, BertModel, DistilBertForMaskedLM or DistilBertModel. A hub name (`bert-base-uncased`)
+  works too where the hub is reachable: it is resolved with `huggingface_hub.snapshot_download`.
+  A checkpoint without an MLM head gets a freshly initialised one (from `seed`) and a warning naming it.
+  `dtype` is the compute dtype, `param_dtype` the dtype the parameters are stored in.
+  """
+  folder = _resolve(path)
+  import transformers
+  try:
+    hf_cfg = transformers.AutoConfig.from_pretrained(str(folder))
+  except Exception as e:
+    raise ConversionError(f"{folder}/config.json could not be read ({e}): is this a transformers checkpoint?") from e
+  archs = list(getattr(hf_cfg, "architectures", None) or [])
+  family = {"bert": "bert", "distilbert": "distilbert"}.get(hf_cfg.model_type)
+  unsupported = [a for a in archs if a not in SUPPORTED_ARCHITECTURES]
+  if family is None or unsupported:
+    raise ConversionError(
+        f"{folder} holds {', '.join(archs) or hf_cfg.model_type}, which is not supported: supported "
+        f"architectures are {', '.join(SUPPORTED_ARCHITECTURES)}")
+
+  state, prefix = _normalise_keys(read_weights(folder), family)
+  cfg = _config_from_hf(hf_cfg, family).replace(
+      dtype=dtype, param_dtype=param_dtype, use_pooler=family == "bert" and "pooler.dense.weight" in state,
+      tokenizer=str(folder) if (folder / "vocab.txt").exists() or (folder / "tokenizer.json").exists() else None,
+      **config_overrides)
+  model = model_lib.Encoder(cfg)
+  fresh = jax.device_get(model_lib.init_params(model, jax.random.key(seed)))
+
+  params, used, initialised = {}, set(), []
+  for ours, key, hook in mapping(cfg):
+    expected = _get(fresh, ours)
+    if key not in state:
+      if ours[0] != "mlm_head":
+        raise ConversionError(f"{folder} lacks tensor {prefix}{key}, which the config requires: the weights "
+                              "and config.json do not belong together (or the file is incomplete)")
+      initialised.append("/".join(ours))
+      _set(params, ours, expected)
+      continue
+    value = hook.to_jax(state[key], cfg) if state[key].size == expected.size else state[key]
+    if value.shape != expected.shape:
+      raise ConversionError(f"tensor {prefix}{key} has shape {tuple(state[key].shape)} but config.json implies "
+                            f"{_expected_hf_shape(expected, hook, cfg)}: fix config.json or the weights")
+    _set(params, ours, np.asarray(value).astype(jnp.dtype(cfg.param_dtype)))
+    used.add(key)
+
+  _check_tied(state, folder)
+  unused = sorted(k for k in state if k not in used and not IGNORED_KEYS.match(k))
+  if unused:
+    log.warning("%s: ignored %d tensors that this model does not use: %s", folder, len(unused), ", ".join(unused[:8]))
+  if initialised:
+    log.warning("%s has no masked-LM head: freshly initialised %s", folder, ", ".join(initialised))
+  return model, params
+
+
+def _expected_hf_shape(expected: np.ndarray, hook: Hook, cfg) -> tuple[int, ...]:
+  return tuple(hook.to_hf(np.zeros(expected.shape, np.float32), cfg).shape)
+
+
+def _check_tied(state: dict[str, np.ndarray], folder):
+  """Refuses a checkpoint whose stored decoder differs from the word embeddings (we always tie)."""
+  emb = state.get("embeddings.word_embeddings.weight")
+  for key in ("cls.predictions.decoder.weight", "vocab_projector.weight"):
+    if key in state and emb is not None and not np.array_equal(state[key], emb):
+      raise ConversionError(f"{folder}: {key} differs from the word embeddings, but this project ties them; "
+                            "such an untied checkpoint cannot be converted exactly")
+
+
+def _resolve(path) -> pathlib.Path:
+  folder = pathlib.Path(path).expanduser()
+  if folder.is_dir():
+    if not (folder / "config.json").exists():
+      raise ConversionError(f"{folder} has no config.json: point at a folder written by transformers' save_pretrained")
+    return folder
+  if folder.exists():
+    raise ConversionError(f"{folder} is a file: point at the checkpoint's folder, not at one file in it")
+  if re.fullmatch(r"[\w.-]+(/[\w.-]+)?", str(path)):
+    try:
+      import huggingface_hub
+      return pathlib.Path(huggingface_hub.snapshot_download(
+          str(path), allow_patterns=["*.json", "*.txt", "*.safetensors", "pytorch_model.bin"]))
+    except Exception as e:
+      raise ConversionError(f"{path!r} is not a local folder and could not be fetched from the Hugging Face hub "
+                            f"({type(e).__name__}): give a local checkpoint folder") from e
+  raise ConversionError(f"{folder} does not exist: give a checkpoint folder with config.json and weights")
+
+
+def save_hf(model: model_lib.Encoder, params, path: str | os.PathLike, tokenizer=None, *,
+            architecture: str | None = None, overwrite: bool = True) -> pathlib.Path:
+  """Writes a Hugging Face folder: config.json, model.safetensors and the tokenizer files.
+
+  `architecture` defaults to `BertForMaskedLM` / `DistilBertForMaskedLM` (BERT's pooler is left out: the
+  masked-LM model has none); `BertModel` / `DistilBertModel` write the encoder (and pooler) without the head.
+  `tokenizer` is a transformers tokenizer or a folder; by default the one the model was loaded with.
+  Tied weights are not written, as transformers does.
+  """
+  import safetensors.numpy
+  cfg = model.cfg
+  family_archs = [a for a, f in SUPPORTED_ARCHITECTURES.items() if f == cfg.family and a != "BertForPreTraining"]
+  architecture = architecture or family_archs[0]
+  if architecture not in family_archs:
+    raise ConversionError(f"architecture {architecture!r} does not fit a {cfg.family} model: use one of {family_archs}")
+  with_head = architecture.endswith("ForMaskedLM")
+  out = pathlib.Path(path)
+  if out.exists() and any(out.iterdir()) and not overwrite:
+    raise ConversionError(f"{out} is not empty: choose an empty folder or pass overwrite=True (--overwrite)")
+  out.mkdir(parents=True, exist_ok=True)
+
+  params = jax.device_get(params)
+  prefix = _PREFIX[cfg.family] if with_head else ""
+  tensors = {}
+  for ours, key, hook in mapping(cfg, head=with_head, pooler=cfg.use_pooler and not with_head, base_prefix=prefix):
+    tensors[key] = np.ascontiguousarray(hook.to_hf(np.asarray(_get(params, ours)), cfg))
+  safetensors.numpy.save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+  _config_to_hf(cfg, architecture).save_pretrained(str(out))
+
+  tokenizer = tokenizer if tokenizer is not None else cfg.tokenizer
+  if isinstance(tokenizer, (str, os.PathLike)):
+    import transformers
+    try:
+      tokenizer = transformers.AutoTokenizer.from_pretrained(str(tokenizer))
+    except Exception as e:
+      log.warning("could not load the tokenizer %s (%s): %s has no tokenizer files", tokenizer, e, out)
+      tokenizer = None
+  if tokenizer is not None:
+    tokenizer.save_pretrained(str(out))
+  return out

@@ -1,0 +1,291 @@
+"""One Transformer encoder, configured as BERT or DistilBERT, with a masked-LM head.
+
+BERT and DistilBERT share the same post-LayerNorm layer; they differ only in configuration: BERT has
+token-type embeddings and a pooler, DistilBERT has neither and fewer layers. Hugging Face key names do not
+live here (see `hf.py`); this module knows nothing of files.
+
+Every parameter carries logical axis names (`vocab`, `embed`, `heads`, `kv`, `mlp`, ...); `sharding.py`
+maps them to mesh axes, so the model never mentions a mesh.
+
+Shapes: B batch, L length, D hidden size, H heads, K head size, F feed-forward size, V vocabulary.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Sequence
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+FAMILIES = ("bert", "distilbert")
+ACTIVATIONS = {
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),  # exact (erf) GELU, as BERT and DistilBERT
+    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "relu": jax.nn.relu,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderConfig:
+  """Hyperparameters of the encoder. Defaults are BERT-base.
+
+  `family` only decides the Hugging Face naming and the defaults of `type_vocab_size` and `use_pooler`.
+  `dtype` is the compute dtype (bfloat16 on TPUs), `param_dtype` the storage dtype of the parameters.
+  """
+  family: str = "bert"
+  vocab_size: int = 30522
+  hidden_size: int = 768
+  num_layers: int = 12
+  num_heads: int = 12
+  intermediate_size: int = 3072
+  max_position_embeddings: int = 512
+  type_vocab_size: int = 2  # 0: no token-type embeddings (DistilBERT)
+  use_pooler: bool = True
+  hidden_act: str = "gelu"
+  layer_norm_eps: float = 1e-12
+  dropout_rate: float = 0.1
+  attention_dropout_rate: float = 0.1
+  initializer_range: float = 0.02
+  pad_token_id: int = 0
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  remat: bool = False  # recompute each layer's activations in the backward pass
+  tokenizer: str | None = None  # folder or hub name of the tokenizer that goes with the vocabulary
+
+  def __post_init__(self):
+    if self.family not in FAMILIES:
+      raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
+    if self.hidden_size % self.num_heads:
+      raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+    if self.hidden_act not in ACTIVATIONS:
+      raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; use one of {sorted(ACTIVATIONS)}")
+    for name in ("dtype", "param_dtype"):
+      if getattr(self, name) not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"{name} must be float32, bfloat16 or float16, got {getattr(self, name)!r}")
+
+  @classmethod
+  def bert(cls, **kw) -> "EncoderConfig":
+    return cls(**{"family": "bert", "type_vocab_size": 2, "use_pooler": True, **kw})
+
+  @classmethod
+  def distilbert(cls, **kw) -> "EncoderConfig":
+    return cls(**{"family": "distilbert", "num_layers": 6, "type_vocab_size": 0, "use_pooler": False, **kw})
+
+  @property
+  def head_size(self) -> int:
+    return self.hidden_size // self.num_heads
+
+  def replace(self, **kw) -> "EncoderConfig":
+    return dataclasses.replace(self, **kw)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "EncoderConfig":
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - fields
+    if unknown:
+      raise ValueError(f"unknown EncoderConfig fields {sorted(unknown)}")
+    return cls(**d)
+
+
+@flax.struct.dataclass
+class EncoderOutput:
+  """logits (B, L, V) or None; hidden_states: num_layers + 1 arrays (B, L, D), embeddings output first;
+  attentions: num_layers arrays (B, H, L, L) when asked for; pooled (B, D) when the config has a pooler."""
+  logits: jax.Array | None
+  hidden_states: tuple[jax.Array, ...]
+  attentions: tuple[jax.Array, ...] | None = None
+  pooled: jax.Array | None = None
+
+  @property
+  def last_hidden_state(self) -> jax.Array:
+    return self.hidden_states[-1]
+
+
+def _init(cfg: EncoderConfig, axes: Sequence[str | None]):
+  return nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range), tuple(axes))
+
+
+def _zeros(axes: Sequence[str | None]):
+  return nn.with_logical_partitioning(nn.initializers.zeros_init(), tuple(axes))
+
+
+def _ones(axes: Sequence[str | None]):
+  return nn.with_logical_partitioning(nn.initializers.ones_init(), tuple(axes))
+
+
+def _layer_norm(cfg: EncoderConfig, name: str | None = None):
+  # flax computes the statistics in float32 whatever the compute dtype: bf16 variance loses too much.
+  return nn.LayerNorm(
+      epsilon=cfg.layer_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+      scale_init=_ones(("embed",)), bias_init=_zeros(("embed",)), name=name)
+
+
+def _dense(cfg: EncoderConfig, features: int | tuple[int, ...], kernel_axes: tuple[str, ...], name: str,
+           axis: int | tuple[int, ...] = -1):
+  """A (general) dense layer whose kernel and bias carry logical axis names."""
+  num_out = 1 if isinstance(features, int) else len(features)
+  return nn.DenseGeneral(
+      features, axis=axis, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+      kernel_init=_init(cfg, kernel_axes), bias_init=_zeros(kernel_axes[-num_out:]), name=name)
+
+
+class Embeddings(nn.Module):
+  cfg: EncoderConfig
+
+  def setup(self):
+    cfg = self.cfg
+    embed = functools.partial(nn.Embed, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    self.word_embeddings = embed(cfg.vocab_size, cfg.hidden_size, embedding_init=_init(cfg, ("vocab", "embed")))
+    self.position_embeddings = embed(
+        cfg.max_position_embeddings, cfg.hidden_size, embedding_init=_init(cfg, ("position", "embed")))
+    if cfg.type_vocab_size:
+      self.token_type_embeddings = embed(
+          cfg.type_vocab_size, cfg.hidden_size, embedding_init=_init(cfg, ("token_type", "embed")))
+    self.layer_norm = _layer_norm(cfg)
+    self.dropout = nn.Dropout(cfg.dropout_rate)
+
+  def __call__(self, ids_BxL, type_ids_BxL, position_ids_BxL, deterministic):
+    x_BxLxD = self.word_embeddings(ids_BxL) + self.position_embeddings(position_ids_BxL)
+    if self.cfg.type_vocab_size:
+      x_BxLxD = x_BxLxD + self.token_type_embeddings(type_ids_BxL)
+    return self.dropout(self.layer_norm(x_BxLxD), deterministic=deterministic)
+
+  def attend(self, x_NxD):
+    """Logits against the word embeddings (the tied MLM decoder)."""
+    return self.word_embeddings.attend(x_NxD)
+
+
+class SelfAttention(nn.Module):
+  cfg: EncoderConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD, bias_Bx1x1xL, deterministic):
+    cfg = self.cfg
+    hk = (cfg.num_heads, cfg.head_size)
+    q_BxLxHxK = _dense(cfg, hk, ("embed", "heads", "kv"), "query")(x_BxLxD)
+    k_BxLxHxK = _dense(cfg, hk, ("embed", "heads", "kv"), "key")(x_BxLxD)
+    v_BxLxHxK = _dense(cfg, hk, ("embed", "heads", "kv"), "value")(x_BxLxD)
+    q_BxLxHxK = q_BxLxHxK / jnp.sqrt(cfg.head_size).astype(q_BxLxHxK.dtype)
+    scores_BxHxLxL = jnp.einsum("bqhk,bthk->bhqt", q_BxLxHxK, k_BxLxHxK)
+    # Softmax in float32: bf16 scores would lose the small probabilities.
+    probs_BxHxLxL = jax.nn.softmax(scores_BxHxLxL.astype(jnp.float32) + bias_Bx1x1xL, axis=-1)
+    dropped = nn.Dropout(cfg.attention_dropout_rate)(probs_BxHxLxL, deterministic=deterministic)
+    ctx_BxLxHxK = jnp.einsum("bhqt,bthk->bqhk", dropped.astype(cfg.dtype), v_BxLxHxK)
+    out_BxLxD = _dense(cfg, cfg.hidden_size, ("heads", "kv", "embed"), "out", axis=(-2, -1))(ctx_BxLxHxK)
+    return out_BxLxD, probs_BxHxLxL
+
+
+class Mlp(nn.Module):
+  cfg: EncoderConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD):
+    cfg = self.cfg
+    h_BxLxF = ACTIVATIONS[cfg.hidden_act](_dense(cfg, cfg.intermediate_size, ("embed", "mlp"), "wi")(x_BxLxD))
+    return _dense(cfg, cfg.hidden_size, ("mlp", "embed"), "wo")(h_BxLxF)
+
+
+class Layer(nn.Module):
+  """Post-LayerNorm Transformer layer (BERT's `BertLayer`, DistilBERT's `TransformerBlock`)."""
+  cfg: EncoderConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD, bias_Bx1x1xL, deterministic):
+    cfg = self.cfg
+    attn_BxLxD, probs = SelfAttention(cfg, name="attention")(x_BxLxD, bias_Bx1x1xL, deterministic)
+    attn_BxLxD = nn.Dropout(cfg.dropout_rate)(attn_BxLxD, deterministic=deterministic)
+    x_BxLxD = _layer_norm(cfg, "attention_norm")(x_BxLxD + attn_BxLxD)
+    mlp_BxLxD = nn.Dropout(cfg.dropout_rate)(Mlp(cfg, name="mlp")(x_BxLxD), deterministic=deterministic)
+    x_BxLxD = _layer_norm(cfg, "mlp_norm")(x_BxLxD + mlp_BxLxD)
+    return x_BxLxD, probs
+
+
+class MlmHead(nn.Module):
+  """dense -> activation -> LayerNorm -> projection tied to the word embeddings + bias."""
+  cfg: EncoderConfig
+
+  @nn.compact
+  def __call__(self, h_NxD, embeddings: Embeddings):
+    cfg = self.cfg
+    h_NxD = _dense(cfg, cfg.hidden_size, ("embed", "embed_out"), "transform")(h_NxD)
+    h_NxD = _layer_norm(cfg, "transform_norm")(ACTIVATIONS[cfg.hidden_act](h_NxD))
+    bias_V = self.param("bias", _zeros(("vocab",)), (cfg.vocab_size,), cfg.param_dtype)
+    # Logits in float32: the losses take log-softmax over 30k classes.
+    return embeddings.attend(h_NxD).astype(jnp.float32) + bias_V.astype(jnp.float32)
+
+
+class Encoder(nn.Module):
+  """The encoder with its masked-LM head.
+
+  `__call__` runs the whole model; `mlm_logits` applies only the head, so a caller can project a subset of
+  positions (e.g. only the masked ones) instead of every token:
+  `model.apply(variables, h_NxD, method=Encoder.mlm_logits)`.
+  """
+  cfg: EncoderConfig
+
+  def setup(self):
+    cfg = self.cfg
+    self.embeddings = Embeddings(cfg)
+    layer_cls = nn.remat(Layer, static_argnums=(3,)) if cfg.remat else Layer
+    self.layers = [layer_cls(cfg, name=f"layer_{i}") for i in range(cfg.num_layers)]
+    if cfg.use_pooler:
+      self.pooler = _dense(cfg, cfg.hidden_size, ("embed", "embed_out"), "pooler")
+    self.mlm_head = MlmHead(cfg)
+
+  def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, *,
+               deterministic: bool = True, output_attentions: bool = False,
+               compute_logits: bool = True) -> EncoderOutput:
+    """input_ids, attention_mask (1 = attend, 0 = padding), token_type_ids, position_ids: (B, L) ints.
+
+    Dropout is active when `deterministic=False` (pass `rngs={'dropout': key}` to `apply`).
+    """
+    cfg = self.cfg
+    ids_BxL = jnp.asarray(input_ids)
+    if attention_mask is None:
+      attention_mask = jnp.ones_like(ids_BxL)
+    if token_type_ids is None:
+      token_type_ids = jnp.zeros_like(ids_BxL)
+    if position_ids is None:
+      position_ids = jnp.broadcast_to(jnp.arange(ids_BxL.shape[-1]), ids_BxL.shape)
+    # Additive mask as transformers builds it: 0 where attended, the float32 minimum where masked.
+    mask_BxL = jnp.asarray(attention_mask)
+    bias_Bx1x1xL = jnp.where(mask_BxL > 0, 0.0, jnp.finfo(jnp.float32).min)[:, None, None, :]
+
+    x_BxLxD = self.embeddings(ids_BxL, token_type_ids, position_ids, deterministic)
+    hidden, attentions = [x_BxLxD], []
+    for layer in self.layers:
+      x_BxLxD, probs = layer(x_BxLxD, bias_Bx1x1xL, deterministic)
+      hidden.append(x_BxLxD)
+      attentions.append(probs)
+    pooled = jnp.tanh(self.pooler(x_BxLxD[:, 0])) if cfg.use_pooler else None
+    logits = self.mlm_logits(x_BxLxD) if compute_logits else None
+    return EncoderOutput(logits=logits, hidden_states=tuple(hidden),
+                         attentions=tuple(attentions) if output_attentions else None, pooled=pooled)
+
+  def mlm_logits(self, h_xD):
+    """(..., D) hidden states -> (..., V) float32 logits."""
+    return self.mlm_head(h_xD, self.embeddings)
+
+
+def init_params(model: Encoder, rng: jax.Array, seq_len: int = 8):
+  """Random parameters as a plain nested dict (logical-axis boxes removed)."""
+  ids = jnp.zeros((1, seq_len), jnp.int32)
+  return nn.meta.unbox(model.init(rng, ids)["params"])
+
+
+def logical_axes(model: Encoder):
+  """The logical axis names of every parameter, as a tree of `PartitionSpec`s shaped like the params."""
+  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))["params"]
+  return nn.get_partition_spec(boxed)
+
+
+def count_params(params) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))

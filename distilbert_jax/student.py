@@ -1,0 +1,60 @@
+"""Student initialisation from a teacher: model surgery on parameter trees (the reference's
+`extract_distilbert.py`).
+
+The student is DistilBERT-shaped (no token-type embeddings, no pooler). It takes the teacher's word and
+position embeddings, the embedding LayerNorm, the chosen layers in order and, unless told otherwise, the
+masked-LM head (transform, its LayerNorm and the output bias; the decoder is tied to the embeddings).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+
+from distilbert_jax import model as model_lib
+
+# The reference's choice for bert-base (12 layers) -> distilbert-base (6 layers).
+REFERENCE_LAYERS_12 = (0, 2, 4, 7, 9, 11)
+
+
+def default_layers(num_teacher_layers: int) -> tuple[int, ...]:
+  """[0, 2, 4, 7, 9, 11] for a 12-layer teacher, else every other layer from the first ([0, 2, 4] for 6)."""
+  if num_teacher_layers == 12:
+    return REFERENCE_LAYERS_12
+  return tuple(range(0, num_teacher_layers, 2))
+
+
+def student_config(teacher_cfg: model_lib.EncoderConfig, num_layers: int) -> model_lib.EncoderConfig:
+  return teacher_cfg.replace(family="distilbert", num_layers=num_layers, type_vocab_size=0, use_pooler=False)
+
+
+def student_from_teacher(teacher: model_lib.Encoder, teacher_params, layers: Sequence[int] | None = None,
+                         *, copy_head: bool = True, seed: int = 0):
+  """Returns (student, student_params) initialised from the teacher.
+
+  `layers` lists the teacher layers copied into student layers 0, 1, ... (strictly increasing); by default
+  `default_layers(teacher layers)`. With `copy_head=False` the MLM transform and LayerNorm are freshly
+  initialised (the reference copies them only with `--vocab_transform`; the output bias is always copied).
+  """
+  n = teacher.cfg.num_layers
+  layers = default_layers(n) if layers is None else tuple(layers)
+  if not layers or any(not isinstance(i, int) or isinstance(i, bool) for i in layers):
+    raise ValueError(f"layers must be a non-empty list of teacher layer indices, got {list(layers)}")
+  bad = [i for i in layers if not 0 <= i < n]
+  if bad:
+    raise ValueError(f"layers {bad} do not exist in a {n}-layer teacher: choose indices in 0..{n - 1}")
+  if any(b <= a for a, b in zip(layers, layers[1:])):
+    raise ValueError(f"layers must be strictly increasing (each teacher layer copied once, in order), got "
+                     f"{list(layers)}")
+
+  student = model_lib.Encoder(student_config(teacher.cfg, len(layers)))
+  fresh = model_lib.init_params(student, jax.random.key(seed))
+  emb = teacher_params["embeddings"]
+  params = {
+      "embeddings": {k: emb[k] for k in ("word_embeddings", "position_embeddings", "layer_norm")},
+      **{f"layer_{j}": teacher_params[f"layer_{i}"] for j, i in enumerate(layers)},
+      "mlm_head": dict(teacher_params["mlm_head"]) if copy_head else
+                  {**fresh["mlm_head"], "bias": teacher_params["mlm_head"]["bias"]},
+  }
+  # The student owns its arrays: copying makes donation of the student's buffers safe.
+  return student, jax.tree.map(lambda x: jax.numpy.array(x, copy=True), params)

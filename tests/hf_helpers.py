@@ -1,0 +1,53 @@
+"""Builders of small real transformers checkpoints for tests (written by transformers itself)."""
+import pathlib
+
+import numpy as np
+import torch
+import transformers
+
+BERT = "bert"
+DISTILBERT = "distilbert"
+
+
+def hf_config(family: str, *, hidden=32, layers=2, heads=4, ffn=64, vocab=101, positions=64, type_vocab=2):
+  if family == BERT:
+    return transformers.BertConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                                   intermediate_size=ffn, vocab_size=vocab, max_position_embeddings=positions,
+                                   type_vocab_size=type_vocab)
+  return transformers.DistilBertConfig(dim=hidden, n_layers=layers, n_heads=heads, hidden_dim=ffn, vocab_size=vocab,
+                                       max_position_embeddings=positions)
+
+
+def write_hf(folder: pathlib.Path, family: str, *, head=True, seed=0, safe=True, **cfg_kw):
+  """A randomly initialised transformers model saved with save_pretrained; returns (folder, torch model)."""
+  torch.manual_seed(seed)
+  cfg = hf_config(family, **cfg_kw)
+  cls = {(BERT, True): transformers.BertForMaskedLM, (BERT, False): transformers.BertModel,
+         (DISTILBERT, True): transformers.DistilBertForMaskedLM, (DISTILBERT, False): transformers.DistilBertModel}
+  model = cls[family, head](cfg).eval()
+  # Random init leaves LayerNorms at 1/0 and biases at 0: perturb every tensor so nothing passes by accident.
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(0.02 * torch.randn_like(p))
+  model.save_pretrained(str(folder), safe_serialization=safe)
+  return folder, model
+
+
+def random_batch(rng: np.random.Generator, vocab: int, batch=3, length=13, pad_pattern="mixed"):
+  ids = rng.integers(0, vocab, (batch, length))
+  mask = np.ones((batch, length), np.int64)
+  if pad_pattern == "mixed":
+    for b in range(1, batch):
+      mask[b, length - 2 * b - 1:] = 0
+  elif pad_pattern == "left":
+    mask[:, :2] = 0
+  ids = np.where(mask > 0, ids, 0)
+  return ids, mask
+
+
+def torch_forward(model, ids, mask, token_types=None):
+  kw = dict(attention_mask=torch.tensor(mask), output_hidden_states=True)
+  if token_types is not None:
+    kw["token_type_ids"] = torch.tensor(token_types)
+  with torch.no_grad():
+    return model(torch.tensor(ids), **kw)

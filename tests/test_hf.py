@@ -1,0 +1,205 @@
+"""Conversion from and to Hugging Face: parity with transformers' PyTorch models, round trips, bad input."""
+import json
+
+import numpy as np
+import pytest
+import safetensors.numpy
+import torch
+import transformers
+
+import distilbert_jax
+from distilbert_jax import hf
+from hf_helpers import BERT, DISTILBERT, random_batch, torch_forward, write_hf
+
+TOL = 1e-4
+
+CONFIGS = [
+    (BERT, dict(hidden=32, layers=2, heads=4, ffn=64, vocab=101), "mixed"),
+    (BERT, dict(hidden=48, layers=3, heads=3, ffn=80, vocab=257, type_vocab=3), "left"),
+    (BERT, dict(hidden=64, layers=1, heads=8, ffn=32, vocab=53), "none"),
+    (DISTILBERT, dict(hidden=32, layers=2, heads=4, ffn=64, vocab=101), "mixed"),
+    (DISTILBERT, dict(hidden=48, layers=3, heads=6, ffn=96, vocab=211), "left"),
+    (DISTILBERT, dict(hidden=24, layers=1, heads=2, ffn=24, vocab=37), "none"),
+]
+
+
+def _max_diff(a, b):
+  return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max())
+
+
+@pytest.mark.parametrize("family,cfg_kw,pads", CONFIGS)
+def test_parity_with_transformers(tmp_path, family, cfg_kw, pads):
+  folder, ref_model = write_hf(tmp_path, family, **cfg_kw)
+  model, params = distilbert_jax.load_hf(folder)
+  rng = np.random.default_rng(len(tmp_path.name))
+  ids, mask = random_batch(rng, cfg_kw["vocab"], pad_pattern=pads)
+  types = rng.integers(0, cfg_kw.get("type_vocab", 2), ids.shape) if family == BERT else None
+  ref = torch_forward(ref_model, ids, mask, types)
+  out = model.apply({"params": params}, ids, attention_mask=mask, token_type_ids=types, deterministic=True)
+  assert out.logits.shape == (*ids.shape, cfg_kw["vocab"])
+  assert len(out.hidden_states) == cfg_kw["layers"] + 1 == len(ref.hidden_states)
+  assert _max_diff(out.logits, ref.logits) < TOL
+  for ours, theirs in zip(out.hidden_states, ref.hidden_states):
+    assert _max_diff(ours, theirs) < TOL
+
+
+def test_attention_probabilities_match_eager_transformers(tmp_path):
+  folder, _ = write_hf(tmp_path, BERT)
+  ref_model = transformers.BertForMaskedLM.from_pretrained(str(folder), attn_implementation="eager").eval()
+  model, params = distilbert_jax.load_hf(folder)
+  ids, mask = random_batch(np.random.default_rng(1), 101)
+  with torch.no_grad():
+    ref = ref_model(torch.tensor(ids), attention_mask=torch.tensor(mask), output_attentions=True)
+  out = model.apply({"params": params}, ids, attention_mask=mask, output_attentions=True)
+  assert len(out.attentions) == len(ref.attentions) == 2
+  for ours, theirs in zip(out.attentions, ref.attentions):
+    assert _max_diff(ours, theirs) < TOL
+
+
+def test_real_pretrained_checkpoint_matches_transformers(minilm_path, test_data):
+  sentences = [row["text"] for row in json.loads((test_data / "sentiment" / "imdb.json").read_text())[:8]]
+  tok = transformers.AutoTokenizer.from_pretrained(str(minilm_path))
+  batch = tok(sentences, padding=True, return_tensors="np")
+  assert (batch["attention_mask"] == 0).any(), "want real padding in the batch"
+  ref_model = transformers.BertModel.from_pretrained(str(minilm_path)).eval()
+  with torch.no_grad():
+    ref = ref_model(**{k: torch.tensor(v) for k, v in batch.items()}, output_hidden_states=True)
+  model, params = distilbert_jax.load_hf(minilm_path)
+  out = model.apply({"params": params}, batch["input_ids"], attention_mask=batch["attention_mask"],
+                    token_type_ids=batch["token_type_ids"])
+  assert len(out.hidden_states) == 7
+  for ours, theirs in zip(out.hidden_states, ref.hidden_states):
+    assert _max_diff(ours, theirs) < TOL
+  assert _max_diff(out.pooled, ref.pooler_output) < TOL
+
+
+def _hf_tensors(folder):
+  return safetensors.numpy.load_file(str(folder / "model.safetensors"))
+
+
+@pytest.mark.parametrize("family,head", [(BERT, True), (BERT, False), (DISTILBERT, True), (DISTILBERT, False)])
+def test_round_trip_is_bit_exact(tmp_path, family, head):
+  src, _ = write_hf(tmp_path / "src", family, head=head)
+  model, params = distilbert_jax.load_hf(src)
+  arch = {(BERT, True): "BertForMaskedLM", (BERT, False): "BertModel", (DISTILBERT, True): "DistilBertForMaskedLM",
+          (DISTILBERT, False): "DistilBertModel"}[family, head]
+  distilbert_jax.save_hf(model, params, tmp_path / "dst", architecture=arch)
+  before, after = _hf_tensors(src), _hf_tensors(tmp_path / "dst")
+  assert set(before) == set(after)
+  for key in before:
+    assert before[key].dtype == after[key].dtype and np.array_equal(before[key], after[key]), key
+
+
+def test_real_checkpoint_round_trip_is_bit_exact(tmp_path, minilm_path):
+  model, params = distilbert_jax.load_hf(minilm_path)
+  distilbert_jax.save_hf(model, params, tmp_path, architecture="BertModel")
+  before, after = _hf_tensors(minilm_path), _hf_tensors(tmp_path)
+  # The source also stores the non-persistent `embeddings.position_ids` buffer (0..511), which is no weight.
+  buffers = {k for k in before if hf.IGNORED_KEYS.match(k)}
+  assert buffers == {"embeddings.position_ids"}
+  assert set(before) - buffers == set(after)
+  assert all(np.array_equal(before[k], after[k]) for k in after)
+
+
+@pytest.mark.parametrize("family", [BERT, DISTILBERT])
+def test_export_loads_in_transformers_with_same_logits(tmp_path, family):
+  cfg = (distilbert_jax.EncoderConfig.bert if family == BERT else distilbert_jax.EncoderConfig.distilbert)(
+      vocab_size=89, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=48, max_position_embeddings=32)
+  model = distilbert_jax.Encoder(cfg)
+  params = distilbert_jax.init_params(model, __import__("jax").random.key(3))
+  distilbert_jax.save_hf(model, params, tmp_path)
+  ref_model, info = transformers.AutoModelForMaskedLM.from_pretrained(str(tmp_path), output_loading_info=True)
+  assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+  ids, mask = random_batch(np.random.default_rng(0), 89)
+  ref = torch_forward(ref_model.eval(), ids, mask)
+  out = model.apply({"params": params}, ids, attention_mask=mask)
+  assert _max_diff(out.logits, ref.logits) < TOL
+
+
+def test_export_writes_loadable_tokenizer(tmp_path, minilm_path):
+  model, params = distilbert_jax.load_hf(minilm_path)
+  distilbert_jax.save_hf(model, params, tmp_path)  # the tokenizer is known from the source folder
+  tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+  ref = transformers.AutoTokenizer.from_pretrained(str(minilm_path))
+  text = "The State of the Union is strong."
+  assert tok(text)["input_ids"] == ref(text)["input_ids"]
+  assert tok.mask_token_id == 103 and len(tok) == 30522
+  assert transformers.AutoConfig.from_pretrained(str(tmp_path)).architectures == ["BertForMaskedLM"]
+
+
+def test_bin_without_prefix_and_with_gamma_beta(tmp_path):
+  """Older checkpoints: pytorch_model.bin, no `bert.` prefix, LayerNorm.gamma/beta."""
+  src, ref_model = write_hf(tmp_path / "src", BERT, head=True)
+  state = {k.removeprefix("bert."): v for k, v in ref_model.state_dict().items()}
+  state = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+           for k, v in state.items()}
+  assert any(k.endswith("gamma") for k in state)
+  (src / "model.safetensors").unlink()
+  torch.save(state, src / "pytorch_model.bin")
+  model, params = distilbert_jax.load_hf(src)
+  ids, mask = random_batch(np.random.default_rng(0), 101)
+  out = model.apply({"params": params}, ids, attention_mask=mask)
+  assert _max_diff(out.logits, torch_forward(ref_model, ids, mask).logits) < TOL
+
+
+def test_missing_head_is_initialised_with_a_warning(tmp_path, caplog):
+  folder, _ = write_hf(tmp_path, DISTILBERT, head=False)
+  with caplog.at_level("WARNING"):
+    model, params = distilbert_jax.load_hf(folder)
+  assert "mlm_head/transform/kernel" in caplog.text and "mlm_head/bias" in caplog.text
+  assert params["mlm_head"]["transform"]["kernel"].shape == (32, 32)
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+
+def test_folder_without_config(tmp_path):
+  with pytest.raises(hf.ConversionError, match="no config.json"):
+    distilbert_jax.load_hf(tmp_path)
+
+
+def test_folder_without_weights(tmp_path):
+  folder, _ = write_hf(tmp_path, BERT)
+  (folder / "model.safetensors").unlink()
+  with pytest.raises(hf.ConversionError, match="no model.safetensors or pytorch_model.bin"):
+    distilbert_jax.load_hf(folder)
+
+
+def test_unsupported_architecture(tmp_path):
+  transformers.BertForSequenceClassification(transformers.BertConfig(
+      hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16, vocab_size=30)
+  ).save_pretrained(str(tmp_path))
+  with pytest.raises(hf.ConversionError, match="BertForSequenceClassification.*supported architectures are "
+                                               ".*BertForMaskedLM"):
+    distilbert_jax.load_hf(tmp_path)
+
+
+def test_shape_disagreeing_with_config_is_named(tmp_path):
+  folder, _ = write_hf(tmp_path, BERT)
+  cfg = json.loads((folder / "config.json").read_text())
+  cfg["intermediate_size"] = 80
+  (folder / "config.json").write_text(json.dumps(cfg))
+  with pytest.raises(hf.ConversionError, match=r"encoder\.layer\.0\.intermediate\.dense\.weight has shape "
+                                               r"\(64, 32\) but config.json implies \(80, 32\)"):
+    distilbert_jax.load_hf(folder)
+
+
+def test_truncated_safetensors(tmp_path):
+  folder, _ = write_hf(tmp_path, BERT)
+  data = (folder / "model.safetensors").read_bytes()
+  (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+  with pytest.raises(hf.ConversionError, match="truncated or corrupt"):
+    distilbert_jax.load_hf(folder)
+
+
+def test_config_field_we_cannot_honour(tmp_path):
+  folder, _ = write_hf(tmp_path, BERT)
+  cfg = json.loads((folder / "config.json").read_text())
+  cfg["position_embedding_type"] = "relative_key"
+  (folder / "config.json").write_text(json.dumps(cfg))
+  with pytest.raises(hf.ConversionError, match="position_embedding_type='relative_key' is not supported"):
+    distilbert_jax.load_hf(folder)
+
+
+def test_nonexistent_path(tmp_path):
+  with pytest.raises(hf.ConversionError, match="does not exist"):
+    distilbert_jax.load_hf(tmp_path / "nowhere")

@@ -1,0 +1,72 @@
+"""student_from_teacher copies exactly what the reference's extract_distilbert.py copies."""
+import jax
+import numpy as np
+import pytest
+
+import distilbert_jax
+from distilbert_jax import student as student_lib
+
+
+def _teacher(num_layers, family="bert"):
+  make = distilbert_jax.EncoderConfig.bert if family == "bert" else distilbert_jax.EncoderConfig.distilbert
+  cfg = make(vocab_size=61, hidden_size=16, num_layers=num_layers, num_heads=2, intermediate_size=32,
+             max_position_embeddings=24)
+  model = distilbert_jax.Encoder(cfg)
+  return model, distilbert_jax.init_params(model, jax.random.key(num_layers))
+
+
+def _flat(tree):
+  return {"/".join(str(k.key) for k in path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+@pytest.mark.parametrize("n,expected", [(12, [0, 2, 4, 7, 9, 11]), (6, [0, 2, 4]), (4, [0, 2])])
+def test_default_layer_map_copies_tensor_by_tensor(n, expected):
+  teacher, tp = _teacher(n)
+  student, sp = distilbert_jax.student_from_teacher(teacher, tp)
+  assert student.cfg.family == "distilbert" and student.cfg.num_layers == len(expected)
+  assert not student.cfg.type_vocab_size and not student.cfg.use_pooler
+  t, s = _flat(tp), _flat(sp)
+  # What the reference copies, key by key; nothing else may exist in the student.
+  wanted = {f"embeddings/{name}": f"embeddings/{name}" for name in (
+      "word_embeddings/embedding", "position_embeddings/embedding", "layer_norm/scale", "layer_norm/bias")}
+  for j, i in enumerate(expected):
+    for key in t:
+      if key.startswith(f"layer_{i}/"):
+        wanted[key.replace(f"layer_{i}/", f"layer_{j}/", 1)] = key
+  for key in t:
+    if key.startswith("mlm_head/"):
+      wanted[key] = key
+  assert set(s) == set(wanted)
+  for s_key, t_key in wanted.items():
+    assert np.array_equal(s[s_key], t[t_key]), s_key
+  # The student's forward pass works and the student is a DistilBERT (no token types).
+  out = student.apply({"params": sp}, np.ones((2, 5), np.int32))
+  assert out.logits.shape == (2, 5, 61) and len(out.hidden_states) == len(expected) + 1
+
+
+def test_custom_layers_and_fresh_head():
+  teacher, tp = _teacher(6, family="distilbert")
+  student, sp = distilbert_jax.student_from_teacher(teacher, tp, layers=[1, 5], copy_head=False)
+  assert np.array_equal(sp["layer_1"]["mlp"]["wi"]["kernel"], tp["layer_5"]["mlp"]["wi"]["kernel"])
+  assert np.array_equal(sp["mlm_head"]["bias"], tp["mlm_head"]["bias"])
+  assert not np.array_equal(sp["mlm_head"]["transform"]["kernel"], tp["mlm_head"]["transform"]["kernel"])
+
+
+def test_student_does_not_alias_teacher_buffers():
+  teacher, tp = _teacher(4)
+  _, sp = distilbert_jax.student_from_teacher(teacher, tp)
+  assert sp["layer_0"]["mlp"]["wi"]["kernel"] is not tp["layer_0"]["mlp"]["wi"]["kernel"]
+
+
+@pytest.mark.parametrize("layers,message", [
+    ([], "non-empty"), ([0, 6], r"\[6\] do not exist in a 6-layer teacher"), ([2, 1], "strictly increasing"),
+    ([1, 1], "strictly increasing"), ([0.5], "teacher layer indices"), ([-1], "do not exist")])
+def test_bad_layer_lists(layers, message):
+  teacher, tp = _teacher(6)
+  with pytest.raises(ValueError, match=message):
+    distilbert_jax.student_from_teacher(teacher, tp, layers=layers)
+
+
+def test_default_layers_reference():
+  assert student_lib.default_layers(12) == (0, 2, 4, 7, 9, 11)
+  assert student_lib.default_layers(6) == (0, 2, 4)

@@ -1,0 +1,63 @@
+"""Converts between Hugging Face PyTorch checkpoints and this project's JAX format.
+
+  python tools/convert.py hf2jax --src HF_DIR --dst JAX_DIR     # config.json + model.safetensors/.bin -> Orbax
+  python tools/convert.py jax2hf --src JAX_DIR --dst HF_DIR     # -> folder transformers loads
+
+`HF_DIR` is a local folder (or a hub name where the hub is reachable). `jax2hf` writes a masked-LM model by
+default (`--architecture BertModel` / `DistilBertModel` for the bare encoder) and the tokenizer files when the
+source model knows its tokenizer (or `--tokenizer DIR`). Neither command writes into a non-empty `--dst`
+without `--overwrite`.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import pathlib
+import shutil
+import sys
+
+import distilbert_jax
+from distilbert_jax import checkpoint
+
+
+def _prepare_dst(dst: pathlib.Path, overwrite: bool):
+  if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+    if not overwrite:
+      raise distilbert_jax.ConversionError(f"{dst} exists and is not empty: choose another --dst or pass --overwrite")
+    shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = parser.add_subparsers(dest="command", required=True)
+  for name, help_ in (("hf2jax", "Hugging Face folder -> JAX folder"), ("jax2hf", "JAX folder -> Hugging Face")):
+    p = sub.add_parser(name, help=help_)
+    p.add_argument("--src", required=True)
+    p.add_argument("--dst", required=True, type=pathlib.Path)
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --dst")
+  sub.choices["hf2jax"].add_argument("--dtype", default="float32", help="parameter dtype stored (default float32)")
+  sub.choices["jax2hf"].add_argument("--architecture", default=None,
+                                     help="BertForMaskedLM, BertModel, DistilBertForMaskedLM or DistilBertModel")
+  sub.choices["jax2hf"].add_argument("--tokenizer", default=None, help="tokenizer folder to copy (default: the "
+                                     "model's own)")
+  args = parser.parse_args(argv)
+  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", force=True)
+  try:
+    _prepare_dst(args.dst, args.overwrite)
+    if args.command == "hf2jax":
+      model, params = distilbert_jax.load_hf(args.src, param_dtype=args.dtype)
+      checkpoint.save_model(args.dst, model, params)
+    else:
+      model, params = checkpoint.load_model(args.src)
+      distilbert_jax.save_hf(model, params, args.dst, tokenizer=args.tokenizer, architecture=args.architecture)
+  except (distilbert_jax.ConversionError, FileNotFoundError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  cfg = model.cfg
+  print(f"wrote {args.dst}: {cfg.family}, {cfg.num_layers} layers, hidden {cfg.hidden_size}, "
+        f"{distilbert_jax.count_params(params) / 1e6:.1f}M parameters")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
