@@ -6,6 +6,7 @@ Training checkpoints (a `CheckpointManager` over a workdir) live here too.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pathlib
 
@@ -14,6 +15,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from distilbert_jax import model as model_lib
+
+log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
@@ -48,3 +51,78 @@ def load_model(folder: str | os.PathLike, sharding=None) -> tuple[model_lib.Enco
   with ocp.StandardCheckpointer() as ckptr:
     params = ckptr.restore(folder / PARAMS_DIR, abstract)
   return model, params
+
+
+# ------------------------------------------------------------------------------------------ training runs
+
+class ModelMismatchError(RuntimeError):
+  """The workdir holds checkpoints of another model."""
+
+
+class RunCheckpoints:
+  """Checkpoints of a training run in `workdir/checkpoints/<step>/`: the train state (parameters, optimizer
+  state, step, RNG), the data-iterator state and the run's config, saved together and asynchronously.
+
+  Saves are atomic (Orbax writes to a temporary folder and renames it), so a run killed mid-save leaves
+  the previous checkpoint intact and restores from it.
+  """
+
+  def __init__(self, workdir: str | os.PathLike, *, keep: int = 3, async_save: bool = True):
+    self.directory = pathlib.Path(workdir).absolute() / "checkpoints"
+    self.manager = ocp.CheckpointManager(
+        self.directory, item_names=("state", "data", "config"),
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+                                             create=True, cleanup_tmp_directories=True))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def check_model(self, model_config: dict, allow_change: bool = False):
+    """Refuses to resume a run whose saved model config differs from `model_config`.
+
+    With `allow_change`, the old checkpoints are moved aside (never deleted) and the run starts afresh.
+    """
+    step = self.latest_step()
+    if step is None:
+      return
+    saved = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+    saved_model = saved.get("model")
+    if saved_model == model_config:
+      return
+    diff = sorted(k for k in set(saved_model or {}) | set(model_config)
+                  if (saved_model or {}).get(k) != model_config.get(k))
+    if not allow_change:
+      raise ModelMismatchError(
+          f"{self.directory} holds checkpoints of another model (differs in {', '.join(diff)}): use another "
+          "--workdir, or pass --config.train.allow_model_change=True to move them aside and start afresh")
+    self.manager.wait_until_finished()
+    self.manager.close()
+    aside = self.directory.with_name(f"checkpoints.replaced-{step}")
+    self.directory.rename(aside)
+    log.warning("moved the checkpoints of another model to %s", aside)
+    self.__init__(self.directory.parent, keep=self.manager._options.max_to_keep,
+                  async_save=self.manager._options.enable_async_checkpointing)
+
+  def save(self, step: int, state, data_state: dict, config: dict, *, force: bool = False) -> bool:
+    return self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state), config=ocp.args.JsonSave(config)),
+        force=force)
+
+  def restore(self, abstract_state, step: int | None = None):
+    """Returns (step, state, data_state, config); `abstract_state` holds ShapeDtypeStructs with the
+    shardings to restore onto, which may belong to a different mesh than the one that saved."""
+    step = self.latest_step() if step is None else step
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
+        config=ocp.args.JsonRestore()))
+    return step, restored["state"], restored["data"], restored["config"]
+
+  def reached_preemption(self, step: int) -> bool:
+    return self.manager.reached_preemption(step)
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.wait_until_finished()
+    self.manager.close()

@@ -167,7 +167,7 @@ class SelfAttention(nn.Module):
   cfg: EncoderConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD, bias_Bx1x1xL, deterministic):
+  def __call__(self, x_BxLxD, bias_Bx1xQxL, deterministic):
     cfg = self.cfg
     hk = (cfg.num_heads, cfg.head_size)
     q_BxLxHxK = _dense(cfg, hk, ("embed", "heads", "kv"), "query")(x_BxLxD)
@@ -176,7 +176,7 @@ class SelfAttention(nn.Module):
     q_BxLxHxK = q_BxLxHxK / jnp.sqrt(cfg.head_size).astype(q_BxLxHxK.dtype)
     scores_BxHxLxL = jnp.einsum("bqhk,bthk->bhqt", q_BxLxHxK, k_BxLxHxK)
     # Softmax in float32: bf16 scores would lose the small probabilities.
-    probs_BxHxLxL = jax.nn.softmax(scores_BxHxLxL.astype(jnp.float32) + bias_Bx1x1xL, axis=-1)
+    probs_BxHxLxL = jax.nn.softmax(scores_BxHxLxL.astype(jnp.float32) + bias_Bx1xQxL, axis=-1)
     dropped = nn.Dropout(cfg.attention_dropout_rate)(probs_BxHxLxL, deterministic=deterministic)
     ctx_BxLxHxK = jnp.einsum("bhqt,bthk->bqhk", dropped.astype(cfg.dtype), v_BxLxHxK)
     out_BxLxD = _dense(cfg, cfg.hidden_size, ("heads", "kv", "embed"), "out", axis=(-2, -1))(ctx_BxLxHxK)
@@ -198,9 +198,9 @@ class Layer(nn.Module):
   cfg: EncoderConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD, bias_Bx1x1xL, deterministic):
+  def __call__(self, x_BxLxD, bias_Bx1xQxL, deterministic):
     cfg = self.cfg
-    attn_BxLxD, probs = SelfAttention(cfg, name="attention")(x_BxLxD, bias_Bx1x1xL, deterministic)
+    attn_BxLxD, probs = SelfAttention(cfg, name="attention")(x_BxLxD, bias_Bx1xQxL, deterministic)
     attn_BxLxD = nn.Dropout(cfg.dropout_rate)(attn_BxLxD, deterministic=deterministic)
     x_BxLxD = _layer_norm(cfg, "attention_norm")(x_BxLxD + attn_BxLxD)
     mlp_BxLxD = nn.Dropout(cfg.dropout_rate)(Mlp(cfg, name="mlp")(x_BxLxD), deterministic=deterministic)
@@ -241,11 +241,13 @@ class Encoder(nn.Module):
     self.mlm_head = MlmHead(cfg)
 
   def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, *,
-               deterministic: bool = True, output_attentions: bool = False,
+               segment_ids=None, deterministic: bool = True, output_attentions: bool = False,
                compute_logits: bool = True) -> EncoderOutput:
     """input_ids, attention_mask (1 = attend, 0 = padding), token_type_ids, position_ids: (B, L) ints.
 
-    Dropout is active when `deterministic=False` (pass `rngs={'dropout': key}` to `apply`).
+    `segment_ids` (B, L), for packed rows holding several examples (1, 2, ... per example, 0 = padding):
+    a token attends only within its own example. Dropout is active when `deterministic=False` (pass
+    `rngs={'dropout': key}` to `apply`).
     """
     cfg = self.cfg
     ids_BxL = jnp.asarray(input_ids)
@@ -257,12 +259,17 @@ class Encoder(nn.Module):
       position_ids = jnp.broadcast_to(jnp.arange(ids_BxL.shape[-1]), ids_BxL.shape)
     # Additive mask as transformers builds it: 0 where attended, the float32 minimum where masked.
     mask_BxL = jnp.asarray(attention_mask)
-    bias_Bx1x1xL = jnp.where(mask_BxL > 0, 0.0, jnp.finfo(jnp.float32).min)[:, None, None, :]
+    if segment_ids is None:
+      attend_Bx1xLxL = (mask_BxL > 0)[:, None, None, :]
+    else:
+      seg_BxL = jnp.asarray(segment_ids)
+      attend_Bx1xLxL = ((seg_BxL[:, :, None] == seg_BxL[:, None, :]) & (seg_BxL[:, None, :] > 0))[:, None]
+    bias_Bx1xQxL = jnp.where(attend_Bx1xLxL, 0.0, jnp.finfo(jnp.float32).min)
 
     x_BxLxD = self.embeddings(ids_BxL, token_type_ids, position_ids, deterministic)
     hidden, attentions = [x_BxLxD], []
     for layer in self.layers:
-      x_BxLxD, probs = layer(x_BxLxD, bias_Bx1x1xL, deterministic)
+      x_BxLxD, probs = layer(x_BxLxD, bias_Bx1xQxL, deterministic)
       hidden.append(x_BxLxD)
       attentions.append(probs)
     pooled = jnp.tanh(self.pooler(x_BxLxD[:, 0])) if cfg.use_pooler else None

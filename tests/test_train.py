@@ -1,0 +1,206 @@
+"""The train step and the loop: sharding invariance, exact resume, preemption, refusals."""
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+import distilbert_jax
+from distilbert_jax import checkpoint, masking, sharding, train
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "configs"))
+import tiny  # noqa: E402
+
+
+def _step_config(**loss):
+  c = tiny.get_config()
+  c.train.steps = 10
+  c.loss.update(loss)
+  return c
+
+
+def _models(vocab=211):
+  cfg = distilbert_jax.EncoderConfig.bert(vocab_size=vocab, hidden_size=32, num_layers=2, num_heads=4,
+                                          intermediate_size=64, max_position_embeddings=32)
+  teacher = distilbert_jax.Encoder(cfg)
+  tp = distilbert_jax.init_params(teacher, jax.random.key(1))
+  student, sp = distilbert_jax.student_from_teacher(teacher, tp, layers=[1])
+  return teacher, jax.device_get(tp), student, jax.device_get(sp)
+
+
+def _batch(vocab=211):
+  rng = np.random.default_rng(0)
+  ids = rng.integers(5, vocab, (8, 32)).astype(np.int32)
+  mask = np.ones_like(ids)
+  for b in range(8):
+    mask[b, 32 - 3 * b:] = 0
+  ids[:, 0] = 1
+  return {"input_ids": np.where(mask > 0, ids, 0), "attention_mask": mask}
+
+
+def _one_step(config, mesh_shape, models, batch):
+  teacher, tp, student, sp = models
+  mesh = sharding.make_mesh(mesh_shape, devices=jax.devices()[:int(np.prod(mesh_shape))])
+  fns = train.compile_step(config, mesh, student, teacher, jax.eval_shape(lambda: sp), mask_token_id=4)
+  counts = np.random.default_rng(1).integers(0, 100, 211)
+  probs = jax.device_put(masking.token_probs(counts, [0, 1, 2, 3, 4]), fns.replicated)
+  state = fns.init(sp)
+  global_batch = {k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in batch.items()}
+  state, metrics = fns.step(state, jax.device_put(tp, fns.teacher_sharding), global_batch, probs)
+  return jax.device_get(state), jax.device_get(metrics), state
+
+
+@pytest.mark.parametrize("restrict,grad_accum", [(False, 1), (True, 2)])
+def test_one_step_is_the_same_on_every_mesh(restrict, grad_accum):
+  assert jax.device_count() == 8
+  config, models, batch = _step_config(restrict_ce_to_mask=restrict, alpha_mse=0.5), _models(), _batch()
+  config.optim.grad_accum = grad_accum
+  ref_state, ref_metrics, _ = _one_step(config, (1, 1, 1), models, batch)
+  assert np.isfinite(ref_metrics["loss"]) and ref_metrics["mlm"] > 0 and ref_metrics["cos"] > 0
+  assert int(ref_state.step) == 1
+  moved = jax.tree.map(lambda a, b: not np.array_equal(a, b), ref_state.params, models[3])
+  assert all(jax.tree.leaves(moved)), "every parameter should change after one AdamW step"
+  for shape in [(8, 1, 1), (2, 2, 2), (1, 4, 2)]:
+    state, metrics, on_device = _one_step(config, shape, models, batch)
+    for key in ("loss", "ce", "mlm", "cos", "mse", "grad_norm"):
+      np.testing.assert_allclose(metrics[key], ref_metrics[key], rtol=1e-5, atol=1e-5, err_msg=f"{shape} {key}")
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(ref_state.params)):
+      np.testing.assert_allclose(a, b, atol=1e-5, err_msg=str(shape))
+    if shape == (2, 2, 2):  # FSDP really splits the parameters and the Adam moments.
+      kernel = on_device.params["layer_0"]["mlp"]["wi"]["kernel"]
+      assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+      assert kernel.addressable_shards[0].data.shape == (16, 32)
+
+
+def test_vocabularies_that_differ_are_refused(tiny_teacher):
+  c = tiny.get_config(str(tiny_teacher))
+  c.student.init = "random"
+  c.student.overrides.vocab_size = 1000
+  with pytest.raises(train.ConfigError, match="vocabulary.*differ"):
+    train.build_models(c)
+
+
+def test_widths_that_differ_with_cosine_are_refused(tiny_teacher):
+  c = tiny.get_config(str(tiny_teacher))
+  c.student.init = "random"
+  c.student.overrides.update(hidden_size=32, num_heads=2)
+  with pytest.raises(train.ConfigError, match="alpha_cos=0"):
+    train.build_models(c)
+  c.loss.alpha_cos = 0.0
+  teacher, _, student, _ = train.build_models(c)
+  assert student.cfg.hidden_size == 32 and teacher.cfg.hidden_size == 64
+
+
+# ------------------------------------------------------------------------------------------------ runs
+
+def _cli(workdir, teacher, cache, test_data, *extra):
+  return [sys.executable, "-m", "distilbert_jax.train", f"--config={ROOT / 'configs' / 'tiny.py'}:{teacher}",
+          f"--workdir={workdir}", f"--config.data.cache_dir={cache}",
+          f"--config.data.corpus_dir={test_data / 'corpus'}", *extra]
+
+
+def _env():
+  return dict(os.environ, JAX_PLATFORMS="cpu")
+
+
+def _run_until(cmd, sentinel: pathlib.Path, sig):
+  """Starts a run, sends `sig` once `sentinel` exists, and returns the exit code."""
+  proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  deadline = time.time() + 300
+  while not sentinel.exists():
+    assert proc.poll() is None, proc.stdout.read()
+    assert time.time() < deadline
+    time.sleep(0.02)
+  proc.send_signal(sig)
+  out, _ = proc.communicate(timeout=300)
+  return proc.returncode, out
+
+
+def _losses(workdir):
+  return [json.loads(line)["loss"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _params(workdir):
+  return jax.device_get(checkpoint.load_model(workdir / "final")[1])
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, tiny_teacher, data_cache, test_data):
+  workdir = tmp_path_factory.mktemp("uninterrupted")
+  extra = ("--config.train.steps=20", "--config.train.ckpt_every=5", "--config.train.log_every=1")
+  done = subprocess.run(_cli(workdir, tiny_teacher, data_cache, test_data, *extra), env=_env(), capture_output=True,
+                        text=True, timeout=600)
+  assert done.returncode == 0, done.stdout + done.stderr
+  return workdir, extra
+
+
+def test_end_to_end_run_writes_everything(reference_run):
+  workdir, _ = reference_run
+  summary = json.loads((workdir / "summary.json").read_text())
+  assert summary["step"] == 20 and 0 <= summary["student_heldout_mlm_accuracy"] <= 1
+  assert "teacher_heldout_mlm_accuracy" in summary
+  lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert [x["step"] for x in lines] == list(range(1, 21))
+  for key in ("loss", "ce", "mlm", "cos", "lr", "grad_norm", "tokens_per_s"):
+    assert key in lines[-1]
+  assert list((workdir / "tb").glob("events.out.tfevents.*"))
+  assert (workdir / "export" / "model.safetensors").exists() and (workdir / "export" / "tokenizer.json").exists()
+
+
+def test_sigkill_then_resume_is_bit_exact(reference_run, tmp_path, tiny_teacher, data_cache, test_data):
+  ref_dir, extra = reference_run
+  cmd = _cli(tmp_path, tiny_teacher, data_cache, test_data, *extra)
+  code, out = _run_until(cmd, tmp_path / "checkpoints" / "10", signal.SIGKILL)
+  assert code == -signal.SIGKILL and not (tmp_path / "final").exists(), out
+  done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stdout + done.stderr
+  assert _losses(tmp_path) == _losses(ref_dir)  # same data order, same masks, same dropout: same losses
+  for a, b in zip(jax.tree.leaves(_params(tmp_path)), jax.tree.leaves(_params(ref_dir))):
+    assert np.array_equal(a, b)
+
+
+def test_sigterm_saves_and_resumes(reference_run, tmp_path, tiny_teacher, data_cache, test_data):
+  ref_dir, extra = reference_run
+  cmd = _cli(tmp_path, tiny_teacher, data_cache, test_data, *extra)
+  code, out = _run_until(cmd, tmp_path / "checkpoints" / "5", signal.SIGTERM)
+  assert code == 0, out
+  assert '"preempted": true' in out
+  saved = checkpoint.RunCheckpoints(tmp_path).latest_step()
+  assert 5 <= saved < 20 and not (tmp_path / "final").exists()
+  done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stdout + done.stderr
+  assert _losses(tmp_path) == _losses(ref_dir)
+  for a, b in zip(jax.tree.leaves(_params(tmp_path)), jax.tree.leaves(_params(ref_dir))):
+    assert np.array_equal(a, b)
+
+
+def test_workdir_of_another_model_is_refused(reference_run, tiny_teacher, data_cache, test_data):
+  ref_dir, extra = reference_run
+  cmd = _cli(ref_dir, tiny_teacher, data_cache, test_data, *extra, "--config.student.layers=(0,1)")
+  done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+  assert done.returncode == 2
+  assert "another model" in done.stderr and "allow_model_change" in done.stderr
+  assert checkpoint.RunCheckpoints(ref_dir).latest_step() == 20
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_teacher, data_cache, test_data):
+  c = tiny.get_config(str(tiny_teacher))
+  c.data.cache_dir, c.data.corpus_dir = str(data_cache), str(test_data / "corpus")
+  c.train.steps, c.train.ckpt_every = 12, 2
+  c.optim.lr, c.optim.clip, c.optim.warmup_frac = 1e30, 1e30, 0.0
+  with pytest.raises(train.NonFiniteLossError, match="became .* at step") as info:
+    train.run(c, tmp_path)
+  assert "last good checkpoint" in str(info.value)
+  ckpts = checkpoint.RunCheckpoints(tmp_path)
+  latest = ckpts.latest_step()
+  ckpts.close()
+  if latest is not None:  # whatever was saved holds finite numbers
+    restored = checkpoint.RunCheckpoints(tmp_path).manager.restore(latest)
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(restored["state"]) if np.asarray(x).dtype.kind == "f")
