@@ -30,8 +30,9 @@ def minilm_path() -> str:
 def get_config():
   c = default_config()
   c.teacher = minilm_path()
-  c.teacher_mlm.steps = 150
-  c.teacher_mlm.lr = 2e-4  # the head learns at 10x (teacher_mlm.head_lr_scale)
+  c.teacher_mlm.steps = 300
+  c.teacher_mlm.batch_size = 16
+  c.teacher_mlm.lr = 5e-4  # the fresh head learns at 10x this (teacher_mlm.head_lr_scale)
   c.student.layers = (0, 2, 4)
   c.data.demo_corpus = True
   c.data.max_len = 128
@@ -39,7 +40,7 @@ def get_config():
   c.data.held_out_fraction = 0.05
   c.data.eval_batches = 40
   c.loss.restrict_ce_to_mask = True
-  c.train.steps = 200
+  c.train.steps = 160
   c.train.log_every = 10
-  c.train.ckpt_every = 50
+  c.train.ckpt_every = 40
   return c

@@ -23,6 +23,7 @@ import os
 import pathlib
 import signal
 import sys
+import threading
 import time
 from typing import Any
 
@@ -166,12 +167,14 @@ def make_optimizer(optim, total_steps: int) -> tuple[optax.GradientTransformatio
   `head_lr_scale` multiplies the learning rate of the masked-LM head alone (a freshly initialised head on a
   pretrained encoder learns faster with a larger rate).
   """
-  warmup = max(int(round(optim.warmup_frac * total_steps)), 1)
+  warmup = int(round(optim.warmup_frac * total_steps))
 
   def schedule_for(lr):
-    return optax.join_schedules(
-        [optax.linear_schedule(0.0, lr, warmup), optax.linear_schedule(lr, 0.0, max(total_steps - warmup, 1))],
-        [warmup])
+    decay = optax.linear_schedule(lr, 0.0, max(total_steps - warmup, 1))
+    if not warmup:
+      return decay
+    # As the reference's scheduler, the first update (step 0) has learning rate 0.
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
 
   def adamw(lr):
     return optax.adamw(schedule_for(lr), b1=optim.b1, b2=optim.b2, eps=optim.eps,
@@ -277,7 +280,7 @@ def train_step(state: TrainState, teacher_params, batch: dict, token_probs_V: ja
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   out = {k: jnp.mean(v) for k, v in terms.items()}
-  out.update(grad_norm=optax.global_norm(grads), lr=schedule(state.step),
+  out.update(grad_norm=optax.tree.norm(grads), lr=schedule(state.step),
              tokens=jnp.sum(batch["attention_mask"]).astype(jnp.float32))
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng), out
 
@@ -376,7 +379,7 @@ class _Stop:
     self._previous = None
 
   def __enter__(self):
-    if threading_is_main():
+    if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     return self
 
@@ -387,11 +390,6 @@ class _Stop:
   def __exit__(self, *exc):
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
-
-
-def threading_is_main() -> bool:
-  import threading
-  return threading.current_thread() is threading.main_thread()
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -464,7 +462,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
   peak = metrics.peak_flops_per_device(dtype=config.model.dtype)
   progress = metrics.Progress(total_steps, start, enabled=is_main and config.train.progress)
   last_saved = start if start else None
-  pending = None  # (step, metrics on device, padded tokens, time dispatched)
+  pending = None  # (step, metrics still on device, padded tokens of the step)
   window = {"time": time.perf_counter(), "tokens": 0.0, "padded": 0, "steps": 0}
 
   def finish(step_done, device_metrics, padded):
@@ -479,6 +477,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
       elapsed = max(now - window["time"], 1e-9)
       values["tokens_per_s"] = window["tokens"] / elapsed
       values["steps_per_s"] = window["steps"] / elapsed
+      # Model FLOPs (formula in metrics.py) over padded tokens, which the hardware computes too.
+      values["model_tflops_per_s"] = flops_per_token * window["padded"] / elapsed / 1e12
       if peak:
         values["mfu"] = metrics.mfu(flops_per_token * window["padded"] / window["steps"],
                                     elapsed / window["steps"], jax.device_count(), peak)
@@ -492,6 +492,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
     ckpts.save(step_done, state, batches.get_state(), run_config, force=force)
     last_saved = step_done
 
+  preempted = False
   with _Stop() as stop:
     try:
       for step in range(start, total_steps):
@@ -509,21 +510,21 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
           pending = None
           save(done, force=preempted)
         if preempted:
-          ckpts.close()
-          log.warning("stopped at step %d after a preemption signal; the run resumes from there", done)
-          writer.close()
-          progress.close()
-          return {"step": done, "preempted": True}
+          break
       if pending is not None:
         finish(*pending)
     finally:
       progress.close()
       writer.close()
       ckpts.wait()
+  if preempted:
+    ckpts.close()
+    log.warning("stopped at step %d after a preemption signal; the run resumes from there", last_saved)
+    return {"step": last_saved, "preempted": True}
 
   summary = {"step": total_steps, "workdir": str(workdir)}
   final = jax.device_get(state.params) if is_main else None
-  if config.data.eval_batches and (data_dir / "heldout_ids.bin").exists() and is_main:
+  if config.data.eval_batches and train_ds.meta["splits"]["heldout"]["examples"] and is_main:
     summary.update(_evaluate(config, data_dir, probs_V, specials, teacher, teacher_params, student, final))
   if config.train.export and is_main:
     checkpoint.save_model(workdir / "final", student, final)

@@ -22,6 +22,7 @@ import tiny  # noqa: E402
 def _step_config(**loss):
   c = tiny.get_config()
   c.train.steps = 10
+  c.optim.warmup_frac = 0.0  # the first update of a warmup has learning rate 0
   c.loss.update(loss)
   return c
 
@@ -204,3 +205,53 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_teache
   if latest is not None:  # whatever was saved holds finite numbers
     restored = checkpoint.RunCheckpoints(tmp_path).manager.restore(latest)
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(restored["state"]) if np.asarray(x).dtype.kind == "f")
+
+
+@pytest.mark.slow
+def test_distillation_lowers_the_loss_and_beats_random_init(tmp_path, minilm_path, data_cache, test_data):
+  """The real pretrained teacher, adapted by masked-LM (it has no MLM head); a 1-layer student from its first
+  layer against a 1-layer student from random init: same steps, same data, same loss."""
+  c = tiny.get_config(str(minilm_path))
+  c.data.cache_dir, c.data.corpus_dir = str(data_cache), str(test_data / "corpus")
+  c.data.batch_size = 16
+  c.teacher_mlm.update(steps=150, lr=5e-4)
+  c.train.update(steps=60, ckpt_every=60, log_every=1, export=False)
+  c.data.eval_batches = 8
+  distilled = train.run(c, tmp_path / "distilled")
+  losses = [json.loads(x)["loss"] for x in (tmp_path / "distilled" / "metrics.jsonl").read_text().splitlines()]
+  assert len(losses) == 60 and np.mean(losses[-10:]) < 0.9 * np.mean(losses[:10])
+
+  c.teacher = str(tmp_path / "distilled" / "teacher" / "final")  # the same adapted teacher
+  c.teacher_mlm.steps = 0
+  c.student.init = "random"
+  scratch = train.run(c, tmp_path / "random")
+  assert distilled["teacher_heldout_mlm_accuracy"] == scratch["teacher_heldout_mlm_accuracy"] > 0.03
+  assert distilled["student_heldout_mlm_accuracy"] > scratch["student_heldout_mlm_accuracy"] + 0.01
+
+
+def test_checkpoint_restores_onto_another_mesh(tmp_path, tiny_teacher, data_cache, test_data):
+  c = tiny.get_config(str(tiny_teacher))
+  c.data.cache_dir, c.data.corpus_dir = str(data_cache), str(test_data / "corpus")
+  c.data.eval_batches = 0
+  c.train.steps = 4
+  c.mesh.shape = (8, 1, 1)
+  train.run(c, tmp_path)
+  saved = jax.device_get(checkpoint.load_model(tmp_path / "final")[1])
+  c.mesh.shape = (1, 4, 2)  # the finished run restores its last checkpoint onto the new mesh and re-exports
+  train.run(c, tmp_path)
+  again = jax.device_get(checkpoint.load_model(tmp_path / "final")[1])
+  for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(again)):
+    assert np.array_equal(a, b)
+
+
+def test_bf16_and_remat_step_is_close_to_float32():
+  models, batch = _models(), _batch()
+  config = _step_config()
+  _, ref, _ = _one_step(config, (1, 1, 1), models, batch)
+  teacher, tp, student, sp = models
+  half = (distilbert_jax.Encoder(teacher.cfg.replace(dtype="bfloat16")), tp,
+          distilbert_jax.Encoder(student.cfg.replace(dtype="bfloat16", remat=True)), sp)
+  state, metrics, on_device = _one_step(config, (2, 2, 2), half, batch)
+  assert jax.tree.leaves(on_device.params)[0].dtype == np.float32  # float32 master weights
+  np.testing.assert_allclose(metrics["loss"], ref["loss"], rtol=2e-2)
+  assert metrics["loss"] != ref["loss"]
