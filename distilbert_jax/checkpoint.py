@@ -126,3 +126,37 @@ class RunCheckpoints:
   def close(self):
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def is_run_dir(folder: str | os.PathLike) -> bool:
+  return (pathlib.Path(folder) / "checkpoints").is_dir()
+
+
+def load_run(workdir: str | os.PathLike, step: int | None = None) -> tuple[model_lib.Encoder, dict, int]:
+  """The student of a training run at `step` (default: the newest checkpoint): (model, params, step)."""
+  ckpts = RunCheckpoints(workdir, async_save=False)
+  try:
+    steps = ckpts.manager.all_steps()
+    if not steps:
+      raise FileNotFoundError(f"{ckpts.directory} holds no checkpoint yet")
+    step = max(steps) if step is None else step
+    if step not in steps:
+      raise FileNotFoundError(f"{ckpts.directory} has no checkpoint of step {step}; it has {sorted(steps)}")
+    # No target: the arrays come back as saved, on the default device; only the parameters are kept.
+    restored = ckpts.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(), config=ocp.args.JsonRestore()))
+  finally:
+    ckpts.close()
+  model = model_lib.Encoder(model_lib.EncoderConfig.from_dict(restored["config"]["model"]))
+  return model, restored["state"]["params"], step
+
+
+def load_any(path: str | os.PathLike, step: int | None = None) -> tuple[model_lib.Encoder, dict]:
+  """A JAX model folder, a training workdir (its newest or given checkpoint) or a Hugging Face folder/hub name."""
+  if is_model_dir(path):
+    return load_model(path)
+  if is_run_dir(path):
+    model, params, _ = load_run(path, step)
+    return model, params
+  from distilbert_jax import hf  # hf imports nothing of checkpoint: no cycle, and torch-free
+  return hf.load_hf(path)

@@ -255,3 +255,21 @@ def test_bf16_and_remat_step_is_close_to_float32():
   assert jax.tree.leaves(on_device.params)[0].dtype == np.float32  # float32 master weights
   np.testing.assert_allclose(metrics["loss"], ref["loss"], rtol=2e-2)
   assert metrics["loss"] != ref["loss"]
+
+
+def test_export_from_a_training_workdir(reference_run, tmp_path, capsys):
+  import safetensors.numpy
+  sys.path.insert(0, str(ROOT / "tools"))
+  import convert
+  workdir, _ = reference_run
+  assert convert.main(["jax2hf", "--src", str(workdir), "--dst", str(tmp_path / "latest")]) == 0
+  assert "step 20 of the run" in capsys.readouterr().out
+  latest = safetensors.numpy.load_file(str(tmp_path / "latest" / "model.safetensors"))
+  final = safetensors.numpy.load_file(str(workdir / "export" / "model.safetensors"))
+  assert set(latest) == set(final) and all(np.array_equal(latest[k], final[k]) for k in final)
+  assert (tmp_path / "latest" / "tokenizer.json").exists()
+  assert convert.main(["jax2hf", "--src", str(workdir), "--dst", str(tmp_path / "s10"), "--step", "10"]) == 0
+  s10 = safetensors.numpy.load_file(str(tmp_path / "s10" / "model.safetensors"))
+  assert any(not np.array_equal(s10[k], final[k]) for k in final)
+  assert convert.main(["jax2hf", "--src", str(workdir), "--dst", str(tmp_path / "s7"), "--step", "7"]) == 2
+  assert "no checkpoint of step 7" in capsys.readouterr().err

@@ -2,8 +2,10 @@
 
   python tools/convert.py hf2jax --src HF_DIR --dst JAX_DIR     # config.json + model.safetensors/.bin -> Orbax
   python tools/convert.py jax2hf --src JAX_DIR --dst HF_DIR     # -> folder transformers loads
+  python tools/convert.py jax2hf --src WORKDIR --dst HF_DIR [--step N]   # a training run's student
 
-`HF_DIR` is a local folder (or a hub name where the hub is reachable). `jax2hf` writes a masked-LM model by
+`HF_DIR` is a local folder (or a hub name where the hub is reachable). `jax2hf` takes a converted model
+folder or a training workdir (its newest checkpoint, or `--step N`), and writes a masked-LM model by
 default (`--architecture BertModel` / `DistilBertModel` for the bare encoder) and the tokenizer files when the
 source model knows its tokenizer (or `--tokenizer DIR`). Neither command writes into a non-empty `--dst`
 without `--overwrite`.
@@ -40,15 +42,24 @@ def main(argv=None) -> int:
                                      help="BertForMaskedLM, BertModel, DistilBertForMaskedLM or DistilBertModel")
   sub.choices["jax2hf"].add_argument("--tokenizer", default=None, help="tokenizer folder to copy (default: the "
                                      "model's own)")
+  sub.choices["jax2hf"].add_argument("--step", type=int, default=None, help="checkpoint step of a training "
+                                     "workdir (default: the newest)")
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", force=True)
+  logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax narrates every read and write at INFO
   try:
-    _prepare_dst(args.dst, args.overwrite)
+    # Read the source completely before touching --dst: a bad source never costs an existing folder.
     if args.command == "hf2jax":
       model, params = distilbert_jax.load_hf(args.src, param_dtype=args.dtype)
-      checkpoint.save_model(args.dst, model, params)
+    elif checkpoint.is_run_dir(args.src):
+      model, params, step = checkpoint.load_run(args.src, args.step)
+      print(f"step {step} of the run in {args.src}")
     else:
       model, params = checkpoint.load_model(args.src)
+    _prepare_dst(args.dst, args.overwrite)
+    if args.command == "hf2jax":
+      checkpoint.save_model(args.dst, model, params)
+    else:
       distilbert_jax.save_hf(model, params, args.dst, tokenizer=args.tokenizer, architecture=args.architecture)
   except (distilbert_jax.ConversionError, FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
