@@ -26,7 +26,9 @@ log = logging.getLogger(__name__)
 
 SUPPORTED_ARCHITECTURES = {
     "BertForMaskedLM": "bert", "BertForPreTraining": "bert", "BertModel": "bert",
+    "BertForSequenceClassification": "bert",
     "DistilBertForMaskedLM": "distilbert", "DistilBertModel": "distilbert",
+    "DistilBertForSequenceClassification": "distilbert",
 }
 _PREFIX = {"bert": "bert.", "distilbert": "distilbert."}
 
@@ -92,6 +94,7 @@ BERT_TABLE = {
         "wi": "encoder.layer.{i}.intermediate.dense", "wo": "encoder.layer.{i}.output.dense",
         "mlp_norm": "encoder.layer.{i}.output.LayerNorm"}),
     "pooler": _dense_rows("pooler", "pooler.dense"),
+    "classifier": _dense_rows("classifier", "^classifier"),
     "head": (_dense_rows("mlm_head/transform", "^cls.predictions.transform.dense")
              + _norm_rows("mlm_head/transform_norm", "^cls.predictions.transform.LayerNorm")
              + [("mlm_head/bias", "^cls.predictions.bias", COPY)]),
@@ -104,7 +107,9 @@ DISTILBERT_TABLE = {
         "attention_norm": "transformer.layer.{i}.sa_layer_norm",
         "wi": "transformer.layer.{i}.ffn.lin1", "wo": "transformer.layer.{i}.ffn.lin2",
         "mlp_norm": "transformer.layer.{i}.output_layer_norm"}),
-    "pooler": [],
+    # DistilBERT's base model has no pooler; its sequence classifier's pre_classifier plays that part.
+    "pooler": _dense_rows("pooler", "^pre_classifier"),
+    "classifier": _dense_rows("classifier", "^classifier"),
     "head": (_dense_rows("mlm_head/transform", "^vocab_transform")
              + _norm_rows("mlm_head/transform_norm", "^vocab_layer_norm")
              + [("mlm_head/bias", "^vocab_projector.bias", COPY)]),
@@ -118,7 +123,7 @@ IGNORED_KEYS = re.compile(r"^(cls\.predictions\.decoder\.(weight|bias)|vocab_pro
 
 
 def mapping(cfg: model_lib.EncoderConfig, *, head: bool = True, pooler: bool | None = None,
-            base_prefix: str = "") -> list[tuple[tuple[str, ...], str, Hook]]:
+            classifier: bool | None = None, base_prefix: str = "") -> list[tuple[tuple[str, ...], str, Hook]]:
   """Every (our parameter path, Hugging Face key, hook) of a model with this config."""
   table = TABLES[cfg.family]
   rows = list(table["embeddings"])
@@ -126,6 +131,8 @@ def mapping(cfg: model_lib.EncoderConfig, *, head: bool = True, pooler: bool | N
     rows += [(ours.format(i=i), theirs.format(i=i), hook) for ours, theirs, hook in table["layer"]]
   if cfg.use_pooler if pooler is None else pooler:
     rows += table["pooler"]
+  if bool(cfg.num_labels) if classifier is None else classifier:
+    rows += table["classifier"]
   if head:
     rows += table["head"]
   out = []
@@ -153,6 +160,8 @@ def _config_from_hf(hf_cfg, family: str) -> model_lib.EncoderConfig:
       if getattr(hf_cfg, "is_decoder", False) or getattr(hf_cfg, "add_cross_attention", False):
         refuse("is_decoder", True, "only bidirectional encoders are implemented")
       return model_lib.EncoderConfig.bert(
+          classifier_dropout_rate=(hf_cfg.classifier_dropout if getattr(hf_cfg, "classifier_dropout", None)
+                                   is not None else hf_cfg.hidden_dropout_prob),
           hidden_size=hf_cfg.hidden_size, num_layers=hf_cfg.num_hidden_layers,
           num_heads=hf_cfg.num_attention_heads, intermediate_size=hf_cfg.intermediate_size,
           type_vocab_size=hf_cfg.type_vocab_size, hidden_act=hf_cfg.hidden_act,
@@ -161,7 +170,7 @@ def _config_from_hf(hf_cfg, family: str) -> model_lib.EncoderConfig:
     if getattr(hf_cfg, "sinusoidal_pos_embds", False):
       refuse("sinusoidal_pos_embds", True, "only learned position embeddings are implemented")
     return model_lib.EncoderConfig.distilbert(
-        hidden_size=hf_cfg.dim, num_layers=hf_cfg.n_layers, num_heads=hf_cfg.n_heads,
+        pooler_activation="relu", classifier_dropout_rate=hf_cfg.seq_classif_dropout, hidden_size=hf_cfg.dim, num_layers=hf_cfg.n_layers, num_heads=hf_cfg.n_heads,
         intermediate_size=hf_cfg.hidden_dim, hidden_act=hf_cfg.activation, layer_norm_eps=1e-12,
         dropout_rate=hf_cfg.dropout, attention_dropout_rate=hf_cfg.attention_dropout, **common)
   except ValueError as e:
@@ -182,7 +191,7 @@ def _config_to_hf(cfg: model_lib.EncoderConfig, architecture: str):
         max_position_embeddings=cfg.max_position_embeddings, type_vocab_size=cfg.type_vocab_size,
         hidden_act=cfg.hidden_act, layer_norm_eps=cfg.layer_norm_eps, hidden_dropout_prob=cfg.dropout_rate,
         attention_probs_dropout_prob=cfg.attention_dropout_rate, initializer_range=cfg.initializer_range,
-        pad_token_id=cfg.pad_token_id, architectures=[architecture])
+        classifier_dropout=cfg.classifier_dropout_rate, pad_token_id=cfg.pad_token_id, architectures=[architecture])
   if cfg.layer_norm_eps != 1e-12:
     raise ConversionError(f"DistilBERT fixes LayerNorm eps at 1e-12 but this model uses {cfg.layer_norm_eps}: "
                           "export it as BERT (family='bert') instead")
@@ -190,7 +199,8 @@ def _config_to_hf(cfg: model_lib.EncoderConfig, architecture: str):
       vocab_size=cfg.vocab_size, dim=cfg.hidden_size, n_layers=cfg.num_layers, n_heads=cfg.num_heads,
       hidden_dim=cfg.intermediate_size, max_position_embeddings=cfg.max_position_embeddings,
       activation=cfg.hidden_act, dropout=cfg.dropout_rate, attention_dropout=cfg.attention_dropout_rate,
-      initializer_range=cfg.initializer_range, pad_token_id=cfg.pad_token_id, architectures=[architecture])
+      initializer_range=cfg.initializer_range, seq_classif_dropout=cfg.classifier_dropout_rate,
+      pad_token_id=cfg.pad_token_id, architectures=[architecture])
 
 
 # ----------------------------------------------------------------------------------------------- weights
@@ -286,8 +296,11 @@ def load_hf(path: str | os.PathLike, *, dtype: str = "float32", param_dtype: str
         f"architectures are {', '.join(SUPPORTED_ARCHITECTURES)}")
 
   state, prefix = _normalise_keys(read_weights(folder), family)
+  classifies = any(a.endswith("ForSequenceClassification") for a in archs)
+  pooler_key = "pooler.dense.weight" if family == "bert" else "pre_classifier.weight"
   cfg = _config_from_hf(hf_cfg, family).replace(
-      dtype=dtype, param_dtype=param_dtype, use_pooler=family == "bert" and "pooler.dense.weight" in state,
+      dtype=dtype, param_dtype=param_dtype, use_pooler=pooler_key in state,
+      num_labels=hf_cfg.num_labels if classifies else 0,
       tokenizer=str(folder) if (folder / "vocab.txt").exists() or (folder / "tokenizer.json").exists() else None,
       **config_overrides)
   model = model_lib.Encoder(cfg)
@@ -356,29 +369,40 @@ def save_hf(model: model_lib.Encoder, params, path: str | os.PathLike, tokenizer
   """Writes a Hugging Face folder: config.json, model.safetensors and the tokenizer files.
 
   `architecture` defaults to `BertForMaskedLM` / `DistilBertForMaskedLM` (BERT's pooler is left out: the
-  masked-LM model has none); `BertModel` / `DistilBertModel` write the encoder (and pooler) without the head.
+  masked-LM model has none), or to `...ForSequenceClassification` for a model with a classification head
+  (`num_labels` > 0; 1 is written as regression); `BertModel` / `DistilBertModel` write the encoder (and
+  BERT's pooler) without a head.
   `tokenizer` is a transformers tokenizer or a folder; by default the one the model was loaded with.
   Tied weights are not written, as transformers does.
   """
   import safetensors.numpy
   cfg = model.cfg
   family_archs = [a for a, f in SUPPORTED_ARCHITECTURES.items() if f == cfg.family and a != "BertForPreTraining"]
-  architecture = architecture or family_archs[0]
+  architecture = architecture or family_archs[2 if cfg.num_labels else 0]
   if architecture not in family_archs:
     raise ConversionError(f"architecture {architecture!r} does not fit a {cfg.family} model: use one of {family_archs}")
   with_head = architecture.endswith("ForMaskedLM")
+  classifies = architecture.endswith("ForSequenceClassification")
+  if classifies and not cfg.num_labels:
+    raise ConversionError(f"{architecture} needs a classification head but this model has none (num_labels=0)")
+  # The pooler is written where the Hugging Face model has one: BertModel, and both sequence classifiers.
+  pooler = cfg.use_pooler and (classifies or architecture == "BertModel")
   out = pathlib.Path(path)
   if out.exists() and any(out.iterdir()) and not overwrite:
     raise ConversionError(f"{out} is not empty: choose an empty folder or pass overwrite=True (--overwrite)")
   out.mkdir(parents=True, exist_ok=True)
 
   params = jax.device_get(params)
-  prefix = _PREFIX[cfg.family] if with_head else ""
+  prefix = _PREFIX[cfg.family] if with_head or classifies else ""
   tensors = {}
-  for ours, key, hook in mapping(cfg, head=with_head, pooler=cfg.use_pooler and not with_head, base_prefix=prefix):
+  for ours, key, hook in mapping(cfg, head=with_head, pooler=pooler, classifier=classifies, base_prefix=prefix):
     tensors[key] = np.ascontiguousarray(hook.to_hf(np.asarray(_get(params, ours)), cfg))
   safetensors.numpy.save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-  _config_to_hf(cfg, architecture).save_pretrained(str(out))
+  hf_cfg = _config_to_hf(cfg, architecture)
+  if classifies:
+    hf_cfg.num_labels = cfg.num_labels
+    hf_cfg.problem_type = "regression" if cfg.num_labels == 1 else "single_label_classification"
+  hf_cfg.save_pretrained(str(out))
 
   tokenizer = tokenizer if tokenizer is not None else cfg.tokenizer
   if isinstance(tokenizer, (str, os.PathLike)):

@@ -28,6 +28,7 @@ ACTIVATIONS = {
     "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
     "relu": jax.nn.relu,
 }
+POOLER_ACTIVATIONS = {"tanh": jnp.tanh, "relu": jax.nn.relu}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +46,10 @@ class EncoderConfig:
   intermediate_size: int = 3072
   max_position_embeddings: int = 512
   type_vocab_size: int = 2  # 0: no token-type embeddings (DistilBERT)
-  use_pooler: bool = True
+  use_pooler: bool = True  # dense + activation on the first token (BERT's pooler, DistilBERT's pre_classifier)
+  pooler_activation: str = "tanh"  # BERT: tanh; DistilBERT's sequence classifier: relu
+  num_labels: int = 0  # > 0: a sequence classification (1: regression) head on the pooled first token
+  classifier_dropout_rate: float = 0.1
   hidden_act: str = "gelu"
   layer_norm_eps: float = 1e-12
   dropout_rate: float = 0.1
@@ -64,6 +68,10 @@ class EncoderConfig:
       raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
     if self.hidden_act not in ACTIVATIONS:
       raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; use one of {sorted(ACTIVATIONS)}")
+    if self.pooler_activation not in POOLER_ACTIVATIONS:
+      raise ValueError(f"pooler_activation must be one of {sorted(POOLER_ACTIVATIONS)}, got {self.pooler_activation!r}")
+    if self.num_labels and not self.use_pooler:
+      raise ValueError("a classification head (num_labels > 0) sits on the pooler: set use_pooler=True")
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"{name} must be float32, bfloat16 or float16, got {getattr(self, name)!r}")
@@ -98,11 +106,13 @@ class EncoderConfig:
 @flax.struct.dataclass
 class EncoderOutput:
   """logits (B, L, V) or None; hidden_states: num_layers + 1 arrays (B, L, D), embeddings output first;
-  attentions: num_layers arrays (B, H, L, L) when asked for; pooled (B, D) when the config has a pooler."""
+  attentions: num_layers arrays (B, H, L, L) when asked for; pooled (B, D) when the config has a pooler;
+  class_logits (B, num_labels) float32 when the config has a classification head."""
   logits: jax.Array | None
   hidden_states: tuple[jax.Array, ...]
   attentions: tuple[jax.Array, ...] | None = None
   pooled: jax.Array | None = None
+  class_logits: jax.Array | None = None
 
   @property
   def last_hidden_state(self) -> jax.Array:
@@ -238,6 +248,9 @@ class Encoder(nn.Module):
     self.layers = [layer_cls(cfg, name=f"layer_{i}") for i in range(cfg.num_layers)]
     if cfg.use_pooler:
       self.pooler = _dense(cfg, cfg.hidden_size, ("embed", "embed_out"), "pooler")
+    if cfg.num_labels:
+      self.classifier_dropout = nn.Dropout(cfg.classifier_dropout_rate)
+      self.classifier = _dense(cfg, cfg.num_labels, ("embed", "labels"), "classifier")
     self.mlm_head = MlmHead(cfg)
 
   def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, *,
@@ -272,10 +285,15 @@ class Encoder(nn.Module):
       x_BxLxD, probs = layer(x_BxLxD, bias_Bx1xQxL, deterministic)
       hidden.append(x_BxLxD)
       attentions.append(probs)
-    pooled = jnp.tanh(self.pooler(x_BxLxD[:, 0])) if cfg.use_pooler else None
+    pooled_BxD = POOLER_ACTIVATIONS[cfg.pooler_activation](self.pooler(x_BxLxD[:, 0])) if cfg.use_pooler else None
+    class_logits_BxC = None
+    if cfg.num_labels:
+      dropped_BxD = self.classifier_dropout(pooled_BxD, deterministic=deterministic)
+      class_logits_BxC = self.classifier(dropped_BxD).astype(jnp.float32)
     logits = self.mlm_logits(x_BxLxD) if compute_logits else None
     return EncoderOutput(logits=logits, hidden_states=tuple(hidden),
-                         attentions=tuple(attentions) if output_attentions else None, pooled=pooled)
+                         attentions=tuple(attentions) if output_attentions else None, pooled=pooled_BxD,
+                         class_logits=class_logits_BxC)
 
   def mlm_logits(self, h_xD):
     """(..., D) hidden states -> (..., V) float32 logits."""

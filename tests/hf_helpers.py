@@ -18,12 +18,18 @@ def hf_config(family: str, *, hidden=32, layers=2, heads=4, ffn=64, vocab=101, p
                                        max_position_embeddings=positions)
 
 
-def write_hf(folder: pathlib.Path, family: str, *, head=True, seed=0, safe=True, **cfg_kw):
-  """A randomly initialised transformers model saved with save_pretrained; returns (folder, torch model)."""
+def write_hf(folder: pathlib.Path, family: str, *, head=True, seed=0, safe=True, num_labels=0, **cfg_kw):
+  """A randomly initialised transformers model saved with save_pretrained; returns (folder, torch model).
+
+  head: masked-LM head or none; num_labels > 0: a sequence classifier instead."""
   torch.manual_seed(seed)
   cfg = hf_config(family, **cfg_kw)
   cls = {(BERT, True): transformers.BertForMaskedLM, (BERT, False): transformers.BertModel,
          (DISTILBERT, True): transformers.DistilBertForMaskedLM, (DISTILBERT, False): transformers.DistilBertModel}
+  if num_labels:
+    cfg.num_labels = num_labels
+    cls = {(BERT, head): transformers.BertForSequenceClassification,
+           (DISTILBERT, head): transformers.DistilBertForSequenceClassification}
   model = cls[family, head](cfg).eval()
   # Random init leaves LayerNorms at 1/0 and biases at 0: perturb every tensor so nothing passes by accident.
   with torch.no_grad():

@@ -165,10 +165,10 @@ def test_folder_without_weights(tmp_path):
 
 
 def test_unsupported_architecture(tmp_path):
-  transformers.BertForSequenceClassification(transformers.BertConfig(
+  transformers.BertForQuestionAnswering(transformers.BertConfig(
       hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16, vocab_size=30)
   ).save_pretrained(str(tmp_path))
-  with pytest.raises(hf.ConversionError, match="BertForSequenceClassification.*supported architectures are "
+  with pytest.raises(hf.ConversionError, match="BertForQuestionAnswering.*supported architectures are "
                                                ".*BertForMaskedLM"):
     distilbert_jax.load_hf(tmp_path)
 
@@ -203,3 +203,38 @@ def test_config_field_we_cannot_honour(tmp_path):
 def test_nonexistent_path(tmp_path):
   with pytest.raises(hf.ConversionError, match="does not exist"):
     distilbert_jax.load_hf(tmp_path / "nowhere")
+
+
+# ----------------------------------------------------------------------------------------- classifiers
+
+@pytest.mark.parametrize("family,num_labels", [(BERT, 3), (BERT, 1), (DISTILBERT, 2), (DISTILBERT, 1)])
+def test_sequence_classifier_parity_and_round_trip(tmp_path, family, num_labels):
+  src, ref_model = write_hf(tmp_path / "src", family, num_labels=num_labels)
+  model, params = distilbert_jax.load_hf(src)
+  assert model.cfg.num_labels == num_labels and model.cfg.use_pooler
+  ids, mask = random_batch(np.random.default_rng(2), 101)
+  ref = torch_forward(ref_model, ids, mask)
+  out = model.apply({"params": params}, ids, attention_mask=mask)
+  assert out.class_logits.shape == (3, num_labels)
+  assert _max_diff(out.class_logits, ref.logits) < TOL
+  distilbert_jax.save_hf(model, params, tmp_path / "dst")
+  before, after = _hf_tensors(src), _hf_tensors(tmp_path / "dst")
+  assert set(before) == set(after) and all(np.array_equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("family", [BERT, DISTILBERT])
+def test_jax_classifier_exports_with_the_same_logits(tmp_path, family):
+  make = distilbert_jax.EncoderConfig.bert if family == BERT else distilbert_jax.EncoderConfig.distilbert
+  cfg = make(vocab_size=89, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=48,
+             max_position_embeddings=32, use_pooler=True, num_labels=4,
+             pooler_activation="tanh" if family == BERT else "relu")
+  model = distilbert_jax.Encoder(cfg)
+  params = distilbert_jax.init_params(model, __import__("jax").random.key(5))
+  distilbert_jax.save_hf(model, params, tmp_path)
+  ref_model, info = transformers.AutoModelForSequenceClassification.from_pretrained(
+      str(tmp_path), output_loading_info=True)
+  assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+  ids, mask = random_batch(np.random.default_rng(0), 89)
+  ref = torch_forward(ref_model.eval(), ids, mask)
+  out = model.apply({"params": params}, ids, attention_mask=mask)
+  assert _max_diff(out.class_logits, ref.logits) < TOL
