@@ -23,7 +23,7 @@ BATCH_AXES = ("data", "fsdp")
 # FSDP over the hidden dimension (every matrix has one), tensor parallelism over heads/MLP/vocabulary.
 DEFAULT_RULES: dict[str, str | None] = {
     "embed": "fsdp", "embed_out": "tensor", "vocab": "tensor", "heads": "tensor", "kv": None, "mlp": "tensor",
-    "position": None, "token_type": None,
+    "position": None, "token_type": None, "labels": None,
 }
 
 
