@@ -1,4 +1,6 @@
 """The losses against direct PyTorch computations of the reference formulas on the selected rows."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -149,3 +151,87 @@ def test_num_gather_slots():
   assert losses.num_gather_slots(16, 128, 0.15) == 308  # ceil(307.2)
   assert losses.num_gather_slots(10, 20, 0.15) == 30  # exact: no float round-up to 31
   assert losses.num_gather_slots(1, 7, 1.0) == 7
+
+
+# ------------------------------------------------------------------------------------------------ chunked
+
+def _head(params, h_NxD):
+  """A small nonlinear vocabulary head: tanh(h A) Eᵀ + b, (N, D) -> (N, V)."""
+  return jnp.tanh(h_NxD @ params["a_DxD"]) @ params["e_VxD"].T + params["b_V"]
+
+
+def _head_params(rng):
+  return dict(a_DxD=rng.standard_normal((D, D)).astype(np.float32),
+              e_VxD=rng.standard_normal((V, D)).astype(np.float32), b_V=rng.standard_normal(V).astype(np.float32))
+
+
+@pytest.fixture(scope="module")
+def heads():
+  rng = np.random.default_rng(2)
+  pad_N = (rng.random(N) < 0.75).astype(np.float32)
+  pad_N[:2] = (0.0, 1.0)
+  mlm_N = pad_N * (rng.random(N) < 0.4)
+  mlm_N[1] = 1.0
+  student, hs_NxD = _head_params(rng), rng.standard_normal((N, D)).astype(np.float32)
+  targets_N = rng.integers(0, V, N).astype(np.int32)
+  targets_N[:4] = np.argmax(_head(student, hs_NxD[:4]), -1)  # some right predictions to count
+  return dict(student=student, teacher=_head_params(rng), hs_NxD=hs_NxD,
+              ht_NxD=rng.standard_normal((N, D)).astype(np.float32), pad_N=pad_N, mlm_N=mlm_N, targets_N=targets_N)
+
+
+def _naive_soft(student_params, hs_NxD, h):
+  s_NxV, t_NxV = _head(student_params, hs_NxD), _head(h["teacher"], h["ht_NxD"])
+  return dict(ce=losses.ce_loss(s_NxV, t_NxV, h["pad_N"], TEMPERATURE),
+              mlm=losses.mlm_loss(s_NxV, h["targets_N"], h["mlm_N"]), mse=losses.mse_loss(s_NxV, t_NxV, h["pad_N"]),
+              mlm_correct=losses.mlm_accuracy(s_NxV, h["targets_N"], h["mlm_N"])[0])
+
+
+def _chunked_soft(student_params, hs_NxD, h, chunk_size):
+  return losses.chunked_soft_losses(
+      functools.partial(_head, student_params), functools.partial(_head, h["teacher"]), hs_NxD, h["ht_NxD"],
+      h["pad_N"], h["targets_N"], h["mlm_N"], temperature=TEMPERATURE, chunk_size=chunk_size, with_mse=True)
+
+
+def _weighted_total(terms):
+  return 5.0 * terms["ce"] + 2.0 * terms["mlm"] + 0.5 * terms["mse"]
+
+
+# 1: one row a chunk; 5: 5 chunks of 5 for N = 24 (one zero-weight row added); 7: 4 chunks of 6; N; more than N.
+@pytest.mark.parametrize("chunk_size", [1, 5, 7, N, 100])
+def test_chunked_soft_losses_equal_the_full_losses_and_gradients(heads, chunk_size):
+  h = heads
+  want = _naive_soft(h["student"], h["hs_NxD"], h)
+  assert int(want["mlm_correct"]) >= 1
+  value_and_grad = jax.jit(jax.value_and_grad(lambda p, hs: _weighted_total(_chunked_soft(p, hs, h, chunk_size)),
+                                              argnums=(0, 1)))
+  value, (g_params, g_NxD) = value_and_grad(h["student"], h["hs_NxD"])
+  want_value, (want_params, want_NxD) = jax.value_and_grad(
+      lambda p, hs: _weighted_total(_naive_soft(p, hs, h)), argnums=(0, 1))(h["student"], h["hs_NxD"])
+
+  got = jax.jit(lambda p, hs: _chunked_soft(p, hs, h, chunk_size))(h["student"], h["hs_NxD"])
+  for name in ("ce", "mlm", "mse"):
+    assert got[name].dtype == jnp.float32 and got[name].shape == ()
+    np.testing.assert_allclose(got[name], want[name], rtol=1e-5, err_msg=name)
+  assert got["mlm_correct"].dtype == jnp.int32 and int(got["mlm_correct"]) == int(want["mlm_correct"])
+  np.testing.assert_allclose(value, want_value, rtol=1e-5)
+  for name in g_params:
+    np.testing.assert_allclose(g_params[name], want_params[name], rtol=1e-5, atol=1e-5, err_msg=name)
+  np.testing.assert_allclose(g_NxD, want_NxD, rtol=1e-5, atol=1e-5)
+  assert not g_NxD[h["pad_N"] == 0].any()  # pad rows (and the zero-weight rows added to fill a chunk) give nothing
+
+
+def test_chunked_soft_losses_leave_the_teacher_alone(heads):
+  h = heads
+  grad_fn = jax.grad(lambda tp, ht: _weighted_total(losses.chunked_soft_losses(
+      functools.partial(_head, h["student"]), functools.partial(_head, tp), h["hs_NxD"], ht, h["pad_N"],
+      h["targets_N"], h["mlm_N"], temperature=TEMPERATURE, chunk_size=5, with_mse=True)), argnums=(0, 1))
+  g_teacher, g_ht = grad_fn(h["teacher"], h["ht_NxD"])
+  assert not any(np.asarray(g).any() for g in jax.tree.leaves(g_teacher)) and not np.asarray(g_ht).any()
+
+
+def test_chunked_soft_losses_with_nothing_selected_are_zero(heads):
+  h = dict(heads, pad_N=np.zeros(N, np.float32), mlm_N=np.zeros(N, np.float32))
+  got = _chunked_soft(h["student"], h["hs_NxD"], h, 5)
+  assert float(got["ce"]) == float(got["mlm"]) == float(got["mse"]) == 0.0 and int(got["mlm_correct"]) == 0
+  g_NxD = jax.grad(lambda hs: _weighted_total(_chunked_soft(h["student"], hs, h, 5)))(h["hs_NxD"])
+  assert np.isfinite(g_NxD).all() and not g_NxD.any()
