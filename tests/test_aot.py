@@ -2,7 +2,7 @@
 
 The end-to-end tests compile the tiny config for real TPU slices with libtpu's compiler, in a subprocess:
 the compile-only settings must be in place before jax starts a backend, and this process already has its
-eight fake CPU devices. Without libtpu (`pip install -e '.[tpu]'`, which setup.sh does) they are skipped.
+eight fake CPU devices. Without libtpu (`pip install -e '.[tpu]'`, or `WITH_TPU=1 ./setup.sh`; CI does) they are skipped.
 """
 import importlib.util
 import pathlib
@@ -19,7 +19,7 @@ from distilbert_jax import model as model_lib
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 needs_libtpu = pytest.mark.skipif(
     importlib.util.find_spec("libtpu") is None,
-    reason="libtpu is not installed: pip install -e '.[tpu]' (setup.sh installs it) to compile for TPUs")
+    reason="libtpu is not installed: `WITH_TPU=1 ./setup.sh` (or pip install -e '.[tpu]') to compile for TPUs")
 
 
 @pytest.mark.parametrize("name, libtpu_name, host_bounds, chip_config", [
