@@ -469,12 +469,12 @@ def main():
   def _main(argv):
     del argv
     compile_only_process()
-    if not has_libtpu():
-      print(f"error: compiling for a TPU needs libtpu: {INSTALL_HINT.format(jax.__version__)}", file=sys.stderr)
-      sys.exit(2)
     config = config_flag.value.copy_and_resolve_references()
     try:
-      topo = parse_topology(topology_flag.value)
+      topo = parse_topology(topology_flag.value)  # a mistyped name is reported whether libtpu is there or not
+      if not has_libtpu():
+        print(f"error: compiling for a TPU needs libtpu: {INSTALL_HINT.format(jax.__version__)}", file=sys.stderr)
+        sys.exit(2)
       train._validate(config)  # pylint: disable=protected-access
       teacher, student = abstract_models(config)
       devices = get_topology(topo).devices
