@@ -59,6 +59,14 @@ class ModelMismatchError(RuntimeError):
   """The workdir holds checkpoints of another model."""
 
 
+def _same_model(saved: dict | None, current: dict) -> bool:
+  """Compares as configs, so fields added to EncoderConfig since the save take their defaults."""
+  try:
+    return model_lib.EncoderConfig.from_dict(saved or {}) == model_lib.EncoderConfig.from_dict(current)
+  except (TypeError, ValueError):  # a field that no longer exists: another model
+    return False
+
+
 class RunCheckpoints:
   """Checkpoints of a training run in `workdir/checkpoints/<step>/`: the train state (parameters, optimizer
   state, step, RNG), the data-iterator state and the run's config, saved together and asynchronously.
@@ -87,7 +95,7 @@ class RunCheckpoints:
       return
     saved = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
     saved_model = saved.get("model")
-    if saved_model == model_config:
+    if _same_model(saved_model, model_config):
       return
     diff = sorted(k for k in set(saved_model or {}) | set(model_config)
                   if (saved_model or {}).get(k) != model_config.get(k))

@@ -54,3 +54,14 @@ def test_bad_source_is_one_clear_line(tmp_path, capsys):
   assert err.startswith("error: ") and "config.json" in err and err.count("\n") == 1
   assert convert.main(["jax2hf", "--src", str(tmp_path), "--dst", str(tmp_path / "y")]) == 2
   assert "hf2jax" in capsys.readouterr().err
+
+
+def test_run_model_check_compares_configs_not_dicts():
+  """A checkpoint written before a config field existed still belongs to the same model."""
+  import distilbert_jax
+  cfg = distilbert_jax.EncoderConfig.distilbert(num_layers=3).to_dict()
+  older = {k: v for k, v in cfg.items() if k not in ("num_labels", "pooler_activation")}
+  assert checkpoint._same_model(older, cfg)
+  assert not checkpoint._same_model({**cfg, "num_layers": 4}, cfg)
+  assert not checkpoint._same_model({**cfg, "n_layers": 3}, cfg)
+  assert not checkpoint._same_model(None, cfg)
