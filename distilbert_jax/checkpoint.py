@@ -11,7 +11,6 @@ import os
 import pathlib
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
 from distilbert_jax import model as model_lib

@@ -444,7 +444,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
     raise ConfigError(f"global batch {config.data.batch_size} must divide by data-parallel size {dp} × grad_accum "
                       f"{config.optim.grad_accum}: change --config.data.batch_size")
 
-  fns = compile_step(config, mesh, student, teacher, jax.eval_shape(lambda: student_params), specials["mask"])
+  fns = compile_step(config, mesh, student, teacher, jax.eval_shape(lambda p: p, student_params), specials["mask"])
   if teacher is not None:
     teacher_params = jax.device_put(teacher_params, fns.teacher_sharding)
   total_steps = config.train.steps

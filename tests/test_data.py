@@ -2,7 +2,6 @@
 import pickle
 import shutil
 import subprocess
-import time
 
 import numpy as np
 import pytest
