@@ -593,7 +593,6 @@ def adapt_teacher(config, workdir: pathlib.Path) -> str:
   sub.optim.head_lr_scale = config.teacher_mlm.head_lr_scale
   if config.teacher_mlm.batch_size:
     sub.data.batch_size = config.teacher_mlm.batch_size
-  sub.data.tokenizer = config.data.tokenizer or _model_tokenizer(config.teacher)
   sub.train.export = True
   sub.data.eval_batches = 0
   folder = workdir / "teacher"
@@ -601,11 +600,6 @@ def adapt_teacher(config, workdir: pathlib.Path) -> str:
     print(f"adapting the teacher by masked-LM for {sub.train.steps} steps in {folder}", flush=True)
     run(sub, folder)
   return str(folder / "final")
-
-
-def _model_tokenizer(path: str) -> str:
-  return path if not checkpoint.is_model_dir(path) else (
-      json.loads((pathlib.Path(path) / checkpoint.CONFIG_FILE).read_text()).get("tokenizer") or "")
 
 
 def _validate(config):
