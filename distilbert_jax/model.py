@@ -7,12 +7,24 @@ live here (see `hf.py`); this module knows nothing of files.
 Every parameter carries logical axis names (`vocab`, `embed`, `heads`, `kv`, `mlp`, ...); `sharding.py`
 maps them to mesh axes, so the model never mentions a mesh.
 
+Throughput options (configuration only; the parameters and the results do not change):
+- `attention`: "einsum" computes softmax(QKᵀ/√K + mask)·V explicitly; "dot_product" calls
+  `jax.nn.dot_product_attention` (JAX picks the implementation: XLA today, on every backend); "cudnn"
+  forces cuDNN's fused flash attention (NVIDIA GPUs, bfloat16/float16 compute only). The fused call has no
+  dropout and returns no probabilities, so a layer takes the explicit einsum path whenever attention dropout
+  is active (`deterministic=False` and `attention_dropout_rate > 0`) or `output_attentions=True`; set
+  `attention_dropout_rate=0` to train through the fused kernel (the teacher, run deterministically, always
+  uses it).
+- `remat` with `remat_policy`: recompute each layer in the backward pass, saving what the policy names
+  (`REMAT_POLICIES`).
+
 Shapes: B batch, L length, D hidden size, H heads, K head size, F feed-forward size, V vocabulary.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from typing import Any, Sequence
 
 import flax
@@ -29,6 +41,19 @@ ACTIVATIONS = {
     "relu": jax.nn.relu,
 }
 POOLER_ACTIVATIONS = {"tanh": jnp.tanh, "relu": jax.nn.relu}
+# attention -> `implementation` of jax.nn.dot_product_attention; "einsum" is this module's explicit path.
+ATTENTIONS = {"einsum": None, "dot_product": None, "cudnn": "cudnn"}
+# What a rematerialised layer keeps from its forward pass (see jax.checkpoint_policies); the rest is
+# recomputed in the backward pass. "full" keeps only the layer's inputs (nn.remat's default).
+REMAT_POLICIES = {
+    "full": None,
+    # Every matmul output, the attention scores (B, H, L, L) included: only elementwise work is recomputed.
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    # The dense layers' outputs only (matmuls without batch dimensions): attention, softmax, GELU and
+    # LayerNorm are recomputed (MaxText's "minimal").
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +62,7 @@ class EncoderConfig:
 
   `family` only decides the Hugging Face naming and the defaults of `type_vocab_size` and `use_pooler`.
   `dtype` is the compute dtype (bfloat16 on TPUs), `param_dtype` the storage dtype of the parameters.
+  `attention`, `remat` and `remat_policy` change how the model computes, not what (module docstring).
   """
   family: str = "bert"
   vocab_size: int = 30522
@@ -59,6 +85,8 @@ class EncoderConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat: bool = False  # recompute each layer's activations in the backward pass
+  remat_policy: str = "full"  # with remat: what each layer saves (REMAT_POLICIES); ignored without remat
+  attention: str = "einsum"  # "einsum", "dot_product" or "cudnn" (ATTENTIONS, module docstring)
   tokenizer: str | None = None  # folder or hub name of the tokenizer that goes with the vocabulary
 
   def __post_init__(self):
@@ -75,6 +103,13 @@ class EncoderConfig:
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"{name} must be float32, bfloat16 or float16, got {getattr(self, name)!r}")
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"remat_policy must be one of {sorted(REMAT_POLICIES)}, got {self.remat_policy!r}")
+    if self.attention not in ATTENTIONS:
+      raise ValueError(f"attention must be one of {sorted(ATTENTIONS)}, got {self.attention!r}")
+    if self.attention == "cudnn" and self.dtype == "float32":
+      raise ValueError("attention='cudnn' needs bfloat16 or float16 compute (cuDNN's fused attention has no "
+                       "float32 kernel): set dtype='bfloat16', or use attention='dot_product'")
 
   @classmethod
   def bert(cls, **kw) -> "EncoderConfig":
@@ -173,24 +208,60 @@ class Embeddings(nn.Module):
     return self.word_embeddings.attend(x_NxD)
 
 
+@functools.lru_cache(maxsize=None)
+def _warn_fallback(attention: str, rate: float):
+  log.warning("attention=%r: attention dropout (rate %s) is active, which the fused kernel cannot apply; "
+              "these layers use the einsum path (set attention_dropout_rate=0 to train through the kernel)",
+              attention, rate)
+
+
 class SelfAttention(nn.Module):
   cfg: EncoderConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD, bias_Bx1xQxL, deterministic):
+  def __call__(self, x_BxLxD, attend_Bx1xQxL, deterministic, output_attentions=False):
+    """x_BxLxD: (B, L, D); attend_Bx1xQxL: bool, True where a query may attend a key (Q = 1: the same for
+    every query, Q = L: per query). Returns (out_BxLxD, probs_BxHxLxL): the float32 attention
+    probabilities (before dropout), or None when the fused kernel ran."""
     cfg = self.cfg
     hk = (cfg.num_heads, cfg.head_size)
     q_BxLxHxK = _dense(cfg, hk, ("embed", "heads", "kv"), "query")(x_BxLxD)
     k_BxLxHxK = _dense(cfg, hk, ("embed", "heads", "kv"), "key")(x_BxLxD)
     v_BxLxHxK = _dense(cfg, hk, ("embed", "heads", "kv"), "value")(x_BxLxD)
-    q_BxLxHxK = q_BxLxHxK / jnp.sqrt(cfg.head_size).astype(q_BxLxHxK.dtype)
-    scores_BxHxLxL = jnp.einsum("bqhk,bthk->bhqt", q_BxLxHxK, k_BxLxHxK)
-    # Softmax in float32: bf16 scores would lose the small probabilities.
-    probs_BxHxLxL = jax.nn.softmax(scores_BxHxLxL.astype(jnp.float32) + bias_Bx1xQxL, axis=-1)
-    dropped = nn.Dropout(cfg.attention_dropout_rate)(probs_BxHxLxL, deterministic=deterministic)
-    ctx_BxLxHxK = jnp.einsum("bhqt,bthk->bqhk", dropped.astype(cfg.dtype), v_BxLxHxK)
+    fused = cfg.attention != "einsum" and not output_attentions
+    if fused and not deterministic and cfg.attention_dropout_rate > 0:
+      _warn_fallback(cfg.attention, cfg.attention_dropout_rate)
+      fused = False
+    if fused:
+      ctx_BxLxHxK = _fused_attention(cfg, q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, attend_Bx1xQxL)
+      probs_BxHxLxL = None
+    else:
+      q_BxLxHxK = q_BxLxHxK / jnp.sqrt(cfg.head_size).astype(q_BxLxHxK.dtype)
+      scores_BxHxLxL = jnp.einsum("bqhk,bthk->bhqt", q_BxLxHxK, k_BxLxHxK)
+      # Additive mask as transformers builds it: 0 where attended, the float32 minimum where masked.
+      bias_Bx1xQxL = jnp.where(attend_Bx1xQxL, 0.0, jnp.finfo(jnp.float32).min)
+      # Softmax in float32: bf16 scores would lose the small probabilities.
+      probs_BxHxLxL = jax.nn.softmax(scores_BxHxLxL.astype(jnp.float32) + bias_Bx1xQxL, axis=-1)
+      dropped = nn.Dropout(cfg.attention_dropout_rate)(probs_BxHxLxL, deterministic=deterministic)
+      ctx_BxLxHxK = jnp.einsum("bhqt,bthk->bqhk", dropped.astype(cfg.dtype), v_BxLxHxK)
     out_BxLxD = _dense(cfg, cfg.hidden_size, ("heads", "kv", "embed"), "out", axis=(-2, -1))(ctx_BxLxHxK)
     return out_BxLxD, probs_BxHxLxL
+
+
+def _fused_attention(cfg: EncoderConfig, q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, attend_Bx1xQxL):
+  """softmax(QKᵀ/√K, masked)·V through `jax.nn.dot_product_attention` -> (B, L, H, K).
+
+  Its XLA form masks with a large negative number instead of adding the float32 minimum; a query that may
+  attend nothing (a pad position of a packed row) gets uniform weights either way, as on the einsum path.
+  """
+  B, L = q_BxLxHxK.shape[:2]
+  mask = attend_Bx1xQxL
+  if cfg.attention == "cudnn":
+    # cuDNN takes the mask as a (B, 1, L, L) bias; it does not broadcast over queries.
+    mask = jnp.broadcast_to(mask, (B, 1, L, L))
+  return jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask=mask,
+                                      scale=1.0 / float(np.sqrt(cfg.head_size)),
+                                      implementation=ATTENTIONS[cfg.attention])
 
 
 class Mlp(nn.Module):
@@ -208,9 +279,10 @@ class Layer(nn.Module):
   cfg: EncoderConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD, bias_Bx1xQxL, deterministic):
+  def __call__(self, x_BxLxD, attend_Bx1xQxL, deterministic, output_attentions=False):
     cfg = self.cfg
-    attn_BxLxD, probs = SelfAttention(cfg, name="attention")(x_BxLxD, bias_Bx1xQxL, deterministic)
+    attn_BxLxD, probs = SelfAttention(cfg, name="attention")(x_BxLxD, attend_Bx1xQxL, deterministic,
+                                                             output_attentions)
     attn_BxLxD = nn.Dropout(cfg.dropout_rate)(attn_BxLxD, deterministic=deterministic)
     x_BxLxD = _layer_norm(cfg, "attention_norm")(x_BxLxD + attn_BxLxD)
     mlp_BxLxD = nn.Dropout(cfg.dropout_rate)(Mlp(cfg, name="mlp")(x_BxLxD), deterministic=deterministic)
@@ -244,7 +316,9 @@ class Encoder(nn.Module):
   def setup(self):
     cfg = self.cfg
     self.embeddings = Embeddings(cfg)
-    layer_cls = nn.remat(Layer, static_argnums=(3,)) if cfg.remat else Layer
+    layer_cls = Layer
+    if cfg.remat:  # argument 3 is `deterministic`, 4 `output_attentions` (0 is the module)
+      layer_cls = nn.remat(Layer, static_argnums=(3, 4), policy=REMAT_POLICIES[cfg.remat_policy])
     self.layers = [layer_cls(cfg, name=f"layer_{i}") for i in range(cfg.num_layers)]
     if cfg.use_pooler:
       self.pooler = _dense(cfg, cfg.hidden_size, ("embed", "embed_out"), "pooler")
@@ -270,19 +344,17 @@ class Encoder(nn.Module):
       token_type_ids = jnp.zeros_like(ids_BxL)
     if position_ids is None:
       position_ids = jnp.broadcast_to(jnp.arange(ids_BxL.shape[-1]), ids_BxL.shape)
-    # Additive mask as transformers builds it: 0 where attended, the float32 minimum where masked.
     mask_BxL = jnp.asarray(attention_mask)
     if segment_ids is None:
-      attend_Bx1xLxL = (mask_BxL > 0)[:, None, None, :]
+      attend_Bx1xQxL = (mask_BxL > 0)[:, None, None, :]  # Q = 1: every query sees the same keys
     else:
       seg_BxL = jnp.asarray(segment_ids)
-      attend_Bx1xLxL = ((seg_BxL[:, :, None] == seg_BxL[:, None, :]) & (seg_BxL[:, None, :] > 0))[:, None]
-    bias_Bx1xQxL = jnp.where(attend_Bx1xLxL, 0.0, jnp.finfo(jnp.float32).min)
+      attend_Bx1xQxL = ((seg_BxL[:, :, None] == seg_BxL[:, None, :]) & (seg_BxL[:, None, :] > 0))[:, None]
 
     x_BxLxD = self.embeddings(ids_BxL, token_type_ids, position_ids, deterministic)
     hidden, attentions = [x_BxLxD], []
     for layer in self.layers:
-      x_BxLxD, probs = layer(x_BxLxD, bias_Bx1xQxL, deterministic)
+      x_BxLxD, probs = layer(x_BxLxD, attend_Bx1xQxL, deterministic, output_attentions)
       hidden.append(x_BxLxD)
       attentions.append(probs)
     pooled_BxD = POOLER_ACTIVATIONS[cfg.pooler_activation](self.pooler(x_BxLxD[:, 0])) if cfg.use_pooler else None

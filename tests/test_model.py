@@ -1,4 +1,4 @@
-"""The encoder itself: axes, dropout, dtypes, remat, the head applied alone."""
+"""The encoder itself: axes, dropout, dtypes, remat (and its policies), fused attention, the head alone."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -45,16 +45,42 @@ def test_dropout_only_when_not_deterministic(params):
   assert not np.allclose(a.logits, c.logits) and not np.allclose(c.logits, d.logits)
 
 
-def test_remat_gives_the_same_gradients(params):
+def _primitives(jaxpr, found=None):
+  """(primitive name, its `policy` param) of every equation, nested jaxprs included."""
+  found = [] if found is None else found
+  for eqn in jaxpr.eqns:
+    found.append((eqn.primitive.name, eqn.params.get("policy")))
+    for value in eqn.params.values():
+      inner = getattr(value, "jaxpr", None)
+      if inner is not None:
+        _primitives(getattr(inner, "jaxpr", inner), found)
+  return found
+
+
+@pytest.mark.parametrize("policy", sorted(model_lib.REMAT_POLICIES))
+def test_remat_policies_give_the_same_gradients(params, policy):
   ids, mask = _ids()
+  weights = np.random.default_rng(1).normal(size=(2, 9, 71)).astype(np.float32)
 
   def loss(p, cfg):
-    return distilbert_jax.Encoder(cfg).apply({"params": p}, ids, attention_mask=mask).logits.sum()
+    # Dropout on: a rematerialised layer must redraw the same masks in its backward pass.
+    out = distilbert_jax.Encoder(cfg).apply({"params": p}, ids, attention_mask=mask, deterministic=False,
+                                            rngs={"dropout": jax.random.key(3)})
+    return jnp.sum(out.logits * weights)
 
+  cfg = CFG.replace(remat=True, remat_policy=policy)
   g1 = jax.grad(loss)(params, CFG)
-  g2 = jax.grad(loss)(params, CFG.replace(remat=True))
+  g2 = jax.grad(loss)(params, cfg)
   for x, y in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
     np.testing.assert_allclose(x, y, atol=1e-5)
+  # The policy reaches jax.checkpoint: one rematerialised call per layer, with the policy asked for.
+  def remats(c):
+    return [pol for name, pol in _primitives(jax.make_jaxpr(lambda p: loss(p, c))(params).jaxpr)
+            if name.startswith("remat")]
+
+  assert len(remats(cfg)) == CFG.num_layers
+  assert all(pol is model_lib.REMAT_POLICIES[policy] for pol in remats(cfg))
+  assert remats(CFG) == []
 
 
 def test_bf16_compute_keeps_float32_params_and_logits(params):
@@ -88,7 +114,8 @@ def test_padding_does_not_change_unpadded_positions(params):
 
 @pytest.mark.parametrize("kw,message", [
     (dict(hidden_size=30, num_heads=4), "not divisible"), (dict(hidden_act="swish"), "hidden_act"),
-    (dict(family="roberta"), "family"), (dict(dtype="int8"), "dtype")])
+    (dict(family="roberta"), "family"), (dict(dtype="int8"), "dtype"), (dict(remat_policy="most"), "remat_policy"),
+    (dict(attention="flash"), "attention must be"), (dict(attention="cudnn"), "bfloat16 or float16")])
 def test_bad_config(kw, message):
   with pytest.raises(ValueError, match=message):
     CFG.replace(**kw)
@@ -98,3 +125,109 @@ def test_config_dict_round_trip():
   assert distilbert_jax.EncoderConfig.from_dict(CFG.to_dict()) == CFG
   with pytest.raises(ValueError, match="unknown EncoderConfig fields"):
     distilbert_jax.EncoderConfig.from_dict({**CFG.to_dict(), "n_layers": 3})
+
+
+def test_configs_saved_before_the_throughput_options_still_load():
+  old = {k: v for k, v in CFG.to_dict().items() if k not in ("attention", "remat_policy")}
+  cfg = distilbert_jax.EncoderConfig.from_dict(old)
+  assert cfg == CFG and cfg.attention == "einsum" and cfg.remat_policy == "full"
+  assert CFG.replace(remat=True, remat_policy="dots_saveable").to_dict()["remat_policy"] == "dots_saveable"
+
+
+# ------------------------------------------------------------------------- fused attention
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+  """Counts the calls of jax.nn.dot_product_attention (still computing through it)."""
+  calls = []
+  real = jax.nn.dot_product_attention
+
+  def spy(*args, **kw):
+    calls.append(kw.get("implementation"))
+    return real(*args, **kw)
+
+  monkeypatch.setattr(jax.nn, "dot_product_attention", spy)
+  return calls
+
+
+def _masks(kind):
+  """(attention_mask, extra kwargs) of 3 rows of 12: padding only, or packed rows with segment ids
+  (row 2 has pad positions, which may attend nothing; row 3 a single segment)."""
+  if kind == "padding":
+    return np.array([[1] * 12, [1] * 7 + [0] * 5, [1] * 3 + [0] * 9]), {}
+  seg = np.array([[1] * 5 + [2] * 7, [1] * 3 + [2] * 4 + [0] * 5, [1] * 3 + [0] * 9])
+  return (seg > 0).astype(np.int32), {"segment_ids": seg, "position_ids": np.array(
+      [list(range(5)) + list(range(7)), list(range(3)) + list(range(4)) + [0] * 5, list(range(3)) + [0] * 9])}
+
+
+@pytest.mark.parametrize("kind", ["padding", "segments"])
+def test_dot_product_attention_matches_einsum(params, fused_calls, kind):
+  ids = np.random.default_rng(0).integers(1, 71, (3, 12))
+  mask, extra = _masks(kind)
+  # Pad positions weigh nothing, as in every loss: in a packed row a pad query may attend nothing, and there
+  # the einsum path passes a gradient through softmax(scores + float32 min), which is constant in the
+  # scores after rounding, while the fused path's where(mask, scores, -big) passes none.
+  weights = np.random.default_rng(1).normal(size=(3, 12, 71)).astype(np.float32) * mask[:, :, None]
+
+  def run(p, cfg):
+    return distilbert_jax.Encoder(cfg).apply({"params": p}, ids, attention_mask=mask, **extra)
+
+  def loss(p, cfg):
+    return jnp.sum(run(p, cfg).logits * weights)
+
+  fused_cfg = CFG.replace(attention="dot_product")
+  ref, out = run(params, CFG), run(params, fused_cfg)
+  assert fused_calls == [None] * CFG.num_layers  # the fused call ran in every layer, JAX's implementation
+  np.testing.assert_allclose(out.logits, ref.logits, atol=1e-5)  # every position, pad included
+  for h_ref, h in zip(ref.hidden_states, out.hidden_states):
+    np.testing.assert_allclose(h, h_ref, atol=1e-5)
+  g_ref, g = jax.grad(loss)(params, CFG), jax.grad(loss)(params, fused_cfg)
+  for x, y in zip(jax.tree.leaves(g_ref), jax.tree.leaves(g)):
+    np.testing.assert_allclose(y, x, atol=1e-5)
+  assert max(float(np.max(np.abs(x))) for x in jax.tree.leaves(g)) > 1e-2  # not trivially zero gradients
+
+
+def test_dot_product_attention_under_remat_and_bf16(params, fused_calls):
+  ids = np.random.default_rng(0).integers(1, 71, (3, 12))
+  mask, extra = _masks("segments")
+  ref = distilbert_jax.Encoder(CFG.replace(dtype="bfloat16")).apply(
+      {"params": params}, ids, attention_mask=mask, **extra)
+  out = distilbert_jax.Encoder(CFG.replace(dtype="bfloat16", attention="dot_product", remat=True)).apply(
+      {"params": params}, ids, attention_mask=mask, **extra)
+  assert len(fused_calls) == CFG.num_layers and out.last_hidden_state.dtype == jnp.bfloat16
+  np.testing.assert_allclose(out.logits, ref.logits, atol=0.05)
+
+
+def test_attention_dropout_falls_back_to_einsum(params, fused_calls):
+  """Training with attention dropout takes the explicit path (same masks, same result); without attention
+  dropout the fused path runs and still agrees, the other dropouts included."""
+  ids = np.random.default_rng(0).integers(1, 71, (3, 12))
+  mask, _ = _masks("padding")
+
+  def train_logits(cfg):
+    return distilbert_jax.Encoder(cfg).apply({"params": params}, ids, attention_mask=mask, deterministic=False,
+                                             rngs={"dropout": jax.random.key(5)}).logits
+
+  dropping = CFG.replace(attention_dropout_rate=0.5)
+  np.testing.assert_array_equal(train_logits(dropping.replace(attention="dot_product")), train_logits(dropping))
+  assert fused_calls == []
+  no_attention_dropout = CFG.replace(attention_dropout_rate=0.0)
+  fused = train_logits(no_attention_dropout.replace(attention="dot_product"))
+  assert len(fused_calls) == CFG.num_layers
+  np.testing.assert_allclose(fused, train_logits(no_attention_dropout), atol=1e-5)
+  assert not np.allclose(fused, distilbert_jax.Encoder(CFG).apply({"params": params}, ids, attention_mask=mask).logits)
+
+
+def test_output_attentions_takes_the_explicit_path(params, fused_calls):
+  ids = np.random.default_rng(0).integers(1, 71, (3, 12))
+  mask, extra = _masks("segments")
+  ref = distilbert_jax.Encoder(CFG).apply({"params": params}, ids, attention_mask=mask, output_attentions=True,
+                                          **extra)
+  out = distilbert_jax.Encoder(CFG.replace(attention="dot_product", remat=True)).apply(
+      {"params": params}, ids, attention_mask=mask, output_attentions=True, **extra)
+  assert fused_calls == [] and len(out.attentions) == CFG.num_layers
+  for a_ref, a in zip(ref.attentions, out.attentions):
+    assert a.shape == (3, CFG.num_heads, 12, 12)
+    np.testing.assert_allclose(a, a_ref, atol=1e-6)
+  # Block-diagonal: no weight crosses from segment 1 to segment 2 of the first row.
+  assert float(np.max(out.attentions[0][0, :, :5, 5:])) == 0.0
