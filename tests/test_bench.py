@@ -1,0 +1,77 @@
+"""tools/bench.py on tiny shapes: both sides compute the same step, the figures are sane; no timing asserts."""
+import math
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "tools"))
+import bench  # noqa: E402
+
+TINY = ["--config", "tiny", "--batch", "8", "--seq", "32", "--rounds", "1", "--steps", "1", "--max-busy", "1"]
+
+
+def test_tiny_bench_agrees_and_reports(capsys):
+  results = bench.main(TINY + ["--ce", "both"])
+  assert [r["restrict_ce_to_mask"] for r in results] == [True, False]
+  masked, every = results
+  assert set(masked["sides"]) == {"JAX", "PyTorch", "PyTorch-gather"}
+  assert set(every["sides"]) == {"JAX", "PyTorch"}
+  for result in results:
+    for term, by_side in result["check"].items():
+      jax_value = by_side["JAX"]
+      assert math.isfinite(jax_value) and jax_value > 0, (term, by_side)
+      for side, value in by_side.items():
+        assert value == pytest.approx(jax_value, rel=bench.CHECK_RTOL[term]), (term, by_side)
+    for side, f in result["sides"].items():
+      for key in ("s_per_step", "tokens_per_s", "padded_tokens_per_s"):
+        assert math.isfinite(f[key]) and f[key] > 0, (side, key, f[key])
+      assert f["padded_tokens_per_s"] > f["tokens_per_s"]  # the tiny batches have padding
+      assert f["mfu"] is None  # a CPU has no known peak
+      assert all(math.isfinite(v) for v in f["last_losses"].values())
+    assert all(math.isfinite(r) and r > 0 for r in result["ratios"].values())
+    assert result["flops_per_token"] > 0
+  # Soft targets at every position project every token: more FLOPs per token than at the masked 15%.
+  assert every["flops_per_token"] > masked["flops_per_token"]
+  out = capsys.readouterr().out
+  assert "check (first step" in out and "JAX/this" in out and "n/a" in out
+
+
+def test_check_refuses_a_different_student(tmp_path):
+  """The check is what makes the timing meaningful: a PyTorch student with other weights must be refused."""
+  import distilbert_jax
+  args = bench.parse_args(TINY)
+  setup = bench.build(args, tmp_path)
+  params = dict(setup.student_params)
+  # A small change of one matrix (a constant added to a bias would vanish in the next LayerNorm).
+  mlp = params["layer_0"]["mlp"]
+  kernel = np.asarray(mlp["wi"]["kernel"])
+  noise = np.random.default_rng(0).normal(0.0, 1e-2, kernel.shape).astype(kernel.dtype)
+  params["layer_0"] = {**params["layer_0"], "mlp": {**mlp, "wi": {**mlp["wi"], "kernel": kernel + noise}}}
+  distilbert_jax.save_hf(setup.student, params, setup.folders["student"])
+  with pytest.raises(bench.MismatchError, match="first steps differ"):
+    bench.check(setup, setup.config, ["full"])
+
+
+@pytest.mark.parametrize("scheme", ["distilbert", "bernoulli"])
+def test_mask_torch_selects_like_the_reference(scheme):
+  import torch
+  rng = np.random.default_rng(0)
+  batch = bench.make_batches(1, 16, 40, 1024, 0.5, seed=1)[0]
+  ids = torch.tensor(batch["input_ids"], dtype=torch.long)
+  mask = torch.tensor(batch["attention_mask"], dtype=torch.long)
+  probs_V = torch.tensor(rng.uniform(0.1, 1.0, 1024), dtype=torch.float32)
+  probs_V[[bench.PAD, bench.UNK, bench.CLS, bench.SEP, bench.MASK]] = 0.0
+  mlm = dict(prob=0.15, scheme=scheme, word_mask=0.8, word_keep=0.1, word_rand=0.1)
+  out, labels = bench.mask_torch(ids, mask, probs_V, mlm, generator=torch.Generator().manual_seed(0))
+  chosen = labels >= 0
+  if scheme == "distilbert":
+    assert int(chosen.sum()) == math.ceil(0.15 * int(mask.sum()))
+  else:
+    assert 0 < int(chosen.sum()) < int(mask.sum())
+  assert not chosen[mask == 0].any()  # never padding
+  assert not chosen[(ids == bench.CLS) | (ids == bench.SEP)].any()  # never special tokens
+  assert torch.equal(labels[chosen], ids[chosen])  # labels are the original ids
+  assert torch.equal(out[~chosen], ids[~chosen])  # only chosen positions change
+  assert (out[chosen] == bench.MASK).float().mean() > 0.5  # 80% become [MASK]
