@@ -35,7 +35,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from distilbert_jax import checkpoint, data, evaluate, hf, losses, masking, metrics, sharding
+from distilbert_jax import checkpoint, data, distributed, evaluate, hf, losses, masking, metrics, sharding
 from distilbert_jax import model as model_lib
 from distilbert_jax import student as student_lib
 
@@ -96,6 +96,8 @@ def default_config() -> ml_collections.ConfigDict:
   # batches (logged as heldout_mlm_accuracy / heldout_mlm_loss; a learning curve, at the cost of a pause).
   c.train.eval_every = 0
   c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1), rules=dict(sharding.DEFAULT_RULES)))
+  # Several processes (TPU pod slices, GPU hosts, CPU trials): see distributed.py; detected on Cloud TPU.
+  c.distributed = distributed.default_config()
   return c
 
 
@@ -711,9 +713,10 @@ def main():
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax narrates every save at INFO
     try:
+      distributed.initialize(config_flag.value.get("distributed"))  # before anything uses jax
       summary = run(config_flag.value, workdir_flag.value)
-    except (ConfigError, hf.ConversionError, checkpoint.ModelMismatchError, NonFiniteLossError,
-            FileNotFoundError) as e:
+    except (ConfigError, distributed.DistributedConfigError, hf.ConversionError, checkpoint.ModelMismatchError,
+            NonFiniteLossError, FileNotFoundError) as e:
       print(f"error: {e}", file=sys.stderr)
       sys.exit(2)
     print(json.dumps(summary, indent=2))
