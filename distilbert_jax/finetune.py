@@ -35,7 +35,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from distilbert_jax import checkpoint, data, hf, metrics, sharding, tasks, train
+from distilbert_jax import checkpoint, data, distributed, hf, metrics, sharding, tasks, train
 from distilbert_jax import model as model_lib
 
 log = logging.getLogger("distilbert_jax.finetune")
@@ -79,6 +79,7 @@ def default_config() -> ml_collections.ConfigDict:
       batch_size=32, eval_batch_size=64, log_every=10, eval_every=0,  # 0: evaluate at the end only
       ckpt_every=500, keep=2, async_checkpoint=True, allow_model_change=False, export=True, progress=True))
   c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1), rules=dict(sharding.DEFAULT_RULES)))
+  c.distributed = distributed.default_config()  # several processes: see distributed.py
   return c
 
 
@@ -483,8 +484,9 @@ def main():
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     logging.getLogger("absl").setLevel(logging.WARNING)
     try:
+      distributed.initialize(config_flag.value.get("distributed"))  # before anything uses jax
       summary = run(config_flag.value, workdir_flag.value)
-    except (train.ConfigError, tasks.TaskError, hf.ConversionError, checkpoint.ModelMismatchError,
+    except (train.ConfigError, distributed.DistributedConfigError, tasks.TaskError, hf.ConversionError, checkpoint.ModelMismatchError,
             train.NonFiniteLossError, FileNotFoundError) as e:
       print(f"error: {e}", file=sys.stderr)
       sys.exit(2)
