@@ -486,8 +486,8 @@ def main():
     try:
       distributed.initialize(config_flag.value.get("distributed"))  # before anything uses jax
       summary = run(config_flag.value, workdir_flag.value)
-    except (train.ConfigError, distributed.DistributedConfigError, tasks.TaskError, hf.ConversionError, checkpoint.ModelMismatchError,
-            train.NonFiniteLossError, FileNotFoundError) as e:
+    except (train.ConfigError, distributed.DistributedConfigError, tasks.TaskError, hf.ConversionError,
+            checkpoint.ModelMismatchError, train.NonFiniteLossError, FileNotFoundError) as e:
       print(f"error: {e}", file=sys.stderr)
       sys.exit(2)
     print(json.dumps(summary, indent=2))
