@@ -6,7 +6,7 @@ cd "$(dirname "$0")"
 PYTHON="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/pip install -q --upgrade pip
-.venv/bin/pip install -q 'torch==2.13.0' -e '.[torch,tfds,dev]'
+.venv/bin/pip install -q 'torch==2.13.0' -e '.[torch,tfds,dev,report]'
 if [ "${WITH_TPU:-0}" = 1 ]; then
   # libtpu (~700 MB installed): compiling for TPU slices on this machine (python -m distilbert_jax.aot) and
   # tests/test_aot.py. Left out by default: on a machine without a TPU every jax start probes it.
