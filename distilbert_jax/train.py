@@ -608,16 +608,20 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
     return {"step": result.step, "preempted": True}
 
   summary = {"step": result.step, "workdir": str(workdir)}
-  final = sharding.to_host(result.state.params)
-  if has_heldout and is_main:
-    summary.update(_evaluate(config, data_dir, probs_V, specials, teacher, teacher_params, student, final))
-  if config.train.export and is_main:
-    checkpoint.save_model(workdir / "final", student, final)
-    hf.save_hf(student, final, workdir / "export", tokenizer=tokenizer_path)
+  final = sharding.to_host(result.state.params)  # collectives: every process gathers, process 0 uses them
+  if has_heldout:
+    host_teacher = sharding.to_host(teacher_params) if teacher is not None else None
+    if is_main:
+      summary.update(_evaluate(config, data_dir, probs_V, specials, teacher, host_teacher, student, final))
+  if config.train.export:
+    checkpoint.save_model(workdir / "final", student, final)  # Orbax: every process takes part in a save
+    if is_main:
+      hf.save_hf(student, final, workdir / "export", tokenizer=tokenizer_path)
     summary["export"] = str(workdir / "export")
   if is_main:
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
   ckpts.close()
+  _sync("export")  # no process returns before the export exists (adapt_teacher's caller then loads it)
   return summary
 
 
@@ -648,7 +652,8 @@ def logit_fractions(config, distilling: bool) -> dict:
 
 def _heldout_score(config, data_dir, probs_V, specials, model, params) -> evaluate.MlmScore:
   heldout = data.TokenizedDataset(data_dir, "heldout")
-  batches = data.eval_batches(heldout, config.data.batch_size // jax.process_count(), config.data.max_len)
+  # Process 0 scores the whole global batch with host parameters: the same score for any process count.
+  batches = data.eval_batches(heldout, config.data.batch_size, config.data.max_len)
   return evaluate.mlm_score(model, params, batches, np.asarray(probs_V), mask_token_id=specials["mask"],
                             seed=config.seed, mlm_prob=config.mlm.prob, scheme=config.mlm.scheme,
                             max_batches=config.data.eval_batches)
@@ -661,7 +666,7 @@ def _evaluate(config, data_dir, probs_V, specials, teacher, teacher_params, stud
   out["student_heldout_mlm_loss"] = s.loss
   line = f"held-out masked-LM accuracy ({s.num_predictions} predictions): student {s.accuracy:.2%}"
   if teacher is not None:
-    t = _heldout_score(config, data_dir, probs_V, specials, teacher, jax.device_get(teacher_params))
+    t = _heldout_score(config, data_dir, probs_V, specials, teacher, teacher_params)
     out["teacher_heldout_mlm_accuracy"] = t.accuracy
     out["teacher_heldout_mlm_loss"] = t.loss
     line += f", teacher {t.accuracy:.2%} (student/teacher {s.accuracy / max(t.accuracy, 1e-9):.2f})"
