@@ -55,12 +55,15 @@ import tempfile
 import time
 from typing import Any, Callable
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+# JAX and PyTorch share one accelerator here: JAX must not take 75% of its memory up front.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
-from distilbert_jax import hf, masking, metrics, sharding, train
-from distilbert_jax import model as model_lib
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from distilbert_jax import hf, masking, metrics, sharding, train  # noqa: E402
+from distilbert_jax import model as model_lib  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from bench_forward import cpu_snapshot, machine_description, others_share  # noqa: E402
@@ -96,6 +99,8 @@ def parse_args(argv=None):
   p.add_argument("--torch-head", choices=["full", "gather", "both"], default="both",
                  help="with L_ce on masked positions: PyTorch projects every position (reference), only the "
                       "masked ones (as JAX), or both")
+  p.add_argument("--attention", choices=sorted(model_lib.ATTENTIONS), default=None,
+                 help="the JAX models' attention implementation (default: the config's; cudnn on NVIDIA GPUs)")
   p.add_argument("--rounds", type=int, default=3, help="timed rounds, each running every side in turn")
   p.add_argument("--steps", type=int, default=2, help="steps per side per round")
   p.add_argument("--min-fill", type=float, default=0.5,
@@ -335,6 +340,9 @@ def build(args, tmp: pathlib.Path) -> Setup:
   import torch
   config = make_config(args, tmp)
   teacher, teacher_params, student, student_params = train.build_models(config)
+  if args.attention:
+    teacher = model_lib.Encoder(teacher.cfg.replace(attention=args.attention))
+    student = model_lib.Encoder(student.cfg.replace(attention=args.attention))
   if args.seq > student.cfg.max_position_embeddings:
     raise SystemExit(f"--seq {args.seq} exceeds max_position_embeddings {student.cfg.max_position_embeddings}")
   teacher_params, student_params = jax.device_get((teacher_params, student_params))
@@ -462,7 +470,7 @@ def bench_variant(setup: Setup, restrict: bool) -> dict:
   warmup_s = time.perf_counter() - t0
 
   nb = len(setup.batches)
-  rounds = []  # (others' CPU share or None, {side: seconds}, batch indices)
+  rounds = []  # (others' CPU share or None, {side: (wall s, this process's CPU s)}, batch indices)
   while sum(_quiet(o, args) for o, _, _ in rounds) < args.rounds and len(rounds) < 2 * args.rounds:
     r = len(rounds)
     indices = [(r * args.steps + i) % nb for i in range(args.steps)]
@@ -470,12 +478,12 @@ def bench_variant(setup: Setup, restrict: bool) -> dict:
     order = order if r % 2 == 0 else order[::-1]
     before, times, last = cpu_snapshot(), {}, {}
     for name, run in order:
-      t = time.perf_counter()
+      t, cpu = time.perf_counter(), _cpu_seconds()
       last[name] = run(indices)
-      times[name] = time.perf_counter() - t
+      times[name] = (time.perf_counter() - t, _cpu_seconds() - cpu)
     rounds.append((others_share(before, cpu_snapshot()), times, indices))
     others = rounds[-1][0]
-    print(f"round {r + 1}: " + ", ".join(f"{n} {t / args.steps:.3f}" for n, t in times.items()) + " s/step"
+    print(f"round {r + 1}: " + ", ".join(f"{n} {t[0] / args.steps:.3f}" for n, t in times.items()) + " s/step"
           + (f" (other processes: {others:.0%} of the CPUs)" if others is not None else ""), flush=True)
   undisturbed = [rd for rd in rounds if _quiet(rd[0], args)]
   kept = undisturbed or rounds  # nothing undisturbed: report them all, with a warning
@@ -489,22 +497,30 @@ def bench_variant(setup: Setup, restrict: bool) -> dict:
   for name in sides:
     # JAX spreads the batch over every device of the mesh; PyTorch runs on one.
     devices = setup.mesh.size if name == "JAX" else 1
-    per_round = []
+    s_steps, cpu_steps, nonpad_rates = [], [], []
     for _, times, indices in kept:
-      nonpad = sum(int(setup.batches[i]["attention_mask"].sum()) for i in indices)
-      per_round.append((times[name] / len(indices), nonpad / times[name], padded_per_step * len(indices) / times[name]))
-    s_step = statistics.median(x[0] for x in per_round)
-    final = {k: float(v) for k, v in last[name].items() if k in LOSS_TERMS}
+      wall, cpu = times[name]
+      s_steps.append(wall / len(indices))
+      cpu_steps.append(cpu / len(indices))
+      nonpad_rates.append(sum(int(setup.batches[i]["attention_mask"].sum()) for i in indices) / wall)
+    s_step = statistics.median(s_steps)
     figures[name] = dict(
-        s_per_step=s_step, s_per_step_min=min(x[0] for x in per_round), s_per_step_max=max(x[0] for x in per_round),
-        tokens_per_s=statistics.median(x[1] for x in per_round),
-        padded_tokens_per_s=statistics.median(x[2] for x in per_round), devices=devices,
-        mfu=metrics.mfu(flops_per_token * padded_per_step, s_step, devices, peak), last_losses=final)
+        s_per_step=s_step, s_per_step_min=min(s_steps), s_per_step_max=max(s_steps),
+        cpu_s_per_step=statistics.median(cpu_steps), tokens_per_s=statistics.median(nonpad_rates),
+        padded_tokens_per_s=padded_per_step / s_step, devices=devices,
+        mfu=metrics.mfu(flops_per_token * padded_per_step, s_step, devices, peak),
+        last_losses={k: float(v) for k, v in last[name].items() if k in LOSS_TERMS})
   ratios = {name: figures["JAX"]["tokens_per_s"] / figures["JAX"]["devices"]
             / (figures[name]["tokens_per_s"] / figures[name]["devices"]) for name in sides if name != "JAX"}
   return dict(restrict_ce_to_mask=restrict, check=checked, sides=figures, ratios=ratios, kept=len(kept),
               undisturbed=len(undisturbed), dropped=dropped, warmup_s=warmup_s, flops_per_token=flops_per_token,
               peak=peak, dtype=config.model.dtype)
+
+
+def _cpu_seconds() -> float:
+  """CPU time of this process, every thread together (user + system)."""
+  t = os.times()
+  return t.user + t.system
 
 
 def _quiet(others, args) -> bool:
@@ -519,8 +535,8 @@ def describe(setup: Setup) -> str:
   return (f"config {args.config}: teacher {t.family} {t.num_layers}x{t.hidden_size} -> student {s.family} "
           f"{s.num_layers}x{s.hidden_size}, vocab {s.vocab_size}; batch {args.batch} x seq {args.seq} "
           f"({nonpad / (args.batch * args.seq):.0%} non-pad), grad_accum 1; JAX mesh "
-          f"{dict(setup.mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s), "
-          f"PyTorch on {setup.device}")
+          f"{dict(setup.mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s), attention "
+          f"{s.attention}; PyTorch on {setup.device}")
 
 
 def print_check(check: dict) -> None:
@@ -542,13 +558,13 @@ def report(result: dict, args) -> None:
           + "; rerun on a quiet machine")
   print(f"model FLOPs/token {result['flops_per_token'] / 1e6:.1f} M; peak "
         + (f"{result['peak'] / 1e12:.0f} TFLOP/s per device" if result["peak"] else "unknown (n/a)"))
-  print(f"{'':15} {'s/step':>8} {'min-max':>13} {'tokens/s':>9} {'padded/s':>9} {'MFU':>6} {'JAX/this':>9}  "
-        "last step loss")
+  print(f"{'':15} {'s/step':>8} {'min-max':>13} {'CPU s':>7} {'tokens/s':>9} {'padded/s':>9} {'MFU':>6} "
+        f"{'JAX/this':>9}  last step loss")
   for name, f in result["sides"].items():
     mfu = f"{f['mfu']:.1%}" if f["mfu"] is not None else "n/a"
     ratio = f"{result['ratios'][name]:.2f}" if name in result["ratios"] else ""
     print(f"{name:15} {f['s_per_step']:8.3f} {f['s_per_step_min']:6.3f}-{f['s_per_step_max']:<6.3f} "
-          f"{f['tokens_per_s']:9.0f} {f['padded_tokens_per_s']:9.0f} {mfu:>6} {ratio:>9}  "
+          f"{f['cpu_s_per_step']:7.2f} {f['tokens_per_s']:9.0f} {f['padded_tokens_per_s']:9.0f} {mfu:>6} {ratio:>9}  "
           f"{f['last_losses']['loss']:.4f}")
 
 
