@@ -554,6 +554,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
   validate_config(config)
   if config.teacher and config.teacher_mlm.steps > 0:
     config.teacher = adapt_teacher(config, workdir)
+    if config.teacher is None:  # preempted while adapting the teacher; the next run resumes it
+      return {"step": 0, "preempted": True, "stage": "teacher_mlm"}
 
   teacher, teacher_params, student, student_params = build_models(config)
   tokenizer_path = _tokenizer_path(config, teacher, student)
@@ -674,8 +676,9 @@ def _evaluate(config, data_dir, probs_V, specials, teacher, teacher_params, stud
   return out
 
 
-def adapt_teacher(config, workdir: pathlib.Path) -> str:
-  """Masked-LM adaptation of the teacher (its own run in WORKDIR/teacher); returns the adapted model folder."""
+def adapt_teacher(config, workdir: pathlib.Path) -> str | None:
+  """Masked-LM adaptation of the teacher (its own run in WORKDIR/teacher); returns the adapted model folder,
+  or None when a preemption signal stopped the adaptation (saved; the next run resumes it)."""
   sub = config.copy_and_resolve_references()
   sub.student.init = config.teacher
   sub.student.overrides = ml_collections.ConfigDict()
@@ -691,7 +694,8 @@ def adapt_teacher(config, workdir: pathlib.Path) -> str:
   folder = workdir / "teacher"
   if not checkpoint.is_model_dir(folder / "final"):
     print(f"adapting the teacher by masked-LM for {sub.train.steps} steps in {folder}", flush=True)
-    run(sub, folder)
+    if run(sub, folder).get("preempted"):
+      return None
   return str(folder / "final")
 
 

@@ -274,3 +274,21 @@ def test_export_from_a_training_workdir(reference_run, tmp_path, capsys):
   assert any(not np.array_equal(s10[k], final[k]) for k in final)
   assert convert.main(["jax2hf", "--src", str(workdir), "--dst", str(tmp_path / "s7"), "--step", "7"]) == 2
   assert "no checkpoint of step 7" in capsys.readouterr().err
+
+
+def test_preemption_during_teacher_adaptation_stops_and_resumes(tmp_path, tiny_teacher, data_cache, test_data,
+                                                                 monkeypatch):
+  c = tiny.get_config(str(tiny_teacher))
+  c.data.cache_dir, c.data.corpus_dir = str(data_cache), str(test_data / "corpus")
+  c.teacher_mlm.steps = 4
+  c.train.update(steps=2, ckpt_every=2, export=False)
+  c.data.eval_batches = 0
+  with monkeypatch.context() as m:  # a preemption notice after the teacher's step 2
+    m.setattr(checkpoint.RunCheckpoints, "reached_preemption", lambda self, step: step == 2)
+    assert train.run(c, tmp_path) == {"step": 0, "preempted": True, "stage": "teacher_mlm"}
+  assert checkpoint.RunCheckpoints(tmp_path / "teacher").latest_step() == 2
+  assert not (tmp_path / "checkpoints").exists()  # the distillation itself has not started
+  summary = train.run(c, tmp_path)
+  assert summary["step"] == 2 and checkpoint.is_model_dir(tmp_path / "teacher" / "final")
+  teacher_steps = [json.loads(x)["step"] for x in (tmp_path / "teacher" / "metrics.jsonl").read_text().splitlines()]
+  assert teacher_steps == [2, 4]  # log_every 2: resumed at 3, not restarted

@@ -201,6 +201,9 @@ def main():
     teacher = teacher_flag.value
     if not teacher:
       teacher = train.adapt_teacher(base, out) if base.teacher_mlm.steps > 0 else base.teacher
+      if teacher is None:
+        print("stopped by a preemption signal while adapting the teacher; run again to resume", flush=True)
+        return
     base.data.tokenizer = base.data.tokenizer or train.load_pretrained(teacher)[0].cfg.tokenizer
     results = {}
     for name in variants_flag.value:
