@@ -222,11 +222,12 @@ def _hub_cache_config(repo: str) -> pathlib.Path | None:
 
 def abstract_models(config) -> tuple[model_lib.Encoder | None, model_lib.Encoder]:
   """(teacher or None, student) as `train.build_models` builds them, from configurations only."""
-  compute = dict(dtype=config.model.dtype, remat=config.model.remat)
+  compute = dict(config.model)
   overrides = dict(config.student.overrides)
   teacher = None
   if config.teacher:
-    teacher = model_lib.Encoder(model_config(config.teacher).replace(dtype=config.model.dtype))
+    teacher = model_lib.Encoder(model_config(config.teacher).replace(dtype=config.model.dtype,
+                                                                     attention=config.model.attention))
   init = config.student.init
   if init == "teacher":
     if teacher is None:

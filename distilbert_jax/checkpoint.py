@@ -58,12 +58,19 @@ class ModelMismatchError(RuntimeError):
   """The workdir holds checkpoints of another model."""
 
 
+# EncoderConfig fields that change how the model computes, not its parameters: a run may resume with others.
+COMPUTE_FIELDS = ("dtype", "remat", "remat_policy", "attention")
+
+
 def _same_model(saved: dict | None, current: dict) -> bool:
-  """Compares as configs, so fields added to EncoderConfig since the save take their defaults."""
+  """Compares as configs, so fields added to EncoderConfig since the save take their defaults; the
+  compute-only fields (`COMPUTE_FIELDS`) are not compared."""
   try:
-    return model_lib.EncoderConfig.from_dict(saved or {}) == model_lib.EncoderConfig.from_dict(current)
+    a = model_lib.EncoderConfig.from_dict(saved or {})
+    b = model_lib.EncoderConfig.from_dict(current)
   except (TypeError, ValueError):  # a field that no longer exists: another model
     return False
+  return a.replace(**{f: getattr(b, f) for f in COMPUTE_FIELDS}) == b
 
 
 class RunCheckpoints:
@@ -97,7 +104,7 @@ class RunCheckpoints:
     if _same_model(saved_model, model_config):
       return
     diff = sorted(k for k in set(saved_model or {}) | set(model_config)
-                  if (saved_model or {}).get(k) != model_config.get(k))
+                  if (saved_model or {}).get(k) != model_config.get(k) and k not in COMPUTE_FIELDS)
     if not allow_change:
       raise ModelMismatchError(
           f"{self.directory} holds checkpoints of another model (differs in {', '.join(diff)}): use another "

@@ -66,7 +66,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.max_len = 128
   c.tokenizer = ""  # default: the model's
   c.replace_head = False  # a checkpoint whose classifier has another number of labels: start a new head
-  c.model_options = ml_collections.ConfigDict(dict(dtype="float32", remat=False))
+  # How the model computes (as distillation's config.model): dtype, remat, remat_policy, attention.
+  c.model_options = ml_collections.ConfigDict(dict(dtype="float32", remat=False, remat_policy="full",
+                                                   attention="einsum"))
 
   # Distillation during fine-tuning: a teacher fine-tuned on this task, its logits as soft targets.
   c.distill = ml_collections.ConfigDict(dict(teacher="", alpha=0.5, temperature=2.0))
@@ -247,7 +249,8 @@ def load_teacher(config, num_labels: int) -> tuple[model_lib.Encoder, Any]:
     have = teacher.cfg.num_labels or "no"
     raise HeadMismatchError(f"the distillation teacher {config.distill.teacher} has {have} task output(s) but "
                             f"the task has {num_labels}: give a teacher fine-tuned on this task")
-  return model_lib.Encoder(teacher.cfg.replace(**config.model_options)), params
+  return model_lib.Encoder(teacher.cfg.replace(dtype=config.model_options.dtype,
+                                               attention=config.model_options.attention)), params
 
 
 # ------------------------------------------------------------------------------------------------ step

@@ -62,7 +62,11 @@ def default_config() -> ml_collections.ConfigDict:
   # EncoderConfig fields of a randomly initialised student (e.g. num_layers); a teacher's config fills the rest.
   c.student.overrides = ml_collections.ConfigDict()
 
-  c.model = ml_collections.ConfigDict(dict(dtype="float32", remat=False))  # compute dtype; remat layers
+  # How the student computes (EncoderConfig fields; none changes the parameters, so a run may resume with
+  # others): compute dtype, per-layer rematerialisation and its policy, attention through einsum or
+  # jax.nn.dot_product_attention ("dot_product"; "cudnn" on NVIDIA GPUs in bf16). The teacher gets dtype and
+  # attention.
+  c.model = ml_collections.ConfigDict(dict(dtype="float32", remat=False, remat_policy="full", attention="einsum"))
 
   c.data = ml_collections.ConfigDict()
   c.data.sources = ()  # text files/folders/globs, "hf:NAME[:CONFIG]", "tfds:NAME[:CONFIG]"
@@ -117,10 +121,11 @@ def load_pretrained(path: str, **overrides) -> tuple[model_lib.Encoder, Any]:
 
 def build_models(config) -> tuple[model_lib.Encoder | None, Any, model_lib.Encoder, Any]:
   """(teacher, teacher_params, student, student_params) on the host; teacher None without one."""
-  compute = dict(dtype=config.model.dtype, remat=config.model.remat)
+  compute = dict(config.model)
   teacher = teacher_params = None
   if config.teacher:
-    teacher, teacher_params = load_pretrained(config.teacher, dtype=config.model.dtype)
+    teacher, teacher_params = load_pretrained(config.teacher, dtype=config.model.dtype,
+                                              attention=config.model.attention)
   init = config.student.init
   overrides = dict(config.student.overrides)
   if init == "teacher":

@@ -292,3 +292,19 @@ def test_preemption_during_teacher_adaptation_stops_and_resumes(tmp_path, tiny_t
   assert summary["step"] == 2 and checkpoint.is_model_dir(tmp_path / "teacher" / "final")
   teacher_steps = [json.loads(x)["step"] for x in (tmp_path / "teacher" / "metrics.jsonl").read_text().splitlines()]
   assert teacher_steps == [2, 4]  # log_every 2: resumed at 3, not restarted
+
+
+def test_compute_options_may_change_on_resume_but_not_the_model():
+  cfg = distilbert_jax.EncoderConfig.bert(num_layers=2)
+  faster = cfg.replace(dtype="bfloat16", remat=True, remat_policy="dots_saveable", attention="dot_product")
+  assert checkpoint._same_model(cfg.to_dict(), faster.to_dict())  # pylint: disable=protected-access
+  assert not checkpoint._same_model(cfg.to_dict(), cfg.replace(num_layers=3).to_dict())  # pylint: disable=protected-access
+  assert not checkpoint._same_model(cfg.to_dict(), faster.replace(num_labels=2).to_dict())  # pylint: disable=protected-access
+
+
+def test_config_model_options_reach_the_student_and_teacher(tiny_teacher):
+  c = tiny.get_config(str(tiny_teacher))
+  c.model.update(remat=True, remat_policy="dots_saveable", attention="dot_product")
+  teacher, _, student, _ = train.build_models(c)
+  assert (student.cfg.remat, student.cfg.remat_policy, student.cfg.attention) == (True, "dots_saveable", "dot_product")
+  assert teacher.cfg.attention == "dot_product" and not teacher.cfg.remat
