@@ -334,7 +334,8 @@ class Encoder(nn.Module):
 
     `segment_ids` (B, L), for packed rows holding several examples (1, 2, ... per example, 0 = padding):
     a token attends only within its own example. Dropout is active when `deterministic=False` (pass
-    `rngs={'dropout': key}` to `apply`).
+    `rngs={'dropout': key}` to `apply`). `output_attentions=True` returns the attention probabilities,
+    which the explicit einsum path computes whatever `cfg.attention` says.
     """
     cfg = self.cfg
     ids_BxL = jnp.asarray(input_ids)
