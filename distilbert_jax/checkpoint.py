@@ -27,7 +27,8 @@ def save_model(folder: str | os.PathLike, model: model_lib.Encoder, params) -> p
   folder.mkdir(parents=True, exist_ok=True)
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(folder / PARAMS_DIR, params, force=True)
-  (folder / CONFIG_FILE).write_text(json.dumps(model.cfg.to_dict(), indent=2, sort_keys=True) + "\n")
+  if jax.process_index() == 0:  # every process saves its shards above; one writes the config
+    (folder / CONFIG_FILE).write_text(json.dumps(model.cfg.to_dict(), indent=2, sort_keys=True) + "\n")
   return folder
 
 

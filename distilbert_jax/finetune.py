@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import pathlib
-import sys
 from typing import Any
 
 import grain
@@ -460,14 +459,16 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
     if baseline:
       line += f"; majority class: {_format(baseline)}"
     print(line, flush=True)
-  final = sharding.to_host(result.state.params)
-  if config.train.export and is_main:
-    checkpoint.save_model(workdir / "final", model, final)
-    hf.save_hf(model, final, workdir / "export", tokenizer=tokenizer_path)
+  final = sharding.to_host(result.state.params)  # collectives: every process gathers
+  if config.train.export:
+    checkpoint.save_model(workdir / "final", model, final)  # Orbax: every process takes part in a save
+    if is_main:
+      hf.save_hf(model, final, workdir / "export", tokenizer=tokenizer_path)
     summary["export"] = str(workdir / "export")
   if is_main:
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
   ckpts.close()
+  train.sync_processes("export")
   return summary
 
 
@@ -476,26 +477,7 @@ def _format(scores: dict[str, float]) -> str:
 
 
 def main():
-  from absl import app, flags
-  from ml_collections import config_flags
-  config_flag = config_flags.DEFINE_config_file("config", None, "a configs/finetune*.py file", lock_config=True)
-  workdir_flag = flags.DEFINE_string("workdir", None, "checkpoints, metrics and the export go here")
-  flags.mark_flags_as_required(["config", "workdir"])
-
-  def _main(argv):
-    del argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
-    logging.getLogger("absl").setLevel(logging.WARNING)
-    try:
-      distributed.initialize(config_flag.value.get("distributed"))  # before anything uses jax
-      summary = run(config_flag.value, workdir_flag.value)
-    except (train.ConfigError, distributed.DistributedConfigError, tasks.TaskError, hf.ConversionError,
-            checkpoint.ModelMismatchError, train.NonFiniteLossError, FileNotFoundError) as e:
-      print(f"error: {e}", file=sys.stderr)
-      sys.exit(2)
-    print(json.dumps(summary, indent=2))
-
-  app.run(_main)
+  train.cli(run, "a configs/finetune*.py file", user_errors=(tasks.TaskError,))
 
 
 if __name__ == "__main__":

@@ -414,16 +414,22 @@ def prepare_data(config, tokenizer_path: str) -> pathlib.Path:
                   held_out=config.data.held_out_fraction, seed=config.seed)
   digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
   out = pathlib.Path(config.data.cache_dir).expanduser() / "tokenized" / f"{config.data.max_len}-{digest}"
-  if jax.process_index() == 0:
+  def tokenize():
     texts = (doc for source in sources for doc in data.iter_texts(source, text_field=config.data.text_field,
                                                                     unit="document"))
     data.preprocess(texts, tokenizer_path, out, max_len=config.data.max_len, min_len=config.data.min_len,
                     held_out_fraction=config.data.held_out_fraction, seed=config.seed, source=json.dumps(sources))
-  _sync("preprocess")
+
+  if jax.process_index() == 0:
+    tokenize()
+  sync_processes("preprocess")
+  if not (out / "meta.json").is_file():  # a host whose cache_dir is not shared with process 0's: its own copy
+    tokenize()
   return out
 
 
-def _sync(name: str):
+def sync_processes(name: str):
+  """A barrier across all processes (nothing with one)."""
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(name)
@@ -628,7 +634,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
   if is_main:
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
   ckpts.close()
-  _sync("export")  # no process returns before the export exists (adapt_teacher's caller then loads it)
+  sync_processes("export")  # no process returns before the export exists (adapt_teacher's caller then loads it)
   return summary
 
 
@@ -715,10 +721,17 @@ def validate_config(config):
     raise ConfigError(f"mlm.scheme {config.mlm.scheme!r}: use one of {masking.SCHEMES}")
 
 
-def main():
+# Bad input a command line reports as one line ("error: ...", exit status 2) instead of a traceback.
+USER_ERRORS = (ConfigError, distributed.DistributedConfigError, hf.ConversionError, checkpoint.ModelMismatchError,
+               NonFiniteLossError, FileNotFoundError)
+
+
+def cli(run_fn, config_help: str, user_errors: tuple[type[Exception], ...] = ()):
+  """`python -m ... --config FILE[:ARG] --workdir DIR [--config.key=value ...]` for `run_fn(config, workdir)`:
+  initializes the distributed run first, prints the summary as JSON, and bad input as one line."""
   from absl import app, flags
   from ml_collections import config_flags
-  config_flag = config_flags.DEFINE_config_file("config", None, "a configs/*.py file", lock_config=True)
+  config_flag = config_flags.DEFINE_config_file("config", None, config_help, lock_config=True)
   workdir_flag = flags.DEFINE_string("workdir", None, "checkpoints, metrics and the export go here")
   flags.mark_flags_as_required(["config", "workdir"])
 
@@ -728,14 +741,17 @@ def main():
     logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax narrates every save at INFO
     try:
       distributed.initialize(config_flag.value.get("distributed"))  # before anything uses jax
-      summary = run(config_flag.value, workdir_flag.value)
-    except (ConfigError, distributed.DistributedConfigError, hf.ConversionError, checkpoint.ModelMismatchError,
-            NonFiniteLossError, FileNotFoundError) as e:
+      summary = run_fn(config_flag.value, workdir_flag.value)
+    except USER_ERRORS + tuple(user_errors) as e:
       print(f"error: {e}", file=sys.stderr)
       sys.exit(2)
     print(json.dumps(summary, indent=2))
 
   app.run(_main)
+
+
+def main():
+  cli(run, "a configs/*.py file")
 
 
 if __name__ == "__main__":
