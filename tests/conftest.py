@@ -47,3 +47,14 @@ def tiny_teacher(tmp_path_factory, minilm_path) -> pathlib.Path:
 def data_cache(tmp_path_factory) -> pathlib.Path:
   """One tokenized-corpus cache shared by the training tests."""
   return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(autouse=True)
+def _package_log_level():
+  """Command-line mains run in-process by tests (tools/bench.py) quiet the package logger; restore it so
+  later tests that check warnings (caplog) still see them."""
+  import logging
+  logger = logging.getLogger("distilbert_jax")
+  level = logger.level
+  yield
+  logger.setLevel(level)
