@@ -241,18 +241,18 @@ class TorchStep:
     self.teacher.eval().requires_grad_(False)
     self.probs_V = torch.as_tensor(probs_V, dtype=torch.float32, device=device)
     optim = config.optim
-    named = list(student.named_parameters())
-    # As decay_mask: decay matrices and embeddings (2-D), never biases or LayerNorm (1-D).
-    groups = [{"params": [p for _, p in named if p.ndim >= 2], "weight_decay": optim.weight_decay},
-              {"params": [p for _, p in named if p.ndim < 2], "weight_decay": 0.0}]
-    if optim.head_lr_scale != 1.0:
-      head = [p for n, p in named if n.startswith("vocab_")]  # the tied projection weight is the embedding
-      groups = [{**g, "params": [p for p in g["params"] if all(p is not h for h in head)]} for g in groups]
-      groups.append({"params": head, "lr": optim.lr * optim.head_lr_scale, "weight_decay": 0.0})
-    kw = dict(lr=optim.lr, betas=(optim.b1, optim.b2), eps=optim.eps)
+    # As train.make_optimizer: decay matrices and embeddings (2-D), never biases or LayerNorm (1-D) (decay_mask);
+    # head_lr_scale on the MLM head (its projection weight is tied to, and named as, the word embeddings).
+    by_group = {}
+    for name, p in student.named_parameters():
+      head = optim.head_lr_scale != 1.0 and name.startswith("vocab_")
+      by_group.setdefault((head, p.ndim >= 2), []).append(p)
+    groups = [{"params": ps, "lr": optim.lr * (optim.head_lr_scale if head else 1.0),
+               "weight_decay": optim.weight_decay if decay else 0.0} for (head, decay), ps in by_group.items()]
+    kw = dict(betas=(optim.b1, optim.b2), eps=optim.eps)
     try:
       self.opt = torch.optim.AdamW(groups, fused=True, **kw)
-    except (RuntimeError, TypeError):
+    except (RuntimeError, TypeError):  # no fused kernel for this device or dtype
       self.opt = torch.optim.AdamW(groups, **kw)
     warmup = int(round(optim.warmup_frac * config.train.steps))
     self.sched = transformers.get_linear_schedule_with_warmup(self.opt, warmup, config.train.steps)
