@@ -33,6 +33,13 @@ Parts (`--part`):
              each strategy, then real (non-pad) tokens per second: step time is measured per batch shape
              (bucket pads to 64 or 128) and weighted by how often each shape occurs in the epoch.
   dtype      `model.dtype` float32 (reference) vs bfloat16 compute for both models (parameters stay float32).
+  remat-tpu  no timing: the step of `--tpu-config` (default configs/distilbert_base.py: bert-base ->
+             6 layers, 256 x 512, grad_accum 8, bf16) compiled for `--topology` (default v5e-8) with libtpu
+             but no TPU (`distilbert_jax.aot`), remat off and each policy: per-device temporaries and peak,
+             and the traced matmul FLOPs against the model formula (what the recomputation costs). Needs
+             libtpu (`WITH_TPU=1 ./setup.sh`, or a venv with `jax[tpu]`); minutes per compile on 2 cores.
+
+  .venv/bin/python tools/bench_throughput.py --part remat-tpu --topology v5e-8
 """
 from __future__ import annotations
 
@@ -57,13 +64,13 @@ from bench_forward import cpu_snapshot, others_share  # noqa: E402
 from distilbert_jax import data, masking, sharding, train  # noqa: E402
 from distilbert_jax import model as model_lib  # noqa: E402
 
-PARTS = ("attention", "remat", "data", "dtype")
+PARTS = ("attention", "remat", "data", "dtype")  # "all" runs these; "remat-tpu" only when asked
 DEFAULT_CORPUS = ROOT.parent / "shared" / "data" / "corpus"
 
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--part", choices=PARTS + ("all",), default="all")
+  p.add_argument("--part", choices=PARTS + ("all", "remat-tpu"), default="all")
   p.add_argument("--batch", type=int, default=32, help="global batch (demo: 32)")
   p.add_argument("--seq", type=int, default=128, help="data.max_len (demo: 128)")
   p.add_argument("--rounds", type=int, default=5)
@@ -71,16 +78,22 @@ def parse_args(argv=None):
   p.add_argument("--corpus-dir", default=os.environ.get("DISTILBERT_JAX_CORPUS", str(DEFAULT_CORPUS)),
                  help="a local copy of the demo corpus (sotu/, moby-dick/)")
   p.add_argument("--cache-dir", default="~/.cache/distilbert_jax", help="where the tokenized corpus is kept")
+  p.add_argument("--topology", default="v5e-8", help="remat-tpu: the TPU slice to compile for")
+  p.add_argument("--tpu-config", default=str(ROOT / "configs" / "distilbert_base.py"), help="remat-tpu: the run")
   return p.parse_args(argv)
 
 
 # ------------------------------------------------------------------------------------------------ setup
 
-def demo_config(args):
-  spec = importlib.util.spec_from_file_location("demo_config", ROOT / "configs" / "demo.py")
+def load_config(path):
+  spec = importlib.util.spec_from_file_location("bench_config", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  config = module.get_config()
+  return module.get_config()
+
+
+def demo_config(args):
+  config = load_config(ROOT / "configs" / "demo.py")
   config.teacher_mlm.steps = 0
   config.data.corpus_dir = args.corpus_dir
   config.data.cache_dir = args.cache_dir
@@ -294,6 +307,37 @@ def part_dtype(bench: Bench):
   table(variants, bench.args, memory=True)
 
 
+def part_remat_tpu(args):
+  """Compiles (never runs) the TPU step with each remat setting; must run before jax starts a backend."""
+  from distilbert_jax import aot
+  aot.compile_only_process()
+  if not aot.has_libtpu():
+    sys.exit("--part remat-tpu needs libtpu: WITH_TPU=1 ./setup.sh (or pip install 'jax[tpu]')")
+  config = load_config(args.tpu_config)
+  topo = aot.parse_topology(args.topology)
+  devices = aot.get_topology(topo).devices
+  mesh = sharding.make_mesh(config.mesh.shape, devices=devices)
+  batch, seq = config.data.batch_size, config.data.max_len
+  print(f"\n## (b') student remat compiled for {topo.name} ({len(devices)} x {devices[0].device_kind}, mesh "
+        f"{dict(mesh.shape)}): {args.tpu_config}, global batch {batch} x {seq}, grad_accum {config.optim.grad_accum}, "
+        f"{config.model.dtype}; per device")
+  print(f"{'variant':40} {'temp GiB':>9} {'vs off':>7} {'peak GiB':>9} {'traced/formula FLOPs':>21} {'compile s':>9}")
+  ref = None
+  for policy in (None,) + tuple(model_lib.REMAT_POLICIES):
+    config.model.remat = policy is not None
+    config.model.remat_policy = policy or "full"
+    teacher, student = aot.abstract_models(config)
+    result = aot.compile_step(config, mesh, teacher, student, batch, seq, topo.chip.hbm_gib * aot.GiB)
+    name = "remat off" if policy is None else f"remat {policy}"
+    if not result.fits and not result.memory:
+      print(f"{name:40} {result.verdict()}")
+      continue
+    temp = result.memory["temp"]
+    ref = ref or temp
+    print(f"{name:40} {temp / aot.GiB:9.2f} {temp / ref:7.2f} {result.peak_bytes / aot.GiB:9.2f} "
+          f"{result.traced_flops / result.formula_flops:20.2f}x {result.seconds:9.0f}", flush=True)
+
+
 def describe_machine() -> str:
   import flax
   import jaxlib
@@ -316,6 +360,10 @@ def main(argv=None):
   args = parse_args(argv)
   logging.basicConfig(level=logging.WARNING)
   logging.getLogger("distilbert_jax").setLevel(logging.ERROR)  # the fresh-head warning of the teacher
+  if args.part == "remat-tpu":
+    part_remat_tpu(args)
+    print(describe_machine())
+    return
   bench = Bench(args)
   print(describe_machine())
   print(f"teacher {bench.teacher.cfg.num_layers} x {bench.teacher.cfg.hidden_size} -> student "
