@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import os
 import pathlib
@@ -34,7 +33,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from distilbert_jax import checkpoint, data, distributed, hf, metrics, sharding, tasks, train
+from distilbert_jax import checkpoint, data, distributed, metrics, sharding, tasks, train
 from distilbert_jax import model as model_lib
 
 log = logging.getLogger("distilbert_jax.finetune")
@@ -422,8 +421,6 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
   del params
 
   is_main = jax.process_index() == 0
-  writer = metrics.MetricsWriter(workdir, enabled=is_main)
-  writer.truncate_after(start)
   eval_every = config.train.eval_every
 
   def after_step(step_done, state):
@@ -436,40 +433,30 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
   flops_per_token = metrics.encoder_flops_per_token(model.cfg, config.max_len, with_logits=False) * 3
   if teacher is not None:
     flops_per_token += metrics.encoder_flops_per_token(teacher.cfg, config.max_len, with_logits=False)
-  result = train.fit(state, lambda s, b: step(s, teacher_params, b), batches, mesh, ckpts=ckpts, writer=writer,
-                     start=start, total_steps=total_steps, log_every=config.train.log_every,
-                     ckpt_every=config.train.ckpt_every, flops_per_token=flops_per_token,
-                     compute_dtype=config.model_options.dtype, progress=config.train.progress,
-                     run_config={"config": config.to_dict(), "model": model.cfg.to_dict()},
-                     eval_every=eval_every, evaluate_fn=after_step)
-  if result.preempted:
-    ckpts.close()
-    log.warning("stopped at step %d after a preemption signal; the run resumes from there", result.step)
-    return {"step": result.step, "preempted": True}
+  with metrics.MetricsWriter(workdir, enabled=is_main) as writer:
+    writer.truncate_after(start)
+    result = train.fit(state, lambda s, b: step(s, teacher_params, b), batches, mesh, ckpts=ckpts, writer=writer,
+                       start=start, total_steps=total_steps, log_every=config.train.log_every,
+                       ckpt_every=config.train.ckpt_every, flops_per_token=flops_per_token,
+                       compute_dtype=config.model_options.dtype, progress=config.train.progress,
+                       run_config={"config": config.to_dict(), "model": model.cfg.to_dict()},
+                       eval_every=eval_every, evaluate_fn=after_step)
+    if result.preempted:
+      return train.stopped_early(ckpts, result.step)
+    scores = evaluate(model, result.state.params, eval_arrays, predict_fn, mesh, config.train.eval_batch_size)
+    writer.write(result.step, {f"eval_{k}": v for k, v in scores.items()})
 
-  scores = evaluate(model, result.state.params, eval_arrays, predict_fn, mesh, config.train.eval_batch_size)
   baseline = majority_baseline(train_arrays.labels, eval_arrays)
   summary = {"step": result.step, "workdir": str(workdir), "task": train_arrays.task.name,
              "num_labels": num_labels, "train_examples": len(train_arrays), "eval_examples": len(eval_arrays),
              "eval": scores, "majority_baseline": baseline}
   if is_main:
-    with metrics.MetricsWriter(workdir) as final_writer:
-      final_writer.write(result.step, {f"eval_{k}": v for k, v in scores.items()})
     line = f"validation ({len(eval_arrays)} examples): {_format(scores)}"
     if baseline:
       line += f"; majority class: {_format(baseline)}"
     print(line, flush=True)
   final = sharding.to_host(result.state.params)  # collectives: every process gathers
-  if config.train.export:
-    checkpoint.save_model(workdir / "final", model, final)  # Orbax: every process takes part in a save
-    if is_main:
-      hf.save_hf(model, final, workdir / "export", tokenizer=tokenizer_path)
-    summary["export"] = str(workdir / "export")
-  if is_main:
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-  ckpts.close()
-  train.sync_processes("export")
-  return summary
+  return train.finish_run(workdir, model, final, tokenizer_path, summary, ckpts, export=config.train.export)
 
 
 def _format(scores: dict[str, float]) -> str:

@@ -487,7 +487,8 @@ def fit(state: TrainState, step_fn, batches, mesh, *, ckpts: checkpoint.RunCheck
   least `loss`, `grad_norm` and `tokens` (non-pad tokens of the batch). `batches` yields this process's
   rows and has `get_state()` (saved with each checkpoint). Metrics of step n are read while step n+1 runs,
   so the host never waits for the device except to log, save or, every `eval_every` steps, call
-  `evaluate_fn(step, state) -> dict | None`, whose scalars are logged at that step.
+  `evaluate_fn(step, state) -> dict | None`, whose scalars are logged at that step. The caller owns (and
+  closes) `writer` and `ckpts`.
   """
   peak = metrics.peak_flops_per_device(dtype=compute_dtype)
   bar = metrics.Progress(total_steps, start, enabled=progress and jax.process_index() == 0)
@@ -552,7 +553,6 @@ def fit(state: TrainState, step_fn, batches, mesh, *, ckpts: checkpoint.RunCheck
         finish(*pending)
     finally:
       bar.close()
-      writer.close()
       ckpts.wait()
   return FitResult(state=state, step=done, preempted=preempted)
 
@@ -595,8 +595,6 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
   probs_V = jax.device_put(jnp.asarray(probs_V), fns.replicated)
 
   is_main = jax.process_index() == 0
-  writer = metrics.MetricsWriter(workdir, enabled=is_main)
-  writer.truncate_after(start)
   flops_per_token = metrics.distillation_flops_per_token(
       student.cfg, teacher.cfg if teacher is not None else None, config.data.max_len,
       **logit_fractions(config, teacher is not None))
@@ -609,16 +607,16 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
     score = _heldout_score(config, data_dir, probs_V, specials, student, params)
     return {"heldout_mlm_accuracy": score.accuracy, "heldout_mlm_loss": score.loss}
 
-  result = fit(state, lambda s, b: fns.step(s, teacher_params, b, probs_V), batches, mesh, ckpts=ckpts,
-               writer=writer, start=start, total_steps=config.train.steps, log_every=config.train.log_every,
-               ckpt_every=config.train.ckpt_every, flops_per_token=flops_per_token, compute_dtype=config.model.dtype,
-               progress=config.train.progress,
-               run_config={"config": config.to_dict(), "model": student.cfg.to_dict()},
-               eval_every=config.train.eval_every if has_heldout else 0, evaluate_fn=learning_curve)
+  with metrics.MetricsWriter(workdir, enabled=is_main) as writer:
+    writer.truncate_after(start)
+    result = fit(state, lambda s, b: fns.step(s, teacher_params, b, probs_V), batches, mesh, ckpts=ckpts,
+                 writer=writer, start=start, total_steps=config.train.steps, log_every=config.train.log_every,
+                 ckpt_every=config.train.ckpt_every, flops_per_token=flops_per_token,
+                 compute_dtype=config.model.dtype, progress=config.train.progress,
+                 run_config={"config": config.to_dict(), "model": student.cfg.to_dict()},
+                 eval_every=config.train.eval_every if has_heldout else 0, evaluate_fn=learning_curve)
   if result.preempted:
-    ckpts.close()
-    log.warning("stopped at step %d after a preemption signal; the run resumes from there", result.step)
-    return {"step": result.step, "preempted": True}
+    return stopped_early(ckpts, result.step)
 
   summary = {"step": result.step, "workdir": str(workdir)}
   final = sharding.to_host(result.state.params)  # collectives: every process gathers, process 0 uses them
@@ -626,12 +624,25 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
     host_teacher = sharding.to_host(teacher_params) if teacher is not None else None
     if is_main:
       summary.update(_evaluate(config, data_dir, probs_V, specials, teacher, host_teacher, student, final))
-  if config.train.export:
-    checkpoint.save_model(workdir / "final", student, final)  # Orbax: every process takes part in a save
-    if is_main:
-      hf.save_hf(student, final, workdir / "export", tokenizer=tokenizer_path)
+  return finish_run(workdir, student, final, tokenizer_path, summary, ckpts, export=config.train.export)
+
+
+def stopped_early(ckpts: checkpoint.RunCheckpoints, step: int) -> dict:
+  ckpts.close()
+  log.warning("stopped at step %d after a preemption signal; the run resumes from there", step)
+  return {"step": step, "preempted": True}
+
+
+def finish_run(workdir: pathlib.Path, model: model_lib.Encoder, params, tokenizer_path: str, summary: dict,
+               ckpts: checkpoint.RunCheckpoints, *, export: bool) -> dict:
+  """The end of a finished run on every process: WORKDIR/final (JAX) and WORKDIR/export (Hugging Face, with
+  the tokenizer) when `export`, WORKDIR/summary.json; returns `summary` (with the export's path)."""
+  if export:
+    checkpoint.save_model(workdir / "final", model, params)  # Orbax: every process takes part in a save
+    if jax.process_index() == 0:
+      hf.save_hf(model, params, workdir / "export", tokenizer=tokenizer_path)
     summary["export"] = str(workdir / "export")
-  if is_main:
+  if jax.process_index() == 0:
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
   ckpts.close()
   sync_processes("export")  # no process returns before the export exists (adapt_teacher's caller then loads it)

@@ -16,7 +16,6 @@ from distilbert_jax import checkpoint, distributed, train
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "configs"))
 sys.path.insert(0, str(ROOT / "tools"))
-import launch_local  # noqa: E402
 import tiny  # noqa: E402
 
 ENV3 = {"DISTILBERT_JAX_COORDINATOR": "localhost:1234", "DISTILBERT_JAX_NUM_PROCESSES": "3",

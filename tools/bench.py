@@ -41,7 +41,6 @@ step needs, not what a side chose to compute) over padded tokens and `metrics.pe
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import fractions
 import importlib.util
