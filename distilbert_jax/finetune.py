@@ -403,13 +403,14 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
     teacher_params = jax.device_put(teacher_params, t_shard)
   replicated = NamedSharding(mesh, P())
   regression = train_arrays.task.is_regression
+  step_fn = functools.partial(finetune_step, model=model, teacher=teacher, tx=tx, schedule=schedule,
+                              regression=regression, alpha=config.distill.alpha,
+                              temperature=config.distill.temperature, grad_accum=config.optim.grad_accum)
   step = jax.jit(
-      functools.partial(finetune_step, model=model, teacher=teacher, tx=tx, schedule=schedule,
-                        regression=regression, alpha=config.distill.alpha, temperature=config.distill.temperature,
-                        grad_accum=config.optim.grad_accum),
+      sharding.with_activation_sharding(step_fn, mesh, rules),
       in_shardings=(fns.state_sharding, t_shard, sharding.batch_sharding(mesh)),
       out_shardings=(fns.state_sharding, replicated), donate_argnums=0)
-  predict_fn = jax.jit(functools.partial(predict, model),
+  predict_fn = jax.jit(sharding.with_activation_sharding(functools.partial(predict, model), mesh, rules),
                        in_shardings=(fns.state_sharding.params, sharding.batch_sharding(mesh)),
                        out_shardings=sharding.batch_sharding(mesh))
 

@@ -4,8 +4,10 @@ BERT and DistilBERT share the same post-LayerNorm layer; they differ only in con
 token-type embeddings and a pooler, DistilBERT has neither and fewer layers. Hugging Face key names do not
 live here (see `hf.py`); this module knows nothing of files.
 
-Every parameter carries logical axis names (`vocab`, `embed`, `heads`, `kv`, `mlp`, ...); `sharding.py`
-maps them to mesh axes, so the model never mentions a mesh.
+Every parameter carries logical axis names (`vocab`, `embed`, `heads`, `kv`, `mlp`, ...), and the residual
+stream is pinned to `ACTIVATION_AXES` after the embeddings and after every layer; `sharding.py` maps the
+names to mesh axes, so the model never mentions a mesh (outside `sharding.activation_sharding` the pins
+do nothing).
 
 Throughput options (configuration only; the parameters and the results do not change):
 - `attention`: "einsum" computes softmax(QKᵀ/√K + mask)·V explicitly; "dot_product" calls
@@ -53,6 +55,8 @@ REMAT_POLICIES = {
     # LayerNorm are recomputed (MaxText's "minimal").
     "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+# Logical axes of the (B, L, D) residual stream between blocks (sharding.DEFAULT_RULES maps them).
+ACTIVATION_AXES = ("batch", "length", "act_embed")
 log = logging.getLogger(__name__)
 
 
@@ -154,16 +158,30 @@ class EncoderOutput:
     return self.hidden_states[-1]
 
 
+class _Named(nn.LogicallyPartitioned):
+  """A parameter's logical axis names, read by `logical_axes`. Unlike flax's own box, unboxing adds no
+  sharding constraint: parameters enter a step already sharded (its `in_shardings`), and flax's constraint
+  fails on DenseGeneral's flattened (D, H·K) kernel inside an axis-rules context."""
+
+  def unbox(self, apply_constraint=True):
+    del apply_constraint
+    return self.value
+
+
+def _named(init_fn, axes: Sequence[str | None]):
+  return lambda *args, **kwargs: _Named(init_fn(*args, **kwargs), tuple(axes))
+
+
 def _init(cfg: EncoderConfig, axes: Sequence[str | None]):
-  return nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range), tuple(axes))
+  return _named(nn.initializers.normal(cfg.initializer_range), axes)
 
 
 def _zeros(axes: Sequence[str | None]):
-  return nn.with_logical_partitioning(nn.initializers.zeros_init(), tuple(axes))
+  return _named(nn.initializers.zeros_init(), axes)
 
 
 def _ones(axes: Sequence[str | None]):
-  return nn.with_logical_partitioning(nn.initializers.ones_init(), tuple(axes))
+  return _named(nn.initializers.ones_init(), axes)
 
 
 def _layer_norm(cfg: EncoderConfig, name: str | None = None):
@@ -352,10 +370,12 @@ class Encoder(nn.Module):
       seg_BxL = jnp.asarray(segment_ids)
       attend_Bx1xQxL = ((seg_BxL[:, :, None] == seg_BxL[:, None, :]) & (seg_BxL[:, None, :] > 0))[:, None]
 
-    x_BxLxD = self.embeddings(ids_BxL, token_type_ids, position_ids, deterministic)
+    pin = functools.partial(nn.with_logical_constraint, logical_axis_resources=ACTIVATION_AXES)
+    x_BxLxD = pin(self.embeddings(ids_BxL, token_type_ids, position_ids, deterministic))
     hidden, attentions = [x_BxLxD], []
     for layer in self.layers:
       x_BxLxD, probs = layer(x_BxLxD, attend_Bx1xQxL, deterministic, output_attentions)
+      x_BxLxD = pin(x_BxLxD)
       hidden.append(x_BxLxD)
       attentions.append(probs)
     pooled_BxD = POOLER_ACTIVATIONS[cfg.pooler_activation](self.pooler(x_BxLxD[:, 0])) if cfg.use_pooler else None

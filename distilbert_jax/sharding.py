@@ -4,15 +4,25 @@ The mesh has three axes: `data` (pure data parallelism), `fsdp` (data parallelis
 the parameters and optimizer state) and `tensor` (model parallelism over heads, MLP and vocabulary). Sizes
 come from the config; one -1 fills with what is left of the devices.
 
-Parameters carry logical axis names (`model.py`); `rules` map each logical name to a mesh axis (or None),
-as data in the config. A dimension that the chosen mesh axis does not divide stays replicated (the
-bert-base vocabulary, 30,522, divides by 2 only), so any mesh shape works for any model.
+Parameters carry logical axis names (`model.py`); `rules` map each logical name to a mesh axis, a tuple of
+mesh axes, or None, as data in the config. A dimension that the chosen mesh axes do not divide stays
+replicated (the bert-base vocabulary, 30,522, divides by 2 only), so any mesh shape works for any model.
+
+How parameters are stored is not how compute is laid out. The model also names the axes of its residual
+stream (`model.ACTIVATION_AXES`: `batch`, `length`, `act_embed`) and pins it with
+`nn.with_logical_constraint` at every block boundary; inside `activation_sharding` those names resolve
+through the same rules, so each device computes its own rows of the batch (`batch` -> data and fsdp) and
+gathers the fsdp-split weights it needs, layer by layer. Without the constraint the compiler keeps the
+activations split like the weights, on the hidden dimension, with the whole batch on every device.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 from typing import Mapping, Sequence
 
+import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -20,10 +30,15 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
-# FSDP over the hidden dimension (every matrix has one), tensor parallelism over heads/MLP/vocabulary.
-DEFAULT_RULES: dict[str, str | None] = {
+Rule = str | tuple[str, ...] | None
+
+# Parameters: FSDP over the hidden dimension (every matrix has one), tensor parallelism over heads, MLP and
+# vocabulary. Activations: rows split over every data-parallel device, the residual stream's hidden
+# dimension whole (Megatron-style tensor parallelism splits only inside attention and the MLP).
+DEFAULT_RULES: dict[str, Rule] = {
     "embed": "fsdp", "embed_out": "tensor", "vocab": "tensor", "heads": "tensor", "kv": None, "mlp": "tensor",
     "position": None, "token_type": None, "labels": None,
+    "batch": BATCH_AXES, "length": None, "act_embed": None,
 }
 
 
@@ -53,18 +68,32 @@ def make_mesh(shape: Sequence[int], devices=None) -> Mesh:
                        devices=devices)
 
 
-def logical_to_spec(logical: P, shape: Sequence[int], mesh: Mesh, rules: Mapping[str, str | None]) -> P:
+def _axes(rule: Rule) -> tuple[str, ...]:
+  """A rule as a tuple of mesh axis names (config files may give a list)."""
+  if rule is None:
+    return ()
+  return (rule,) if isinstance(rule, str) else tuple(rule)
+
+
+def check_rules(rules: Mapping[str, Rule]):
+  for name, rule in rules.items():
+    unknown = [a for a in _axes(rule) if a not in MESH_AXES]
+    if unknown:
+      raise ValueError(f"config.mesh.rules[{name!r}] names {unknown}, not mesh axes: use {MESH_AXES} or None")
+
+
+def logical_to_spec(logical: P, shape: Sequence[int], mesh: Mesh, rules: Mapping[str, Rule]) -> P:
   """Mesh PartitionSpec for one array from its logical axis names; indivisible dimensions stay replicated."""
   out, used = [], set()
   for name, size in zip(logical, shape):
-    axis = rules.get(name) if name is not None else None
     if name is not None and name not in rules:
       raise ValueError(f"logical axis {name!r} has no sharding rule: add it to config.mesh.rules")
-    if axis is None or axis in used or size % mesh.shape[axis]:
+    axes = _axes(rules[name]) if name is not None else ()
+    if not axes or used.intersection(axes) or size % math.prod(mesh.shape[a] for a in axes):
       out.append(None)
     else:
-      out.append(axis)
-      used.add(axis)
+      out.append(axes[0] if len(axes) == 1 else axes)
+      used.update(axes)
   return P(*out)
 
 
@@ -98,6 +127,27 @@ def state_shardings(abstract_tree, params_shardings, mesh: Mesh):
     return replicated
 
   return jax.tree_util.tree_map_with_path(pick, abstract_tree)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules: Mapping[str, Rule]):
+  """While a step is traced in this context, the model's `nn.with_logical_constraint` calls resolve their
+  logical names (`batch`, `length`, `act_embed`) to `mesh` axes through `rules`; outside it they do nothing.
+  The batch a step sees must divide by the mesh axes of `batch` (`train.check_batch`)."""
+  flax_rules = tuple((name, _axes(rule) or None) for name, rule in rules.items())
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(flax_rules):
+    yield
+
+
+def with_activation_sharding(fn, mesh: Mesh, rules: Mapping[str, Rule]):
+  """`fn`, traced inside `activation_sharding(mesh, rules)`: wrap a step before `jax.jit`."""
+
+  @functools.wraps(fn)
+  def traced(*args, **kwargs):
+    with activation_sharding(mesh, rules):
+      return fn(*args, **kwargs)
+
+  return traced
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -28,6 +28,7 @@ import time
 from typing import Any
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -40,6 +41,8 @@ from distilbert_jax import model as model_lib
 from distilbert_jax import student as student_lib
 
 log = logging.getLogger("distilbert_jax.train")
+# Logical axes of (N, D) hidden-state rows gathered from the batch (as model.ACTIVATION_AXES without length).
+ROW_AXES = ("batch", "act_embed")
 
 
 # ------------------------------------------------------------------------------------------------ config
@@ -254,15 +257,19 @@ def _loss_terms(student, student_params, teacher, teacher_params, masked, attent
     if loss_cfg["alpha_mse"]:
       terms["mse"] = losses.mse_loss(s_NxV, t_NxV, pad_N)
   else:
-    # Only the masked positions need the vocabulary: gather a static number of slots, project those.
+    # Only the masked positions need the vocabulary: gather a static number of slots, project those. The
+    # slots are spread over the data-parallel devices like the batch rows (K rounded up to a multiple of
+    # their number; extra slots weigh 0), so each device projects its own share, not all K.
     k = B * L if loss_cfg["_bernoulli"] else losses.num_gather_slots(B, L, loss_cfg["_mlm_prob"])
+    k = -(-k // loss_cfg["_row_shards"]) * loss_cfg["_row_shards"]
     hs_KxD, w_K, index_K = losses.gather_positions(hs_BxLxD, masked.mlm_weights, k)
+    hs_KxD = nn.with_logical_constraint(hs_KxD, ROW_AXES)
     s_KxV = s_head(hs_KxD)
     targets_K = targets_N[index_K]
     terms["mlm"] = losses.mlm_loss(s_KxV, targets_K, w_K)
     correct, _ = losses.mlm_accuracy(s_KxV, targets_K, w_K)
     if soft:
-      t_KxV = t_head(ht_BxLxD.reshape(B * L, -1)[index_K])
+      t_KxV = t_head(nn.with_logical_constraint(ht_BxLxD.reshape(B * L, -1)[index_K], ROW_AXES))
       terms["ce"] = losses.ce_loss(s_KxV, t_KxV, w_K, loss_cfg["temperature"])
       if loss_cfg["alpha_mse"]:
         terms["mse"] = losses.mse_loss(s_KxV, t_KxV, w_K)
@@ -276,14 +283,16 @@ def _loss_terms(student, student_params, teacher, teacher_params, masked, attent
 
 
 def train_step(state: TrainState, teacher_params, batch: dict, token_probs_V: jax.Array, *, student, teacher, tx,
-               schedule, mask_token_id: int, mlm: dict, loss: dict, grad_accum: int) -> tuple[TrainState, dict]:
+               schedule, mask_token_id: int, mlm: dict, loss: dict, grad_accum: int,
+               row_shards: int = 1) -> tuple[TrainState, dict]:
   """One optimizer update from one global batch: pure, `(state, batch) -> (state, metrics)`.
 
   Masking covers the whole batch (exactly 15% of its non-pad tokens) and is keyed by (state.rng, step), as
   is dropout, so a resumed run repeats the same randomness. With `grad_accum` > 1, the batch is split into
-  micro-batches whose gradients are averaged before the update.
+  micro-batches whose gradients are averaged before the update. `row_shards`: the number of devices the
+  batch rows are split over (with `restrict_ce_to_mask`, the gathered positions are split alike).
   """
-  loss_cfg = dict(loss, _bernoulli=mlm["scheme"] == "bernoulli", _mlm_prob=mlm["prob"])
+  loss_cfg = dict(loss, _bernoulli=mlm["scheme"] == "bernoulli", _mlm_prob=mlm["prob"], _row_shards=row_shards)
   step_key = jax.random.fold_in(state.rng, state.step)
   mask_key, dropout_key = jax.random.split(step_key)
   masked = masking.mask_tokens(
@@ -308,7 +317,7 @@ def train_step(state: TrainState, teacher_params, batch: dict, token_probs_V: ja
 def apply_gradients(state: TrainState, loss_fn, batch, *, tx, schedule, grad_accum: int = 1, key=None):
   """One AdamW update from `loss_fn(params, batch, dropout_key) -> (loss, terms)`: -> (state, metrics).
 
-  With `grad_accum` = n > 1 the batch (a tree of (B, ...) arrays) is cut into n micro-batches of B/n rows
+  With `grad_accum` = n > 1 the batch (a tree of (B, ...) arrays) is dealt into n micro-batches of B/n rows
   whose gradients are averaged (a `lax.scan`, so one micro-batch's activations live at a time). Dropout keys
   are split from `key` (default: fold_in(state.rng, state.step)). Metrics: each term's mean over the
   micro-batches, `loss`, `grad_norm` and the learning rate `lr` of this update.
@@ -316,7 +325,9 @@ def apply_gradients(state: TrainState, loss_fn, batch, *, tx, schedule, grad_acc
   n = grad_accum
   if key is None:
     key = jax.random.fold_in(state.rng, state.step)
-  micro = lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:])  # noqa: E731
+  # Micro-batch i takes rows i, i + n, i + 2n, ...: every device's share of the (row-sharded) batch is spread
+  # over all micro-batches, so each micro-batch stays split over every device with no data movement.
+  micro = lambda x: x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1)  # noqa: E731
 
   def accumulate(grads_sum, xs):
     m_batch, m_key = xs
@@ -377,10 +388,11 @@ def compile_step(config, mesh, student, teacher, abstract_student_params, mask_t
   if teacher is not None:
     abstract_teacher = jax.eval_shape(lambda: model_lib.init_params(teacher, jax.random.key(0)))
     t_shard = sharding.param_shardings(model_lib.logical_axes(teacher), abstract_teacher, mesh, rules)
+  step_fn = functools.partial(train_step, student=student, teacher=teacher, tx=tx, schedule=schedule,
+                              mask_token_id=mask_token_id, mlm=config.mlm.to_dict(), loss=config.loss.to_dict(),
+                              grad_accum=config.optim.grad_accum, row_shards=sharding.data_parallel_size(mesh))
   step = jax.jit(
-      functools.partial(train_step, student=student, teacher=teacher, tx=tx, schedule=schedule,
-                        mask_token_id=mask_token_id, mlm=config.mlm.to_dict(), loss=config.loss.to_dict(),
-                        grad_accum=config.optim.grad_accum),
+      sharding.with_activation_sharding(step_fn, mesh, rules),
       in_shardings=(fns.state_sharding, t_shard, sharding.batch_sharding(mesh), replicated),
       out_shardings=(fns.state_sharding, replicated), donate_argnums=0)
   return StepFunctions(init=fns.init, abstract_state=fns.abstract_state, state_sharding=fns.state_sharding,
@@ -730,6 +742,10 @@ def validate_config(config):
     raise ConfigError(f"data.strategy {config.data.strategy!r}: use one of {data.STRATEGIES}")
   if config.mlm.scheme not in masking.SCHEMES:
     raise ConfigError(f"mlm.scheme {config.mlm.scheme!r}: use one of {masking.SCHEMES}")
+  try:
+    sharding.check_rules(config.mesh.rules)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
 
 
 # Bad input a command line reports as one line ("error: ...", exit status 2) instead of a traceback.

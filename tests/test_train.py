@@ -81,6 +81,38 @@ def test_one_step_is_the_same_on_every_mesh(restrict, grad_accum, chunk):
       assert kernel.addressable_shards[0].data.shape == (16, 32)
 
 
+def _compiled_step_text(config, mesh_shape, models, batch) -> str:
+  teacher, tp, student, sp = models
+  mesh = sharding.make_mesh(mesh_shape)
+  fns = train.compile_step(config, mesh, student, teacher, jax.eval_shape(lambda: sp), mask_token_id=4)
+  spec = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)  # noqa: E731
+  abstract_batch = {k: spec(v, sharding.batch_sharding(mesh)) for k, v in batch.items()}
+  abstract_teacher = jax.tree.map(spec, tp, fns.teacher_sharding)
+  probs = jax.ShapeDtypeStruct((211,), np.float32, sharding=fns.replicated)
+  return fns.step.lower(fns.abstract_state, abstract_teacher, abstract_batch, probs).compile().as_text()
+
+
+def test_fsdp_splits_the_batch_not_the_hidden_units():
+  # 8 rows × 32 tokens × 32 hidden on (data 1, fsdp 8, tensor 1). Pinned residual stream (default rules):
+  # each device computes one row, f32[1,32,32]. With the `batch` rule off, the compiler keeps activations
+  # split like the weights: every device holds all 8 rows and 4 of the 32 hidden units, f32[8,32,4].
+  config, models, batch = _step_config(), _models(), _batch()
+  per_row, per_unit = "f32[1,32,32]", "f32[8,32,4]"
+  pinned = _compiled_step_text(config, (1, 8, 1), models, batch)
+  assert pinned.count(per_row) > 50 and per_unit not in pinned
+  config.mesh.rules.batch = None
+  unpinned = _compiled_step_text(config, (1, 8, 1), models, batch)
+  assert unpinned.count(per_unit) > 50
+
+
+def test_fsdp_splits_the_masked_positions_too():
+  # restrict_ce_to_mask: ceil(0.15 · 8 · 32) = 39 gathered positions, rounded up to 40 = 8 devices × 5 rows;
+  # each device projects its 5 onto the 211-word vocabulary instead of all 39.
+  config, models, batch = _step_config(restrict_ce_to_mask=True), _models(), _batch()
+  text = _compiled_step_text(config, (1, 8, 1), models, batch)
+  assert text.count("f32[5,211]") > 20 and "f32[39,211]" not in text and "f32[40,211]" not in text
+
+
 def test_vocabularies_that_differ_are_refused(tiny_teacher):
   c = tiny.get_config(str(tiny_teacher))
   c.student.init = "random"

@@ -2,7 +2,7 @@
 
   .venv/bin/python tools/bench_scaling.py memory                   # bert-base -> DistilBERT, fsdp = 1, 2, 4, 8
   .venv/bin/python tools/bench_scaling.py time --config tiny       # 1 vs 8 devices, same global batch
-  .venv/bin/python tools/bench_scaling.py time --config demo --rounds 5 --constrain
+  .venv/bin/python tools/bench_scaling.py time --config demo --rounds 5 --unpinned
 
 The process gets 8 fake CPU devices (XLA's --xla_force_host_platform_device_count, set before jax starts);
 a mesh of N devices uses the first N. Models come from their configurations alone (`aot.abstract_models`),
@@ -25,17 +25,16 @@ alternate round by round (each round: --steps steps of every variant in turn, ea
 devices share the machine's cores (2 here), so no speed-up is possible: the ratio is the cost of
 splitting the step into 8 SPMD programs (collectives, smaller matmuls), not a forecast for a real slice.
 
-`--constrain` (both parts) adds the step with every Embeddings and Layer output constrained to the batch
-sharding (`batch_sharded_activations`, through flax's method interception; the package does not do this):
-left to itself, GSPMD keeps the hidden dimension split as the parameters are and the micro-batch whole on
-every device, so on an fsdp mesh each device computes attention and vocabulary logits for the whole
-micro-batch; constrained, each device computes its own rows and gathers the weights (true FSDP).
+The package pins the residual stream to the batch sharding (`model.ACTIVATION_AXES`, rule `batch` ->
+data and fsdp): each device computes its own rows and gathers the weights (true FSDP). `--unpinned` (both
+parts) adds the step compiled with `config.mesh.rules.batch = None`, as the package was before: left to
+itself, GSPMD keeps the hidden dimension split as the parameters are and the micro-batch whole on every
+device, so on an fsdp mesh each device computes attention and vocabulary logits for the whole micro-batch.
 Nothing here asserts on time or memory.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
 import json
 import os
@@ -52,7 +51,6 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            f" --xla_force_host_platform_device_count={FAKE_DEVICES}").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -87,25 +85,6 @@ def mesh_of(shape, n: int):
   return sharding.make_mesh(shape, devices=jax.devices()[:n])
 
 
-def batch_sharded_activations(mesh):
-  """A context in which every Embeddings and Layer output (B, L, D) is constrained to the batch sharding.
-
-  Not what the package does (it pins only the step's inputs and outputs, and GSPMD then keeps the hidden
-  dimension split, as the parameters are, and the batch whole on every device); the `--constrain` variant
-  measures the change this would be in `model.py`."""
-  act = sharding.batch_sharding(mesh)
-
-  def interceptor(next_fun, args, kwargs, context):
-    out = next_fun(*args, **kwargs)
-    if context.method_name != "__call__" or not isinstance(context.module, (model_lib.Embeddings, model_lib.Layer)):
-      return out
-    if isinstance(out, tuple):  # Layer: (x_BxLxD, attention probabilities or None)
-      return (jax.lax.with_sharding_constraint(out[0], act),) + tuple(out[1:])
-    return jax.lax.with_sharding_constraint(out, act)
-
-  return nn.intercept_methods(interceptor)
-
-
 def _bytes(tree) -> int:
   """Bytes of one device's shard of every leaf (ShapeDtypeStructs with NamedShardings)."""
   return sum(int(np.prod(x.sharding.shard_shape(x.shape))) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
@@ -121,18 +100,25 @@ def versions() -> str:
 
 # ------------------------------------------------------------------------------------------------ memory
 
-def _compile_memory(config, teacher, student, n: int, batch: int, seq: int, constrain: bool) -> dict:
+def unpinned(config):
+  """`config` with the residual stream left to the compiler (no `batch` rule for activations)."""
+  config = config.copy_and_resolve_references()
+  config.mesh.rules.batch = None
+  return config
+
+
+def _compile_memory(config, teacher, student, n: int, batch: int, seq: int, pinned: bool) -> dict:
   mesh = mesh_of((1, n, 1), n)
+  config = config if pinned else unpinned(config)
   fns = train.compile_step(config, mesh, student, teacher, aot.abstract_params(student), aot.MASK_TOKEN_ID)
   teacher_params = aot.abstract_params(teacher, fns.teacher_sharding)
   token_probs_V = jax.ShapeDtypeStruct((student.cfg.vocab_size,), jnp.float32, sharding=fns.replicated)
   start = time.perf_counter()
-  with batch_sharded_activations(mesh) if constrain else contextlib.nullcontext():
-    lowered = fns.step.lower(fns.abstract_state, teacher_params,
-                             aot.batch_arrays(mesh, batch, seq, config.data.strategy), token_probs_V)
+  lowered = fns.step.lower(fns.abstract_state, teacher_params,
+                           aot.batch_arrays(mesh, batch, seq, config.data.strategy), token_probs_V)
   compiled = lowered.compile()
   stats = compiled.memory_analysis()
-  return dict(n=n, constrain=constrain, params=_bytes(fns.abstract_state.params),
+  return dict(n=n, pinned=pinned, params=_bytes(fns.abstract_state.params),
               opt=_bytes(fns.abstract_state.opt_state), teacher=_bytes(teacher_params),
               argument=stats.argument_size_in_bytes, temp=stats.temp_size_in_bytes,
               seconds=time.perf_counter() - start)
@@ -151,10 +137,10 @@ def memory(args):
   if sizes[0] != 1:
     raise SystemExit("--sizes must start with 1 (the reference of the 1/N ratios)")
   rows = []
-  for constrain in (False, True) if args.constrain else (False,):
-    for n in sizes[1:] if constrain else sizes:  # on one device the constraint changes nothing
-      rows.append(_compile_memory(config, teacher, student, n, batch, seq, constrain))
-      print(f"  fsdp {n}{' constrained' if constrain else ''}: compiled in {rows[-1]['seconds']:.0f} s", flush=True)
+  for pinned in (True, False) if args.unpinned else (True,):
+    for n in sizes if pinned else sizes[1:]:  # on one device the pins change nothing
+      rows.append(_compile_memory(config, teacher, student, n, batch, seq, pinned))
+      print(f"  fsdp {n}{'' if pinned else ' unpinned'}: compiled in {rows[-1]['seconds']:.0f} s", flush=True)
 
   base = rows[0]
   cols = [("params", "student params"), ("opt", "Adam moments"), ("teacher", "teacher params"),
@@ -164,7 +150,7 @@ def memory(args):
   print(f"|---:|{'---:|' * len(cols)}")
   for row in rows:
     cells = [f"{row[k] / MiB:.1f} ({row[k] / (base[k] / row['n']):.3f})" for k, _ in cols]
-    print(f"| {row['n']}{', activations batch-sharded' if row['constrain'] else ''} | {' | '.join(cells)} |")
+    print(f"| {row['n']}{'' if row['pinned'] else ', activations unpinned'} | {' | '.join(cells)} |")
   return rows
 
 
@@ -199,20 +185,20 @@ def timing(args):
 
   variants = {"1 device": (1, (1, 1, 1), False)}
   for axis in args.axes.split(","):
-    variants[f"{FAKE_DEVICES} devices, {axis}"] = (FAKE_DEVICES, {"data": (-1, 1, 1), "fsdp": (1, -1, 1)}[axis], False)
-  if args.constrain:
-    variants[f"{FAKE_DEVICES} devices, fsdp, activations batch-sharded"] = (FAKE_DEVICES, (1, -1, 1), True)
+    variants[f"{FAKE_DEVICES} devices, {axis}"] = (FAKE_DEVICES, {"data": (-1, 1, 1), "fsdp": (1, -1, 1)}[axis], True)
+  if args.unpinned:
+    variants[f"{FAKE_DEVICES} devices, fsdp, activations unpinned"] = (FAKE_DEVICES, (1, -1, 1), False)
   runs = {}
-  for name, (n, shape, constrain) in variants.items():
+  for name, (n, shape, pinned) in variants.items():
     mesh = mesh_of(shape, n)
-    fns = train.compile_step(config, mesh, student, teacher, aot.abstract_params(student), aot.MASK_TOKEN_ID)
+    fns = train.compile_step(config if pinned else unpinned(config), mesh, student, teacher,
+                             aot.abstract_params(student), aot.MASK_TOKEN_ID)
     state = fns.init(s_params)
     teacher_on = jax.device_put(t_params, fns.teacher_sharding) if teacher is not None else None
     batch_on = {k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in host.items()}
     probs_on = jax.device_put(probs_V, fns.replicated)
     start = time.perf_counter()
-    with batch_sharded_activations(mesh) if constrain else contextlib.nullcontext():
-      step = fns.step.lower(state, teacher_on, batch_on, probs_on).compile()
+    step = fns.step.lower(state, teacher_on, batch_on, probs_on).compile()
     state, metrics = step(state, teacher_on, batch_on, probs_on)
     jax.block_until_ready(metrics)
     print(f"  {name}: mesh {dict(mesh.shape)}, compile + first step {time.perf_counter() - start:.1f} s, "
@@ -246,13 +232,13 @@ def parse_args(argv=None):
   m.add_argument("--sizes", default="1,2,4,8", help="device counts, starting with 1")
   m.add_argument("--batch", type=int, default=64, help="global batch (a multiple of 8 × grad_accum 8)")
   m.add_argument("--seq", type=int, default=128)
-  m.add_argument("--constrain", action="store_true", help="also with activations constrained to the batch sharding")
+  m.add_argument("--unpinned", action="store_true", help="also with the activations left to the compiler")
   t = sub.add_parser("time", help="step time on 1 vs 8 fake devices, same global batch")
   t.add_argument("--config", choices=("tiny", "demo"), default="tiny")
   t.add_argument("--axes", default="data,fsdp", help="mesh axes the 8 devices go on, comma-separated")
   t.add_argument("--batch", type=int, default=0, help="global batch; default the config's")
   t.add_argument("--seq", type=int, default=0, help="tokens per sequence; default the config's max_len")
-  t.add_argument("--constrain", action="store_true", help="also fsdp with activations constrained to the batch sharding")
+  t.add_argument("--unpinned", action="store_true", help="also fsdp with the activations left to the compiler")
   t.add_argument("--rounds", type=int, default=7)
   t.add_argument("--steps", type=int, default=3, help="steps of each variant per round")
   return p.parse_args(argv)
