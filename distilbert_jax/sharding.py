@@ -69,10 +69,11 @@ def make_mesh(shape: Sequence[int], devices=None) -> Mesh:
 
 
 def _axes(rule: Rule) -> tuple[str, ...]:
-  """A rule as a tuple of mesh axis names (config files may give a list)."""
+  """A rule as a tuple of mesh axis names (config files may give a list; `--config.mesh.rules.batch=None`
+  on a command line arrives as `(None,)`)."""
   if rule is None:
     return ()
-  return (rule,) if isinstance(rule, str) else tuple(rule)
+  return (rule,) if isinstance(rule, str) else tuple(a for a in rule if a is not None)
 
 
 def check_rules(rules: Mapping[str, Rule]):

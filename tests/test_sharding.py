@@ -29,12 +29,15 @@ def test_rules_map_to_one_axis_several_or_none():
   assert sharding.logical_to_spec(("batch",), (6,), mesh, rules) == P(None)
   # A mesh axis is used once per array: the second dimension asking for fsdp stays whole.
   assert sharding.logical_to_spec(("embed", "embed"), (4, 4), mesh, {"embed": "fsdp"}) == P("fsdp", None)
+  # `--config.mesh.rules.batch=None` on a command line gives (None,): no mesh axis, as None.
+  assert sharding.logical_to_spec(("batch",), (8,), mesh, {"batch": (None,)}) == P(None)
   with pytest.raises(ValueError, match="'heads' has no sharding rule"):
     sharding.logical_to_spec(("heads",), (4,), mesh, {"embed": "fsdp"})
 
 
 def test_rules_naming_unknown_mesh_axes_are_refused():
   sharding.check_rules(sharding.DEFAULT_RULES)
+  sharding.check_rules({**sharding.DEFAULT_RULES, "batch": (None,)})
   with pytest.raises(ValueError, match=r"rules\['batch'\] names \['dp'\]"):
     sharding.check_rules({**sharding.DEFAULT_RULES, "batch": ["data", "dp"]})
 
