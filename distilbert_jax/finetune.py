@@ -359,6 +359,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
     raise train.ConfigError("optim.grad_accum must be >= 1")
   if not 0.0 <= config.distill.alpha <= 1.0:
     raise train.ConfigError(f"distill.alpha must be in [0, 1], got {config.distill.alpha}")
+  train.check_mesh_rules(config.mesh.rules)
 
   # Everything that can be wrong with the data or the checkpoint is found here, before any compile.
   train_data = load_split(config, "train")

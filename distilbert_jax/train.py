@@ -742,8 +742,13 @@ def validate_config(config):
     raise ConfigError(f"data.strategy {config.data.strategy!r}: use one of {data.STRATEGIES}")
   if config.mlm.scheme not in masking.SCHEMES:
     raise ConfigError(f"mlm.scheme {config.mlm.scheme!r}: use one of {masking.SCHEMES}")
+  check_mesh_rules(config.mesh.rules)
+
+
+def check_mesh_rules(rules):
+  """config.mesh.rules naming only mesh axes (shared by distillation and fine-tuning)."""
   try:
-    sharding.check_rules(config.mesh.rules)
+    sharding.check_rules(rules)
   except ValueError as e:
     raise ConfigError(str(e)) from None
 

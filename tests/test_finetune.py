@@ -158,6 +158,13 @@ def test_unknown_glue_task_lists_the_valid_ones(tmp_path, tiny_teacher, test_dat
     finetune.run(c, tmp_path)
 
 
+def test_rules_naming_an_unknown_mesh_axis(tmp_path, tiny_teacher, test_data, no_compile):
+  c = _config(tiny_teacher, test_data)
+  c.mesh.rules.batch = ("data", "dp")
+  with pytest.raises(train.ConfigError, match=r"rules\['batch'\] names \['dp'\], not mesh axes"):
+    finetune.run(c, tmp_path)
+
+
 def test_missing_label_column_names_the_columns_found(tmp_path, tiny_teacher, test_data, no_compile):
   c = _config(tiny_teacher, test_data)
   c.task, c.label_field, c.text_fields = str(test_data / "sentiment" / "imdb.json"), "label", ("text",)

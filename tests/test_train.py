@@ -121,6 +121,13 @@ def test_vocabularies_that_differ_are_refused(tiny_teacher):
     train.build_models(c)
 
 
+def test_rules_naming_an_unknown_mesh_axis_are_refused():
+  c = _step_config()
+  c.mesh.rules.batch = ("data", "dp")
+  with pytest.raises(train.ConfigError, match=r"rules\['batch'\] names \['dp'\], not mesh axes"):
+    train.validate_config(c)
+
+
 def test_widths_that_differ_with_cosine_are_refused(tiny_teacher):
   c = tiny.get_config(str(tiny_teacher))
   c.student.init = "random"

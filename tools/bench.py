@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import fractions
-import importlib.util
 import logging
 import math
 import os
@@ -65,9 +64,8 @@ from distilbert_jax import hf, masking, metrics, sharding, train  # noqa: E402
 from distilbert_jax import model as model_lib  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from bench_forward import cpu_snapshot, machine_description, others_share  # noqa: E402
+from bench_forward import CONFIGS, cpu_snapshot, load_config, machine_description, others_share  # noqa: E402
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 # The bert-base-uncased layout, which every preset uses (MiniLM's vocabulary is bert-base-uncased's).
 PAD, UNK, CLS, SEP, MASK = 0, 100, 101, 102, 103
 LOSS_TERMS = ("loss", "ce", "mlm", "cos")
@@ -118,13 +116,6 @@ def parse_args(argv=None):
 
 # ------------------------------------------------------------------------------------------------ setup
 
-def _load_config_file(name: str):
-  spec = importlib.util.spec_from_file_location(f"bench_config_{name[:-3]}", ROOT / "configs" / name)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
 def _random_teacher(cfg: model_lib.EncoderConfig, folder: pathlib.Path, seed: int) -> str:
   model = model_lib.Encoder(cfg)
   hf.save_hf(model, model_lib.init_params(model, jax.random.key(seed)), folder)
@@ -141,7 +132,7 @@ def make_config(args, tmp: pathlib.Path):
         max_position_embeddings=128, use_pooler=False), tmp / "teacher_init", args.seed)
     config.student.layers = (0,)
   else:
-    config = _load_config_file(name)
+    config = load_config(CONFIGS / name)
     if args.config == "bert-base":
       config.teacher = _random_teacher(model_lib.EncoderConfig.bert(use_pooler=False), tmp / "teacher_init",
                                        args.seed)

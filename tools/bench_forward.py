@@ -24,8 +24,10 @@ Other commands:
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
+import pathlib
 import platform
 import statistics
 import sys
@@ -50,6 +52,16 @@ PRESETS = {
                  vocab_size=1024, max_position_embeddings=128),
 }
 SANITY_ATOL = 1e-3
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
+
+
+def load_config(path, *args):
+  """`get_config(*args)` of a config file, e.g. CONFIGS / "demo.py" (configs/ is a folder, not a package)."""
+  path = pathlib.Path(path)
+  spec = importlib.util.spec_from_file_location(f"_config_{path.stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(*args)
 
 
 def parse_args(argv=None):

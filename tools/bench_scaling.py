@@ -35,7 +35,6 @@ Nothing here asserts on time or memory.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import pathlib
@@ -58,19 +57,12 @@ import numpy as np  # noqa: E402
 from distilbert_jax import aot, sharding, train  # noqa: E402
 from distilbert_jax import model as model_lib  # noqa: E402
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from bench_forward import CONFIGS, load_config  # noqa: E402
 MiB = 2 ** 20
 # A random 2-layer BERT as the tests build it (tests/conftest.py tiny_teacher): configs/tiny.py's teacher.
 TINY_TEACHER = model_lib.EncoderConfig.bert(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128,
                                             max_position_embeddings=64)
-
-
-def load_config(name: str, *args):
-  """configs/NAME.py's get_config(*args) (configs/ is a folder of files, not a package)."""
-  spec = importlib.util.spec_from_file_location(f"_config_{name}", ROOT / "configs" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(*args)
 
 
 def teacher_folder(cfg: model_lib.EncoderConfig, parent: pathlib.Path) -> str:
@@ -125,7 +117,7 @@ def _compile_memory(config, teacher, student, n: int, batch: int, seq: int, pinn
 
 
 def memory(args):
-  config = load_config("distilbert_base")
+  config = load_config(CONFIGS / "distilbert_base.py")
   teacher, student = aot.abstract_models(config)
   batch, seq = args.batch, args.seq
   millions = lambda m: model_lib.count_params(aot.abstract_params(m)) / 1e6  # noqa: E731
@@ -172,9 +164,9 @@ def _random_inputs(teacher, student, batch: int, seq: int):
 def timing(args):
   with tempfile.TemporaryDirectory() as tmp:
     if args.config == "tiny":
-      config = load_config("tiny", teacher_folder(TINY_TEACHER, pathlib.Path(tmp)))
+      config = load_config(CONFIGS / "tiny.py", teacher_folder(TINY_TEACHER, pathlib.Path(tmp)))
     else:
-      config = load_config("demo")  # its teacher: the installed MiniLM's folder, of which only config.json is read
+      config = load_config(CONFIGS / "demo.py")  # its teacher: the installed MiniLM's folder, of which only config.json is read
     teacher, student = aot.abstract_models(config)
   batch, seq = args.batch or config.data.batch_size, args.seq or config.data.max_len
   host, probs_V, t_params, s_params = _random_inputs(teacher, student, batch, seq)

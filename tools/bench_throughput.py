@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import importlib.util
 import logging
 import os
 import pathlib
@@ -60,7 +59,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench_forward import cpu_snapshot, others_share  # noqa: E402
+from bench_forward import CONFIGS, cpu_snapshot, load_config, others_share  # noqa: E402
 from distilbert_jax import data, masking, sharding, train  # noqa: E402
 from distilbert_jax import model as model_lib  # noqa: E402
 
@@ -85,15 +84,8 @@ def parse_args(argv=None):
 
 # ------------------------------------------------------------------------------------------------ setup
 
-def load_config(path):
-  spec = importlib.util.spec_from_file_location("bench_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
 def demo_config(args):
-  config = load_config(ROOT / "configs" / "demo.py")
+  config = load_config(CONFIGS / "demo.py")
   config.teacher_mlm.steps = 0
   config.data.corpus_dir = args.corpus_dir
   config.data.cache_dir = args.cache_dir
