@@ -5,9 +5,13 @@
 STUDENT/TEACHER: a training workdir (its newest checkpoint), a JAX model folder or a Hugging Face folder.
 SOURCE: text files, folders or globs (tokenized once into the cache), or a folder written by the trainer's
 preprocessing (its held-out split is scored). Every batch i is masked with `fold_in(key(seed), i)`, so
-teacher and student (and two runs) are scored on exactly the same masked positions. Prints masked-LM
-accuracy and perplexity, forward-pass tokens/s at batch 1 and 32, parameter counts and, with a teacher,
-the student/teacher ratios (accuracy retained, speed-up, size).
+teacher and student (and two runs) are scored on exactly the same masked positions, under two maskings:
+the reference's (15% of a batch's tokens, rare tokens more often: `masking.token_probs` with smoothing 0.7)
+and BERT's uniform one (15% of the tokens, every non-special token equally likely). Prints masked-LM
+accuracy and perplexity under both, inference tokens/s at batch 1 and 32 as deployed — encoder +
+classification head (no vocabulary projection) and encoder + masked-LM head (logits at every position) —
+both models timed on the same inputs, parameter counts and, with a teacher, the student/teacher ratios
+(accuracy retained, speed-ups, size).
 """
 from __future__ import annotations
 
@@ -75,18 +79,62 @@ def mlm_score(model: model_lib.Encoder, params, batches, token_probs_V, *, mask_
   return MlmScore(accuracy=correct / count, loss=nll / count, num_predictions=count)
 
 
-def forward_tokens_per_s(model: model_lib.Encoder, params, batch_size: int, seq_len: int, *, repeats: int = 5
-                         ) -> float:
-  """Inference speed: tokens/s of a jitted forward pass with logits (median of `repeats`, compile excluded)."""
-  ids = jnp.ones((batch_size, seq_len), jnp.int32)
-  forward = jax.jit(lambda p, x: model.apply({"params": p}, x).logits)
-  forward(params, ids).block_until_ready()
+# How a model is deployed when timed: "cls" = encoder + sequence-classification head (pooled first token, no
+# vocabulary projection), "mlm" = encoder + masked-LM head (logits at every position).
+SPEED_HEADS = ("cls", "mlm")
+# Masking schemes scored: "rare" = the reference's (smoothing 0.7, rare tokens more often), "uniform" = BERT's.
+MASKINGS = {"rare": 0.7, "uniform": 0.0}
+
+
+def speed_inputs(batch_size: int, seq_len: int, vocab_size: int, seed: int = 0) -> jax.Array:
+  """Deterministic token ids (B, L) for timing: every model of a report is timed on these same inputs."""
+  ids = jax.random.randint(jax.random.key(seed), (batch_size, seq_len), 1000, max(vocab_size, 1001), jnp.int32)
+  return ids.at[:, 0].set(101 if vocab_size > 101 else 0)
+
+
+def with_timing_head(model: model_lib.Encoder, params, num_labels: int = 2) -> tuple[model_lib.Encoder, dict]:
+  """The model with a sequence-classification head (its own, or a random one: timing needs no trained head)."""
+  if model.cfg.num_labels:
+    return model, params
+  activation = "relu" if model.cfg.family == "distilbert" else "tanh"
+  cls_model = model_lib.Encoder(model.cfg.replace(num_labels=num_labels, use_pooler=True,
+                                                  pooler_activation=activation))
+  shapes = jax.eval_shape(lambda: model_lib.init_params(cls_model, jax.random.key(0)))
+  head = {k: jax.tree.map(lambda x: jnp.full(x.shape, 0.01, x.dtype), v) for k, v in shapes.items() if k not in params}
+  return cls_model, {**params, **head}
+
+
+def seconds_per_forward(model: model_lib.Encoder, params, ids_BxL: jax.Array, head: str, *, repeats: int = 5
+                        ) -> float:
+  """Median wall seconds of one jitted forward pass on `ids_BxL` (compile excluded)."""
+  if head == "cls":
+    model, params = with_timing_head(model, params)
+    forward = jax.jit(lambda p, x: model.apply({"params": p}, x, compute_logits=False).class_logits)
+  elif head == "mlm":
+    forward = jax.jit(lambda p, x: model.apply({"params": p}, x).logits)
+  else:
+    raise ValueError(f"head must be one of {SPEED_HEADS}, got {head!r}")
+  forward(params, ids_BxL).block_until_ready()
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
-    forward(params, ids).block_until_ready()
+    forward(params, ids_BxL).block_until_ready()
     times.append(time.perf_counter() - start)
-  return batch_size * seq_len / float(np.median(times))
+  return float(np.median(times))
+
+
+def speed_report(models: dict, batch_sizes: tuple[int, ...], seq_len: int, *, repeats: int = 5) -> dict:
+  """{name: {f"{head}_tokens_per_s_batch{b}": ...}} with every model timed on the same inputs, one batch size
+  and head at a time, models interleaved (so a change in the machine's load hits them alike)."""
+  vocab = min(m.cfg.vocab_size for m, _ in models.values())
+  out = {name: {} for name in models}
+  for b in batch_sizes:
+    ids = speed_inputs(b, seq_len, vocab)
+    for head in SPEED_HEADS:
+      for name, (model, params) in models.items():
+        out[name][f"{head}_tokens_per_s_batch{b}"] = b * seq_len / seconds_per_forward(model, params, ids, head,
+                                                                                       repeats=repeats)
+  return out
 
 
 def _dataset(sources: list[str], tokenizer: str, *, max_len: int, cache_dir: pathlib.Path):
@@ -104,51 +152,79 @@ def _dataset(sources: list[str], tokenizer: str, *, max_len: int, cache_dir: pat
 
 def evaluate_models(models: dict, sources: list[str], *, tokenizer: str | None = None, max_len: int = 128,
                     batch_size: int = 32, max_batches: int | None = 50, seed: int = 0,
-                    speed_batches: tuple[int, ...] = (1, 32), cache_dir="~/.cache/distilbert_jax") -> dict:
-  """Scores each of `models` ({name: (model, params)}) on the same masked positions; returns a report."""
+                    speed_batches: tuple[int, ...] = (1, 32), cache_dir="~/.cache/distilbert_jax",
+                    maskings: tuple[str, ...] = tuple(MASKINGS)) -> dict:
+  """Scores each of `models` ({name: (model, params)}) on the same masked positions; returns a report.
+
+  Per model: `mlm_accuracy`, `mlm_loss`, `perplexity`, `predictions` under the reference's masking ("rare")
+  and the same with a `uniform_` prefix under BERT's uniform masking; `parameters`; `{cls,mlm}_tokens_per_s_
+  batch{b}`. With a "teacher" and a "student": their ratios under "student/teacher".
+  """
   tokenizer = tokenizer or next((m.cfg.tokenizer for m, _ in models.values() if m.cfg.tokenizer), None)
   if not tokenizer:
     raise ValueError("no tokenizer: the models do not name one; pass --tokenizer DIR")
+  unknown = set(maskings) - set(MASKINGS)
+  if unknown:
+    raise ValueError(f"unknown masking {sorted(unknown)}; valid: {', '.join(MASKINGS)}")
   ds, counts = _dataset(sources, tokenizer, max_len=max_len, cache_dir=pathlib.Path(cache_dir).expanduser())
   specials = ds.special_ids
   if len(ds) == 0:
     raise ValueError(f"no evaluation examples in {sources}: give more text (examples need at least 12 tokens)")
-  probs_V = masking.token_probs(counts, [i for i in specials.values() if i is not None])
+  special_list = [i for i in specials.values() if i is not None]
   report = {}
   for name, (model, params) in models.items():
     if model.cfg.vocab_size != ds.vocab_size:
       raise ValueError(f"{name} has a {model.cfg.vocab_size}-id vocabulary but the tokenizer {ds.vocab_size}: "
                        "evaluate with the model's own tokenizer (--tokenizer)")
-    score = mlm_score(model, params, data.eval_batches(ds, batch_size, max_len), probs_V,
-                      mask_token_id=specials["mask"], seed=seed, max_batches=max_batches)
-    report[name] = {"mlm_accuracy": score.accuracy, "mlm_loss": score.loss, "perplexity": score.perplexity,
-                    "predictions": score.num_predictions, "parameters": model_lib.count_params(params),
-                    **{f"tokens_per_s_batch{b}": forward_tokens_per_s(model, params, b, max_len)
-                       for b in speed_batches}}
+    report[name] = {"parameters": model_lib.count_params(params)}
+    for masking_name in maskings:
+      probs_V = masking.token_probs(counts, special_list, smoothing=MASKINGS[masking_name])
+      score = mlm_score(model, params, data.eval_batches(ds, batch_size, max_len), probs_V,
+                        mask_token_id=specials["mask"], seed=seed, max_batches=max_batches)
+      prefix = "" if masking_name == "rare" else f"{masking_name}_"
+      report[name].update({f"{prefix}mlm_accuracy": score.accuracy, f"{prefix}mlm_loss": score.loss,
+                           f"{prefix}perplexity": score.perplexity, f"{prefix}predictions": score.num_predictions})
+  if speed_batches:
+    for name, figures in speed_report(models, tuple(speed_batches), max_len).items():
+      report[name].update(figures)
   if "teacher" in report and "student" in report:
     s, t = report["student"], report["teacher"]
-    report["student/teacher"] = {
-        "accuracy_retained": s["mlm_accuracy"] / max(t["mlm_accuracy"], 1e-12),
-        "parameters": s["parameters"] / t["parameters"],
-        **{f"speedup_batch{b}": s[f"tokens_per_s_batch{b}"] / t[f"tokens_per_s_batch{b}"] for b in speed_batches}}
+    ratios = {"parameters": s["parameters"] / t["parameters"]}
+    for key in s:
+      if key.endswith("mlm_accuracy"):
+        ratios[key.replace("mlm_accuracy", "accuracy_retained")] = s[key] / max(t[key], 1e-12)
+      elif "_tokens_per_s_batch" in key:
+        ratios[key.replace("tokens_per_s", "speedup")] = s[key] / t[key]
+    report["student/teacher"] = ratios
   return report
+
+
+def _rows(report: dict, name: str) -> list[tuple[str, str, str, str | None]]:
+  """(label, key, format, ratio key) of every figure the report holds."""
+  rows = []
+  for prefix, label in (("", "rare-token masking"), ("uniform_", "uniform masking")):
+    if f"{prefix}mlm_accuracy" in report[name]:
+      rows += [(f"masked-LM accuracy, {label}", f"{prefix}mlm_accuracy", "{:.2%}", f"{prefix}accuracy_retained"),
+               (f"perplexity, {label}", f"{prefix}perplexity", "{:.1f}", None),
+               (f"masked predictions, {label}", f"{prefix}predictions", "{:,}", None)]
+  rows.append(("parameters", "parameters", "{:,}", "parameters"))
+  heads = {"cls": "encoder + classifier", "mlm": "encoder + masked-LM head"}
+  for key in report[name]:
+    head, _, rest = key.partition("_tokens_per_s_batch")
+    if rest:
+      rows.append((f"tokens/s, batch {rest}, {heads[head]}", key, "{:,.0f}", f"{head}_speedup_batch{rest}"))
+  return rows
 
 
 def format_report(report: dict) -> str:
   names = [n for n in ("teacher", "student") if n in report] or list(report)
-  rows = [("masked-LM accuracy", "mlm_accuracy", "{:.2%}"), ("perplexity", "perplexity", "{:.1f}"),
-          ("masked predictions", "predictions", "{:,}"), ("parameters", "parameters", "{:,}")]
-  rows += [(f"tokens/s, batch {k.rsplit('batch', 1)[1]}", k, "{:,.0f}")
-           for k in report[names[0]] if k.startswith("tokens_per_s")]
   ratio = report.get("student/teacher", {})
-  ratio_of = {"mlm_accuracy": "accuracy_retained", "parameters": "parameters",
-              **{k: "speedup_" + k.rsplit("_", 1)[1] for k in report[names[0]] if k.startswith("tokens_per_s")}}
   header = ["", *names] + (["student/teacher"] if ratio else [])
   lines = [header]
-  for label, key, fmt in rows:
+  for label, key, fmt, ratio_key in _rows(report, names[0]):
     line = [label, *(fmt.format(report[n][key]) for n in names)]
     if ratio:
-      line.append(f"{ratio[ratio_of[key]]:.2f}" if ratio_of.get(key) in ratio else "")
+      line.append(f"{ratio[ratio_key]:.2f}" if ratio_key in ratio else "")
     lines.append(line)
   widths = [max(len(str(row[i])) for row in lines) for i in range(len(header))]
   return "\n".join("  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(row, widths)))

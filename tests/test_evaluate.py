@@ -56,12 +56,21 @@ def test_command_line_side_by_side(tmp_path, tiny_teacher, test_data, capsys):
           "--json", str(tmp_path / "report.json")]
   assert evaluate.main(argv) == 0
   out = capsys.readouterr().out
-  for label in ("masked-LM accuracy", "perplexity", "tokens/s, batch 1", "tokens/s, batch 32", "student/teacher"):
+  for label in ("masked-LM accuracy, rare-token masking", "masked-LM accuracy, uniform masking", "perplexity",
+                "tokens/s, batch 1, encoder + classifier", "tokens/s, batch 32, encoder + masked-LM head",
+                "student/teacher"):
     assert label in out
   report = json.loads((tmp_path / "report.json").read_text())
   assert report["teacher"]["parameters"] > report["student"]["parameters"]
   assert report["student/teacher"]["parameters"] == report["student"]["parameters"] / report["teacher"]["parameters"]
   assert report["teacher"]["predictions"] == report["student"]["predictions"] > 0
+  assert report["teacher"]["uniform_predictions"] == report["student"]["uniform_predictions"] > 0
+  ratios = report["student/teacher"]
+  assert {"accuracy_retained", "uniform_accuracy_retained"} <= set(ratios)  # random models: accuracy may be 0
+  for key in ("cls_speedup_batch1", "cls_speedup_batch32", "mlm_speedup_batch1", "mlm_speedup_batch32"):
+    assert ratios[key] > 0
+  assert ratios["cls_speedup_batch32"] == (report["student"]["cls_tokens_per_s_batch32"]
+                                           / report["teacher"]["cls_tokens_per_s_batch32"])
   assert evaluate.main(argv[:-2] + ["--json", str(tmp_path / "again.json")]) == 0  # cached text, same masks
   again = json.loads((tmp_path / "again.json").read_text())
   assert again["student"]["mlm_accuracy"] == report["student"]["mlm_accuracy"]
@@ -77,3 +86,66 @@ def test_vocabulary_mismatch_is_refused(tmp_path, tiny_teacher, test_data, capsy
   code = evaluate.main(["--model", str(tmp_path / "m"), "--tokenizer", str(tiny_teacher), "--data", str(text),
                         "--max-len", "64", "--cache-dir", str(tmp_path / "cache")])
   assert code == 2 and "500-id vocabulary" in capsys.readouterr().err
+
+
+def _constant_predictor(vocab_size: int, predicted: int):
+  """A 1-layer model whose masked-LM head predicts `predicted` everywhere: the tied word embeddings are zero,
+  so the logits are the output bias."""
+  cfg = distilbert_jax.EncoderConfig.distilbert(vocab_size=vocab_size, hidden_size=16, num_layers=1, num_heads=2,
+                                                intermediate_size=16, max_position_embeddings=64)
+  model = distilbert_jax.Encoder(cfg)
+  params = jax.tree.map(np.asarray, distilbert_jax.init_params(model, jax.random.key(0)))
+  params["embeddings"]["word_embeddings"]["embedding"] = np.zeros_like(params["embeddings"]["word_embeddings"]["embedding"])
+  bias = np.zeros(vocab_size, np.float32)
+  bias[predicted] = 10.0
+  params["mlm_head"]["bias"] = bias
+  return model, params
+
+
+def test_uniform_masking_accuracy_hand_checked():
+  # One row: [CLS] A x18 B [SEP], A very frequent in the corpus, B seen once; the model always says A, and
+  # ceil(15% of 21 tokens) = 4 positions are predicted per row. Uniform masking draws the 4 from the 19
+  # eligible tokens alike: E[accuracy] = 18/19. The reference's masking (P ∝ count^-0.7) takes B first
+  # almost surely, then 3 of the 18 A: E[accuracy] ≈ 3/4.
+  a, b, vocab = 2000, 3000, 4000
+  model, params = _constant_predictor(vocab, a)
+  ids = np.array([[101] + [a] * 18 + [b] + [102]], np.int32)
+  batches = [{"input_ids": ids, "attention_mask": np.ones_like(ids)}] * 200
+  counts = np.ones(vocab, np.int64)
+  counts[a] = 10**6
+  specials = [0, 100, 101, 102, 103]
+  scores = {}
+  for name, smoothing in evaluate.MASKINGS.items():
+    probs = masking.token_probs(counts, specials, smoothing=smoothing)
+    scores[name] = evaluate.mlm_score(model, params, batches, probs, mask_token_id=103, seed=3)
+    assert scores[name].num_predictions == 200 * 4
+  assert abs(scores["uniform"].accuracy - 18 / 19) < 0.03  # binomial sd over 800 draws: 0.008
+  assert abs(scores["rare"].accuracy - 3 / 4) < 0.01  # B is missed with probability 18·10^-4.2 ≈ 0.001
+
+
+def test_speed_times_every_model_on_the_same_inputs(tiny_teacher, monkeypatch):
+  teacher, tp, student, sp = _models(tiny_teacher)
+  seen = []
+
+  def fake_seconds(model, params, ids, head, repeats=5):
+    seen.append((model.cfg.num_layers, head, ids))
+    return 0.5 if model is teacher else 0.25
+
+  monkeypatch.setattr(evaluate, "seconds_per_forward", fake_seconds)
+  report = evaluate.speed_report({"teacher": (teacher, tp), "student": (student, sp)}, (1, 4), 16)
+  assert len(seen) == 2 * 2 * 2  # batch sizes x heads x models
+  for i in range(0, len(seen), 2):
+    (t_layers, t_head, t_ids), (s_layers, s_head, s_ids) = seen[i], seen[i + 1]
+    assert (t_layers, s_layers) == (2, 1) and t_head == s_head
+    assert t_ids is s_ids
+  assert {ids.shape for _, _, ids in seen} == {(1, 16), (4, 16)}
+  assert report["student"]["cls_tokens_per_s_batch4"] == 2 * report["teacher"]["cls_tokens_per_s_batch4"] == 256
+
+
+def test_classifier_timing_runs_without_the_vocabulary_projection(tiny_teacher):
+  _, _, student, sp = _models(tiny_teacher)
+  cls_model, cls_params = evaluate.with_timing_head(student, sp)
+  out = cls_model.apply({"params": cls_params}, evaluate.speed_inputs(2, 8, student.cfg.vocab_size),
+                        compute_logits=False)
+  assert out.logits is None and out.class_logits.shape == (2, 2)
+  assert evaluate.seconds_per_forward(student, sp, evaluate.speed_inputs(2, 8, 30522), "cls", repeats=1) > 0
