@@ -1,0 +1,155 @@
+"""Bad input to every command line: exit status 2, one line naming the problem and the fix, no traceback,
+nothing compiled and an existing workdir's checkpoints byte-identical (validation.py).
+
+The command lines run in-process (their `main(argv)` returns the exit status); each refusal must come
+before anything compiles, which the `no_compile` fixture enforces.
+"""
+import hashlib
+import os
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+
+from distilbert_jax import checkpoint, evaluate, finetune, train, validation
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.py"
+sys.path.insert(0, str(ROOT / "tools"))
+import convert  # noqa: E402
+
+
+def _hashes(folder: pathlib.Path) -> dict:
+  return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+          for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def workdir_with_checkpoints(tmp_path_factory) -> pathlib.Path:
+  """A workdir holding two (small, hand-made) checkpoints; refusals must leave every byte as it is."""
+  workdir = tmp_path_factory.mktemp("ckpts")
+  ckpts = checkpoint.RunCheckpoints(workdir, async_save=False)
+  for step in (3, 6):
+    ckpts.save(step, {"params": {"w": np.full((4, 4), step, np.float32)}}, {"position": step}, {"model": {}})
+  ckpts.close()
+  (workdir / "metrics.jsonl").write_text('{"step": 3, "loss": 1.0}\n')
+  return workdir
+
+
+@pytest.fixture
+def no_compile(monkeypatch):
+  """Fails the test if a command gets as far as building the train step (the first compile)."""
+  def refuse(*args, **kwargs):
+    raise AssertionError("reached the compile: the bad input should have been refused before")
+  monkeypatch.setattr(train, "compile_step", refuse)
+  monkeypatch.setattr(train, "state_functions", refuse)
+
+
+def _assert_refused(code, capsys, phrase):
+  out, err = capsys.readouterr()
+  assert code == 2, out + err
+  lines = [line for line in err.strip().splitlines() if "preprocess ->" not in line]  # tokenizing a corpus
+  assert len(lines) == 1 and lines[0].startswith("error: "), err
+  assert "Traceback" not in err + out
+  assert phrase in lines[0], lines[0]
+  return lines[0]
+
+
+# ------------------------------------------------------------------------------------------------ train
+
+def _sources(tmp: pathlib.Path) -> dict:
+  """Local corpora that cannot be trained on."""
+  (tmp / "random.txt").write_bytes(np.random.default_rng(0).bytes(300_000))
+  (tmp / "empty.txt").write_text("")
+  (tmp / "no_txt").mkdir(exist_ok=True)
+  (tmp / "no_txt" / "notes.md").write_text("not a .txt file\n")
+  (tmp / "latin1.txt").write_bytes("caf\xe9 cr\xe8me ".encode("latin-1") * 100)
+  (tmp / "small.txt").write_text("A short corpus of one document, long enough for one example of text but not "
+                                 "for a whole batch of eight of them.\n")
+  return {k.split(".")[0]: str(tmp / k) for k in ("random.txt", "empty.txt", "no_txt", "latin1.txt", "small.txt")}
+
+
+def _corpus(name):
+  return ("--config.data.demo_corpus=False", f"--config.data.sources=('{{{name}}}',)")
+
+
+TRAIN_CASES = [  # (id, extra flags, phrase the one line must hold)
+    ("unknown key", ("--config.train.stepz=3",), "unknown config key 'stepz' in --config.train.stepz=3: did you "
+                                                 "mean --config.train.steps?"),
+    ("unknown section", ("--config.trian.steps=3",), "did you mean --config.train.steps?"),
+    ("not a number", ("--config.train.steps=abc",), "--config.train.steps"),
+    ("steps 0", ("--config.train.steps=0",), "--config.train.steps must be > 0, got 0"),
+    ("ckpt_every 0", ("--config.train.ckpt_every=0",), "--config.train.ckpt_every must be > 0"),
+    ("log_every 0", ("--config.train.log_every=0",), "--config.train.log_every must be > 0"),
+    ("eval_every -1", ("--config.train.eval_every=-1",), "--config.train.eval_every must be >= 0"),
+    ("keep 0", ("--config.train.keep=0",), "--config.train.keep must be > 0"),
+    ("batch 0", ("--config.data.batch_size=0",), "--config.data.batch_size must be > 0"),
+    ("batch vs devices", ("--config.data.batch_size=12",), "must divide by data-parallel size 8"),
+    ("held-out 1.5", ("--config.data.held_out_fraction=1.5",), "--config.data.held_out_fraction must be in [0, 1)"),
+    ("mlm.prob 1.5", ("--config.mlm.prob=1.5",), "--config.mlm.prob must be in (0, 1]"),
+    ("mlm.prob 0", ("--config.mlm.prob=0.0",), "--config.mlm.prob must be in (0, 1]"),
+    ("word split", ("--config.mlm.word_mask=0.5",), "must sum to 1"),
+    ("temperature 0", ("--config.loss.temperature=0.0",), "--config.loss.temperature must be > 0"),
+    ("alphas 0", ("--config.loss.alpha_ce=0.0", "--config.loss.alpha_mlm=0.0", "--config.loss.alpha_cos=0.0"),
+     "every loss weight"),
+    ("lr 0", ("--config.optim.lr=0.0",), "--config.optim.lr must be > 0"),
+    ("lr negative", ("--config.optim.lr=-1e-4",), "--config.optim.lr must be > 0"),
+    ("grad_accum 0", ("--config.optim.grad_accum=0",), "--config.optim.grad_accum must be > 0"),
+    ("warmup 2", ("--config.optim.warmup_frac=2.0",), "--config.optim.warmup_frac must be in [0, 1]"),
+    ("max_len 2", ("--config.data.max_len=2",), "no room for [CLS] text [SEP]"),
+    ("min_len > max_len", ("--config.data.min_len=100",), "exceeds --config.data.max_len=64"),
+    ("strategy", ("--config.data.strategy=packed",), "data.strategy 'packed'"),
+    ("mesh 3 on 8", ("--config.mesh.shape=(3,1,1)",), "--config.mesh.shape=(3, 1, 1) does not fit the 8 device"),
+    ("mesh 16 on 8", ("--config.mesh.shape=(2,2,4)",), "needs 16 devices"),
+    ("mesh two -1", ("--config.mesh.shape=(-1,-1,1)",), "at most one -1"),
+    ("mesh rule", ("--config.mesh.rules.batch=('data','dp')",), "not mesh axes"),
+    ("max_len > positions", ("--config.data.max_len=128",), "--config.data.max_len=128 exceeds the 64 positions of "
+                                                            "the teacher"),
+    ("layers", ("--config.student.layers=(5,)",), "--config.student.layers: layers [5] do not exist in a 2-layer "
+                                                  "teacher"),
+    ("random bytes", _corpus("random"), "is not UTF-8 text"),
+    ("latin-1", _corpus("latin1"), "is not UTF-8 text"),
+    ("empty file", _corpus("empty"), "is empty"),
+    ("missing file", ("--config.data.demo_corpus=False", "--config.data.sources=('/nonexistent/corpus.txt',)"),
+     "is not an existing file or folder"),
+    ("folder without text", _corpus("no_txt"), "holds no *.txt files"),
+    ("corpus < one batch", _corpus("small"), "fewer than one global batch of 8: lower --config.data.batch_size"),
+    ("no sources", ("--config.data.demo_corpus=False",), "no training data"),
+    ("missing corpus_dir", ("--config.data.corpus_dir=/nonexistent/corpus",), "does not exist"),
+]
+
+
+@pytest.mark.parametrize("extra, phrase", [c[1:] for c in TRAIN_CASES], ids=[c[0] for c in TRAIN_CASES])
+def test_train_refuses(extra, phrase, tiny_teacher, data_cache, test_data, workdir_with_checkpoints, tmp_path,
+                       capsys, no_compile):
+  sources = _sources(tmp_path)
+  argv = ["train", f"--config={TINY}:{tiny_teacher}", f"--workdir={workdir_with_checkpoints}",
+          f"--config.data.cache_dir={data_cache}", f"--config.data.corpus_dir={test_data / 'corpus'}"]
+  argv += [a.format(**sources) for a in extra]
+  before = _hashes(workdir_with_checkpoints)
+  _assert_refused(train.main(argv), capsys, phrase)
+  assert _hashes(workdir_with_checkpoints) == before
+
+
+def test_train_refuses_unusable_workdirs(tmp_path, tiny_teacher, capsys, no_compile, monkeypatch):
+  base = ["train", f"--config={TINY}:{tiny_teacher}"]
+  (tmp_path / "file").write_text("a file, not a folder\n")
+  _assert_refused(train.main(base + [f"--workdir={tmp_path / 'file'}"]), capsys, "is an existing file, not a folder")
+  _assert_refused(train.main(base + [f"--workdir={tmp_path / 'file' / 'sub'}"]), capsys, "is a file")
+  _assert_refused(train.main(base), capsys, "--workdir")  # missing
+  _assert_refused(train.main(["train", f"--config={ROOT / 'configs' / 'nope.py'}", f"--workdir={tmp_path}"]),
+                  capsys, "cannot load the config file")
+  # Read-only: simulated, since these tests may run as root (which writes anywhere).
+  (tmp_path / "ro").mkdir()
+  real_access = os.access
+  monkeypatch.setattr(validation.os, "access",
+                      lambda p, mode: False if pathlib.Path(p) == tmp_path / "ro" else real_access(p, mode))
+  _assert_refused(train.main(base + [f"--workdir={tmp_path / 'ro'}"]), capsys, "is not writable")
+  _assert_refused(train.main(base + [f"--workdir={tmp_path / 'ro' / 'new'}"]), capsys, "is not writable")
+  assert not (tmp_path / "ro" / "new").exists()
+
+
+def test_binary_sniffing():
+  assert not validation.looks_binary(ROOT / "README.md")
+  assert validation.looks_binary(pathlib.Path(sys.executable).resolve())
