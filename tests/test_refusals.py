@@ -7,6 +7,7 @@ before anything compiles, which the `no_compile` fixture enforces.
 import hashlib
 import os
 import pathlib
+import re
 import sys
 
 import numpy as np
@@ -18,6 +19,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.py"
 sys.path.insert(0, str(ROOT / "tools"))
 import convert  # noqa: E402
+
+
+LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ (INFO|WARNING) ")
 
 
 def _hashes(folder: pathlib.Path) -> dict:
@@ -49,7 +53,8 @@ def no_compile(monkeypatch):
 def _assert_refused(code, capsys, phrase):
   out, err = capsys.readouterr()
   assert code == 2, out + err
-  lines = [line for line in err.strip().splitlines() if "preprocess ->" not in line]  # tokenizing a corpus
+  # Log records and a tokenizing progress bar may come before the refusal; the refusal is one line.
+  lines = [line for line in err.strip().splitlines() if not LOG_LINE.match(line) and "preprocess ->" not in line]
   assert len(lines) == 1 and lines[0].startswith("error: "), err
   assert "Traceback" not in err + out
   assert phrase in lines[0], lines[0]
@@ -153,3 +158,48 @@ def test_train_refuses_unusable_workdirs(tmp_path, tiny_teacher, capsys, no_comp
 def test_binary_sniffing():
   assert not validation.looks_binary(ROOT / "README.md")
   assert validation.looks_binary(pathlib.Path(sys.executable).resolve())
+
+
+# ------------------------------------------------------------------------------------------------ finetune
+
+FINETUNE_CASES = [
+    ("unknown key", ("--config.train.batchsize=4",), "did you mean --config.train.batch_size?"),
+    ("batch 0", ("--config.train.batch_size=0",), "--config.train.batch_size must be > 0"),
+    ("eval batch 0", ("--config.train.eval_batch_size=0",), "--config.train.eval_batch_size must be > 0"),
+    ("batch vs devices", ("--config.train.batch_size=12",), "global batch 12 must divide by data-parallel size 8"),
+    ("steps -1", ("--config.train.steps=-1",), "--config.train.steps must be >= 0"),
+    ("epochs 0", ("--config.train.steps=0", "--config.train.epochs=0.0"), "--config.train.epochs must be > 0"),
+    ("ckpt_every 0", ("--config.train.ckpt_every=0",), "--config.train.ckpt_every must be > 0"),
+    ("log_every 0", ("--config.train.log_every=0",), "--config.train.log_every must be > 0"),
+    ("max_len 0", ("--config.max_len=0",), "--config.max_len must be > 0"),
+    ("max_len > positions", ("--config.max_len=512",), "--config.max_len=512 exceeds the 64 positions of the model"),
+    ("lr 0", ("--config.optim.lr=0.0",), "--config.optim.lr must be > 0"),
+    ("alpha 1.5", ("--config.distill.alpha=1.5",), "--config.distill.alpha must be in [0, 1]"),
+    ("temperature 0", ("--config.distill.temperature=0.0",), "--config.distill.temperature must be > 0"),
+    ("validation fraction 1", ("--config.validation_fraction=1.0",), "--config.validation_fraction must be in (0, 1)"),
+    ("mesh 3 on 8", ("--config.mesh.shape=(3,1,1)",), "does not fit the 8 device"),
+    ("unknown GLUE task", ("--config.task=sst3",), "unknown GLUE task 'sst3'"),
+    ("missing task file", ("--config.task=/nonexistent/train.csv",), "--config.task /nonexistent/train.csv does not "
+                                                                     "exist"),
+    ("binary task file", ("--config.task={random}",), "is not UTF-8 text"),
+    ("empty task file", ("--config.task={empty}",), "is empty"),
+    ("missing model", ("--config.model=/nonexistent/model",), "--config.model /nonexistent/model does not exist"),
+    ("missing teacher", ("--config.distill.teacher=./nonexistent",), "--config.distill.teacher ./nonexistent does not"),
+    ("too few examples", ("--config.train.batch_size=2048",), "make no full batch of 2048"),
+]
+
+
+@pytest.mark.parametrize("extra, phrase", [c[1:] for c in FINETUNE_CASES], ids=[c[0] for c in FINETUNE_CASES])
+def test_finetune_refuses(extra, phrase, tiny_teacher, test_data, workdir_with_checkpoints, tmp_path, capsys,
+                          no_compile):
+  (tmp_path / "random.jsonl").write_bytes(np.random.default_rng(0).bytes(10_000))
+  (tmp_path / "empty.csv").write_text("")
+  files = {"random": tmp_path / "random.jsonl", "empty": tmp_path / "empty.csv"}
+  argv = ["finetune", f"--config={ROOT / 'configs' / 'finetune.py'}", f"--workdir={workdir_with_checkpoints}",
+          f"--config.model={tiny_teacher}", "--config.task=sentiment:imdb",
+          f"--config.sentiment_dir={test_data / 'sentiment'}", "--config.max_len=48", "--config.train.batch_size=16",
+          "--config.train.steps=2"]
+  argv += [a.format(**files) for a in extra]
+  before = _hashes(workdir_with_checkpoints)
+  _assert_refused(finetune.main(argv), capsys, phrase)
+  assert _hashes(workdir_with_checkpoints) == before
