@@ -6,6 +6,7 @@ wrong keeps its traceback: that is a bug, and must stay visible.
 """
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import pathlib
@@ -166,3 +167,23 @@ def flag_error(error: Exception, argv: list[str]) -> str:
     cause = next((line for line in lines if "[Errno" in line), lines[-1] if lines else "")
     return f"--config: cannot load the config file ({cause}): give an existing configs/*.py file"
   return lines[0] if lines else type(error).__name__
+
+
+class ArgumentParser(argparse.ArgumentParser):
+  """argparse whose bad arguments raise `ConfigError` (one line, exit status 2, from the caller's handler)
+  instead of printing the usage and exiting from inside `parse_args`."""
+
+  def error(self, message):
+    raise ConfigError(f"{message} (see --help)")
+
+
+def looks_local(path: str | os.PathLike) -> bool:
+  """A path rather than a hub name such as `bert-base-uncased` or `google-bert/bert-base-uncased`."""
+  text = os.fspath(path)
+  return text.startswith(("/", ".", "~")) or text.count("/") > 1 or os.sep != "/" and os.sep in text
+
+
+def check_model_path(path: str | os.PathLike, flag: str):
+  """A local model folder or workdir that exists (hub names are left to the loader)."""
+  if path and looks_local(path):
+    check_existing_path(path, flag, "model folder or training workdir")

@@ -203,3 +203,106 @@ def test_finetune_refuses(extra, phrase, tiny_teacher, test_data, workdir_with_c
   before = _hashes(workdir_with_checkpoints)
   _assert_refused(finetune.main(argv), capsys, phrase)
   assert _hashes(workdir_with_checkpoints) == before
+
+
+# ------------------------------------------------------------------------------------------------ evaluate
+
+EVALUATE_CASES = [
+    ("max-len 0", ("--max-len", "0"), "--max-len must be > 0"),
+    ("max-len 2", ("--max-len", "2"), "no room for [CLS] text [SEP]"),
+    ("max-len > positions", ("--max-len", "128"), "--max-len 128 exceeds the 64 positions of the model"),
+    ("max-len not a number", ("--max-len", "abc"), "argument --max-len: invalid int value: 'abc'"),
+    ("batch 0", ("--batch-size", "0"), "--batch-size must be > 0"),
+    ("max-batches 0", ("--max-batches", "0"), "--max-batches must be > 0"),
+    ("step -1", ("--step", "-1"), "--step must be >= 0"),
+    ("missing model", ("--model", "/nonexistent/model"), "--model /nonexistent/model does not exist"),
+    ("missing teacher", ("--teacher", "/nonexistent/teacher"), "--teacher /nonexistent/teacher does not exist"),
+    ("missing tokenizer", ("--tokenizer", "/nonexistent/tok"), "--tokenizer /nonexistent/tok does not exist"),
+    ("binary data", ("--data", "{random}"), "is not UTF-8 text"),
+    ("empty data", ("--data", "{empty}"), "is empty"),
+    ("missing data", ("--data", "/nonexistent.txt"), "is not an existing file or folder"),
+    ("folder without text", ("--data", "{no_txt}"), "holds no *.txt files"),
+    ("too little text", ("--data", "{small}"), "no evaluation examples"),
+    ("json is a folder", ("--json", "{folder}"), "is a folder: give a file path"),
+    ("cache-dir is a file", ("--cache-dir", "{empty}"), "--cache-dir"),
+]
+
+
+@pytest.mark.parametrize("extra, phrase", [c[1:] for c in EVALUATE_CASES], ids=[c[0] for c in EVALUATE_CASES])
+def test_evaluate_refuses(extra, phrase, tiny_teacher, test_data, tmp_path, capsys, no_compile):
+  files = _sources(tmp_path)
+  (tmp_path / "small.txt").write_text("Too short.\n")
+  files["folder"] = str(tmp_path)
+  text = sorted((test_data / "corpus" / "sotu").glob("*.txt"))[-1]
+  args = {"--model": str(tiny_teacher), "--data": str(text), "--max-len": "64", "--cache-dir": str(tmp_path / "c")}
+  args.update({extra[0]: extra[1].format(**files)})
+  argv = [x for kv in args.items() for x in kv]
+  _assert_refused(evaluate.main(argv), capsys, phrase)
+
+
+def test_evaluate_refuses_missing_arguments(capsys):
+  _assert_refused(evaluate.main(["--model", "m"]), capsys, "the following arguments are required: --data")
+
+
+# ------------------------------------------------------------------------------------------------ convert
+
+CONVERT_CASES = [
+    ("missing src", ("hf2jax", "--src", "/nonexistent/hf", "--dst", "{out}"), "--src /nonexistent/hf does not exist"),
+    ("src not a model", ("hf2jax", "--src", "{folder}", "--dst", "{out}"), "has no config.json"),
+    ("dtype", ("hf2jax", "--src", "{teacher}", "--dst", "{out}", "--dtype", "float13"), "--dtype 'float13'"),
+    ("dst is src", ("hf2jax", "--src", "{teacher}", "--dst", "{teacher}", "--overwrite"), "is --src"),
+    ("dst is a file", ("hf2jax", "--src", "{teacher}", "--dst", "{file}"), "is an existing file"),
+    ("dst not empty", ("hf2jax", "--src", "{teacher}", "--dst", "{workdir}"), "exists and is not empty"),
+    ("architecture", ("jax2hf", "--src", "{workdir}", "--dst", "{out}", "--architecture", "GPT2LMHeadModel"),
+     "--architecture 'GPT2LMHeadModel': use one of"),
+    ("step -1", ("jax2hf", "--src", "{workdir}", "--dst", "{out}", "--step", "-1"), "--step must be >= 0"),
+    ("step missing", ("jax2hf", "--src", "{workdir}", "--dst", "{out}", "--step", "5"), "no checkpoint of step 5"),
+    ("tokenizer", ("jax2hf", "--src", "{workdir}", "--dst", "{out}", "--tokenizer", "/nonexistent/tok"),
+     "--tokenizer /nonexistent/tok does not exist"),
+    ("jax src not a model", ("jax2hf", "--src", "{folder}", "--dst", "{out}"), "is not a converted model"),
+    ("no command", ("--src", "{teacher}"), "invalid choice"),
+    ("unknown command", ("tf2jax", "--src", "{teacher}", "--dst", "{out}"), "invalid choice: 'tf2jax'"),
+    ("missing dst", ("hf2jax", "--src", "{teacher}"), "the following arguments are required: --dst"),
+]
+
+
+@pytest.mark.parametrize("argv", [c[1] for c in CONVERT_CASES], ids=[c[0] for c in CONVERT_CASES])
+def test_convert_refuses(argv, tiny_teacher, workdir_with_checkpoints, tmp_path, capsys, no_compile):
+  phrase = {c[1]: c[2] for c in CONVERT_CASES}[argv]
+  (tmp_path / "file").write_text("x\n")
+  (tmp_path / "folder").mkdir()
+  names = dict(out=tmp_path / "out", folder=tmp_path / "folder", file=tmp_path / "file", teacher=tiny_teacher,
+               workdir=workdir_with_checkpoints)
+  before, teacher_before = _hashes(workdir_with_checkpoints), _hashes(tiny_teacher)
+  _assert_refused(convert.main([a.format(**names) for a in argv]), capsys, phrase)
+  assert _hashes(workdir_with_checkpoints) == before and _hashes(tiny_teacher) == teacher_before
+  assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------------ aot
+
+AOT_CASES = [
+    ("unknown key", ("--config.train.bach=3",), "unknown config key 'bach'"),
+    ("topology", ("--topology=v9-8",), "unknown TPU topology 'v9-8'"),
+    ("no topology", ("--topology=",), "topology"),
+    ("batch 0", ("--batch=0",), "--batch must be > 0"),
+    ("seq 0", ("--seq=0",), "--seq must be > 0"),
+    ("seq > positions", ("--seq=128",), "--seq=128 exceeds the 64 positions of the teacher"),
+    ("max_len > positions", ("--config.data.max_len=128",), "--config.data.max_len=128 exceeds the 64 positions"),
+    ("steps 0", ("--config.train.steps=0",), "--config.train.steps must be > 0"),
+    ("temperature 0", ("--config.loss.temperature=0.0",), "--config.loss.temperature must be > 0"),
+    ("lr 0", ("--config.optim.lr=0.0",), "--config.optim.lr must be > 0"),
+    ("mlm.prob 1.5", ("--config.mlm.prob=1.5",), "--config.mlm.prob must be in (0, 1]"),
+    ("batch_size 0", ("--config.data.batch_size=0",), "--config.data.batch_size must be > 0"),
+    ("layers", ("--config.student.layers=(5,)",), "layers [5] do not exist in a 2-layer teacher"),
+    ("mesh rule", ("--config.mesh.rules.batch=('data','dp')",), "not mesh axes"),
+    ("missing teacher", ("--config.teacher=/nonexistent/teacher",), "is neither a local folder nor a known hub model"),
+]
+
+
+@pytest.mark.parametrize("extra, phrase", [c[1:] for c in AOT_CASES], ids=[c[0] for c in AOT_CASES])
+def test_aot_refuses(extra, phrase, tiny_teacher, capsys, no_compile, monkeypatch):
+  from distilbert_jax import aot
+  monkeypatch.setattr(aot, "compile_only_process", lambda: pytest.fail("got past validation to the compiler"))
+  argv = ["aot", f"--config={TINY}:{tiny_teacher}", "--topology=v5e-8", *extra]
+  _assert_refused(aot.main(argv), capsys, phrase)
