@@ -46,6 +46,17 @@ def _reraise_disk_full(error: BaseException, what: str, folder: pathlib.Path):
                           "checkpoint") from error
 
 
+class _DropDiskFullTracebacks(logging.Filter):
+  """Orbax logs the traceback of a failed asynchronous save from its thread; a full disk is reported by
+  `RunCheckpoints` as one line instead, so that record is dropped (any other error keeps it)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.exc_info and record.exc_info[1] is not None and _disk_full(record.exc_info[1]))
+
+
+_DISK_FULL_FILTER = _DropDiskFullTracebacks()
+
+
 def _free_path(path: pathlib.Path) -> pathlib.Path:
   """`path`, or `path-2`, `path-3`, ...: the first name not taken (moving a folder aside never clashes)."""
   candidate, n = path, 1
@@ -129,6 +140,7 @@ class RunCheckpoints:
 
   def __init__(self, workdir: str | os.PathLike, *, keep: int = 3, async_save: bool = True):
     self.directory = pathlib.Path(workdir).absolute() / "checkpoints"
+    logging.getLogger("absl").addFilter(_DISK_FULL_FILTER)  # adding it again is a no-op
     self.manager = ocp.CheckpointManager(
         self.directory, item_names=("state", "data", "config"),
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
