@@ -213,3 +213,19 @@ def test_sigterm_at_any_moment_stops_cleanly_and_a_rerun_finishes(stage, module,
     assert _steps(workdir) == [3, 6]
   train.run(config, workdir)
   _assert_same_run(workdir, reference)
+
+
+def test_replaced_checkpoints_move_aside_without_clashing(tmp_path):
+  import distilbert_jax
+  ckpts = checkpoint.RunCheckpoints(tmp_path, async_save=False)
+  ckpts.save(6, {"w": np.ones(2, np.float32)}, {}, {"model": distilbert_jax.EncoderConfig.bert().to_dict()})
+  ckpts.close()
+  (tmp_path / "checkpoints.replaced-6").mkdir()  # a folder from an earlier replacement
+  ckpts = checkpoint.RunCheckpoints(tmp_path, async_save=False)
+  try:
+    ckpts.check_model(distilbert_jax.EncoderConfig.bert(num_layers=1).to_dict(), allow_change=True)
+    assert ckpts.latest_step() is None
+  finally:
+    ckpts.close()
+  assert (tmp_path / "checkpoints.replaced-6-2" / "6").is_dir()
+  assert not any((tmp_path / "checkpoints.replaced-6").iterdir())

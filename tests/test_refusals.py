@@ -306,3 +306,13 @@ def test_aot_refuses(extra, phrase, tiny_teacher, capsys, no_compile, monkeypatc
   monkeypatch.setattr(aot, "compile_only_process", lambda: pytest.fail("got past validation to the compiler"))
   argv = ["aot", f"--config={TINY}:{tiny_teacher}", "--topology=v5e-8", *extra]
   _assert_refused(aot.main(argv), capsys, phrase)
+
+
+def test_unexpected_errors_keep_their_traceback(tiny_teacher, data_cache, test_data, tmp_path, monkeypatch):
+  """A bug is not bad input: it propagates (the interpreter prints its traceback, exit status 1)."""
+  def bug(config):
+    raise RuntimeError("a bug in the code")
+  monkeypatch.setattr(train, "build_models", bug)
+  with pytest.raises(RuntimeError, match="a bug in the code"):
+    train.main(["train", f"--config={TINY}:{tiny_teacher}", f"--workdir={tmp_path}",
+                f"--config.data.cache_dir={data_cache}", f"--config.data.corpus_dir={test_data / 'corpus'}"])
