@@ -13,6 +13,7 @@ losses (`losses.py`) and applies AdamW (optax) → the new state stays on the de
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -21,7 +22,6 @@ import logging
 import math
 import os
 import pathlib
-import contextlib
 import signal
 import sys
 import threading
@@ -897,7 +897,7 @@ def cli(run_fn, config_help: str, user_errors: tuple[type[Exception], ...] = (),
   from ml_collections import config_flags
   argv = list(sys.argv if argv is None else argv)
   if any(a in ("-h", "--help", "-?", "--helpfull") for a in argv[1:]):
-    print(f"usage: {argv[0]} --config {config_help.removeprefix('a ')}[:ARG] --workdir DIR [--config.KEY=VALUE ...]")
+    print(f"usage: {argv[0]} --config FILE[:ARG] --workdir DIR [--config.KEY=VALUE ...]\n  FILE: {config_help}")
     return 0
 
   def define(flag_values):
