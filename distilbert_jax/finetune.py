@@ -373,9 +373,8 @@ def validate_run(config, workdir: pathlib.Path):
   data_parallel = sizes["data"] * sizes["fsdp"]
   validation.check_batch(config.train.batch_size, data_parallel, config.optim.grad_accum, "--config.train.batch_size")
   validation.check_batch(config.train.eval_batch_size, data_parallel, 1, "--config.train.eval_batch_size")
-  for flag, path in (("--config.model", config.model), ("--config.distill.teacher", config.distill.teacher)):
-    if path and (os.sep in str(path) or str(path).startswith((".", "~"))):  # a local path, not a hub name
-      validation.check_existing_path(path, flag, "model folder or training workdir")
+  validation.check_model_path(config.model, "--config.model")  # local paths; hub names are left to the loader
+  validation.check_model_path(config.distill.teacher, "--config.distill.teacher")
   task = str(config.task)
   if not task.startswith("sentiment:") and tasks.is_local(task):
     validation.check_existing_path(task, "--config.task", ".csv/.tsv/.json/.jsonl file")

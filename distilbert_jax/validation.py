@@ -180,7 +180,9 @@ class ArgumentParser(argparse.ArgumentParser):
 def looks_local(path: str | os.PathLike) -> bool:
   """A path rather than a hub name such as `bert-base-uncased` or `google-bert/bert-base-uncased`."""
   text = os.fspath(path)
-  return text.startswith(("/", ".", "~")) or text.count("/") > 1 or os.sep != "/" and os.sep in text
+  if text.startswith(("/", ".", "~")) or text.count("/") > 1 or os.sep != "/" and os.sep in text:
+    return True
+  return "/" in text and pathlib.Path(text).parent.is_dir()  # runs/demo where ./runs exists: local
 
 
 def check_model_path(path: str | os.PathLike, flag: str):
