@@ -126,18 +126,57 @@ def test_no_readable_checkpoint_is_one_line_and_nothing_moves(reference, tmp_pat
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["3", "6"]
 
 
-def test_an_interrupted_save_is_never_taken_for_a_checkpoint(reference, tmp_path):
-  """Orbax writes a step into `<step>.orbax-checkpoint-tmp-*` and renames it when complete: a run killed
-  before the rename leaves such a folder, which the manager ignores (and later removes)."""
-  workdir = tmp_path / "w"
-  _copy_unfinished(reference, workdir)
-  partial = workdir / "checkpoints" / "9.orbax-checkpoint-tmp-1733300000000000"
-  shutil.copytree(workdir / "checkpoints" / "6", partial)
+def _w(step):
+  return np.random.default_rng(step).normal(size=(65536,)).astype(np.float32)
+
+
+def _small_checkpoints(workdir, steps=(3, 6)):
+  """Hand-made checkpoints of a small state (no training); `_w(step)` is the state of each (random values,
+  which do not compress: the array file is the largest)."""
+  ckpts = checkpoint.RunCheckpoints(workdir, async_save=False)
+  for step in steps:
+    ckpts.save(step, {"w": _w(step)}, {"position": step}, {"model": {}})
+  ckpts.close()
+
+
+def _restore_small(workdir):
   ckpts = checkpoint.RunCheckpoints(workdir)
   try:
-    assert ckpts.latest_step() == 6 and ckpts.manager.all_steps() == [3, 6]
+    abstract = {"w": jax.ShapeDtypeStruct((65536,), np.float32)}
+    step, state, data_state, _ = ckpts.restore(abstract)
   finally:
     ckpts.close()
+  return step, np.asarray(state["w"]), data_state
+
+
+def test_an_interrupted_save_is_never_taken_for_a_checkpoint(tmp_path):
+  """Orbax writes a step into `<step>.orbax-checkpoint-tmp-*` and renames it when complete: a run killed
+  before the rename leaves such a folder, which the manager ignores (and later removes)."""
+  _small_checkpoints(tmp_path)
+  partial = tmp_path / "checkpoints" / "9.orbax-checkpoint-tmp-1733300000000000"
+  shutil.copytree(tmp_path / "checkpoints" / "6", partial)
+  step, w, data_state = _restore_small(tmp_path)
+  assert step == 6 and np.array_equal(w, _w(6)) and data_state == {"position": 6}
+
+
+@pytest.mark.parametrize("how", ["truncated", "random bytes", "deleted"])
+def test_restore_moves_a_damaged_step_aside_and_takes_the_previous(how, tmp_path, caplog):
+  _small_checkpoints(tmp_path)
+  _damage(_largest_array_file(tmp_path / "checkpoints" / "6"), how)
+  with caplog.at_level(logging.WARNING, logger="distilbert_jax"):
+    step, w, data_state = _restore_small(tmp_path)
+  assert step == 3 and np.array_equal(w, _w(3)) and data_state == {"position": 3}
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["3", "6.damaged"]
+  assert any("checkpoint 6 could not be read" in r.getMessage() for r in caplog.records)
+
+
+def test_restore_with_nothing_readable_moves_nothing(tmp_path):
+  _small_checkpoints(tmp_path)
+  for step in (3, 6):
+    _damage(_largest_array_file(tmp_path / "checkpoints" / str(step)), "random bytes")
+  with pytest.raises(checkpoint.CheckpointError, match="no checkpoint in .* can be read .*another --workdir"):
+    _restore_small(tmp_path)
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["3", "6"]
 
 
 def test_moving_aside_never_clashes(tmp_path):
