@@ -316,3 +316,14 @@ def test_unexpected_errors_keep_their_traceback(tiny_teacher, data_cache, test_d
   with pytest.raises(RuntimeError, match="a bug in the code"):
     train.main(["train", f"--config={TINY}:{tiny_teacher}", f"--workdir={tmp_path}",
                 f"--config.data.cache_dir={data_cache}", f"--config.data.corpus_dir={test_data / 'corpus'}"])
+
+
+def test_train_refuses_a_workdir_of_another_model(tiny_teacher, data_cache, test_data, workdir_with_checkpoints,
+                                                 capsys):
+  """Refused once the student is known (after set-up): one line, the checkpoint manager closed quietly, every
+  byte of the workdir as it was."""
+  before = _hashes(workdir_with_checkpoints)
+  argv = ["train", f"--config={TINY}:{tiny_teacher}", f"--workdir={workdir_with_checkpoints}",
+          f"--config.data.cache_dir={data_cache}", f"--config.data.corpus_dir={test_data / 'corpus'}"]
+  _assert_refused(train.main(argv), capsys, "holds checkpoints of another model")
+  assert _hashes(workdir_with_checkpoints) == before
