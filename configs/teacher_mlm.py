@@ -35,7 +35,10 @@ def get_config(preset: str = "cpu") -> ml_collections.ConfigDict:
   c = default_config()
   c.seed = 56
   c.teacher = ""
-  c.student.init = minilm_path() if preset != "tiny" else ""
+  try:
+    c.student.init = minilm_path() if preset != "tiny" else ""
+  except ImportError as e:  # a machine without the package names the folder with --config.student.init=DIR
+    c.student.init = f"<{e}>"
   c.data.demo_corpus = True
   c.data.max_len = 128
   c.data.held_out_fraction = 0.05  # the demo's split

@@ -32,7 +32,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from distilbert_jax import checkpoint, hf, metrics, sharding, train
+from distilbert_jax import checkpoint, hf, metrics, sharding, train, validation
 from distilbert_jax import model as model_lib
 from distilbert_jax import student as student_lib
 
@@ -233,6 +233,10 @@ def abstract_models(config) -> tuple[model_lib.Encoder | None, model_lib.Encoder
     if teacher is None:
       raise train.ConfigError("student.init='teacher' needs config.teacher")
     layers = tuple(config.student.layers) or student_lib.default_layers(teacher.cfg.num_layers)
+    try:
+      student_lib.check_layers(layers, teacher.cfg.num_layers)
+    except ValueError as e:
+      raise train.ConfigError(f"--config.student.layers: {e}") from None
     base = student_lib.student_config(teacher.cfg, len(layers))
   elif init == "random":
     base = (student_lib.student_config(teacher.cfg, len(config.student.layers) or teacher.cfg.num_layers // 2)
@@ -457,56 +461,71 @@ def search_batch(config, mesh, teacher, student, start: int, seq: int, hbm_bytes
   return best
 
 
-def main():
-  from absl import app, flags
+def main(argv: list[str] | None = None) -> int:
+  """Exit status: 0 the step fits, 1 it does not, 2 bad input (one line, refused before libtpu starts)."""
+  from absl import flags
   from ml_collections import config_flags
-  config_flag = config_flags.DEFINE_config_file("config", None, "a configs/*.py file", lock_config=True)
-  topology_flag = flags.DEFINE_string("topology", None, "v5e-8, v4-8, v5p-8, v6e-8, v4-32, ... or v5e:2x4")
-  batch_flag = flags.DEFINE_integer("batch", None, "global batch (sequences); default config.data.batch_size")
-  seq_flag = flags.DEFINE_integer("seq", None, "sequence length (tokens); default config.data.max_len")
-  search_flag = flags.DEFINE_bool("search-batch", False, "double the global batch until it no longer fits")
-  flags.mark_flags_as_required(["config", "topology"])
+  argv = list(sys.argv if argv is None else argv)
 
-  def _main(argv):
-    del argv
+  def define(fv):
+    return (config_flags.DEFINE_config_file("config", None, "a configs/*.py file", flag_values=fv, lock_config=True,
+                                            sys_argv=argv),
+            flags.DEFINE_string("topology", None, "v5e-8, v4-8, v5p-8, v6e-8, v4-32, ... or v5e:2x4", flag_values=fv),
+            flags.DEFINE_integer("batch", None, "global batch (sequences); default config.data.batch_size",
+                                 flag_values=fv),
+            flags.DEFINE_integer("seq", None, "sequence length (tokens); default config.data.max_len", flag_values=fv),
+            flags.DEFINE_bool("search-batch", False, "double the global batch until it no longer fits",
+                              flag_values=fv))
+
+  def required(fv):
+    held = define(fv)
+    flags.mark_flags_as_required(["config", "topology"], flag_values=fv)
+    return held
+
+  parsed = train.parse_flags(argv, required)
+  if parsed is None:
+    return 2
+  config_flag, topology_flag, batch_flag, seq_flag, search_flag = parsed
+  config = config_flag.value.copy_and_resolve_references()
+  try:
+    # What needs no compiler first: bad input is refused whether libtpu is there or not.
+    train.validate_config(config)
+    topo = parse_topology(topology_flag.value)
+    for flag, value in (("--batch", batch_flag.value), ("--seq", seq_flag.value)):
+      if value is not None:
+        validation.check_number(flag, value, ">0")
+    teacher, student = abstract_models(config)
+    batch = batch_flag.value or config.data.batch_size
+    seq = seq_flag.value or config.data.max_len
+    train.check_max_len(seq, {"teacher": teacher, "student": student}, "--seq" if seq_flag.value else
+                        "--config.data.max_len")
     compile_only_process()
-    config = config_flag.value.copy_and_resolve_references()
-    try:
-      topo = parse_topology(topology_flag.value)  # a mistyped name is reported whether libtpu is there or not
-      if not has_libtpu():
-        print(f"error: compiling for a TPU needs libtpu: {INSTALL_HINT.format(jax.__version__)}", file=sys.stderr)
-        sys.exit(2)
-      train.validate_config(config)
-      teacher, student = abstract_models(config)
-      devices = get_topology(topo).devices
-      try:
-        mesh = sharding.make_mesh(config.mesh.shape, devices=devices)
-      except ValueError as e:  # a mesh shape that does not match the slice: the user's to fix
-        raise train.ConfigError(str(e)) from e
-      batch = batch_flag.value or config.data.batch_size
-      seq = seq_flag.value or config.data.max_len
-      check_shapes(config, mesh, teacher, student, batch, seq)
-      print(describe(topo, devices, mesh, config, teacher, student, batch, seq), flush=True)
-      hbm = topo.chip.hbm_gib * GiB
-      if search_flag.value:
-        print("searching the largest global batch that fits:", flush=True)
-        best = search_batch(config, mesh, teacher, student, batch, seq, hbm)
-        if best is None:
-          print("verdict   no global batch fits: try --config.model.remat=True or a larger slice")
-          sys.exit(1)
-        print(f"largest   global batch {best.batch} fits "
-              f"({best.batch // sharding.data_parallel_size(mesh)} sequences per data-parallel device)")
-        print(report(best))
-        return
-      result = compile_step(config, mesh, teacher, student, batch, seq, hbm)
-    except (train.ConfigError, hf.ConversionError) as e:
-      print(f"error: {e}", file=sys.stderr)
-      sys.exit(2)
-    print(report(result))
-    sys.exit(0 if result.fits else 1)
-
-  app.run(_main)
+    if not has_libtpu():
+      print(f"error: compiling for a TPU needs libtpu: {INSTALL_HINT.format(jax.__version__)}", file=sys.stderr)
+      return 2
+    devices = get_topology(topo).devices
+    validation.check_mesh(config.mesh.shape, len(devices))
+    mesh = sharding.make_mesh(config.mesh.shape, devices=devices)
+    check_shapes(config, mesh, teacher, student, batch, seq)
+    print(describe(topo, devices, mesh, config, teacher, student, batch, seq), flush=True)
+    hbm = topo.chip.hbm_gib * GiB
+    if search_flag.value:
+      print("searching the largest global batch that fits:", flush=True)
+      best = search_batch(config, mesh, teacher, student, batch, seq, hbm)
+      if best is None:
+        print("verdict   no global batch fits: try --config.model.remat=True or a larger slice")
+        return 1
+      print(f"largest   global batch {best.batch} fits "
+            f"({best.batch // sharding.data_parallel_size(mesh)} sequences per data-parallel device)")
+      print(report(best))
+      return 0
+    result = compile_step(config, mesh, teacher, student, batch, seq, hbm)
+  except (train.ConfigError, hf.ConversionError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(report(result))
+  return 0 if result.fits else 1
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

@@ -417,6 +417,10 @@ def _check_settings(data_dir: pathlib.Path, requested: dict) -> dict:
   return meta
 
 
+class EmptyCorpusError(ValueError):
+  """A corpus that gives no training example."""
+
+
 def preprocess(texts: Iterable[str | Sequence[str]], tokenizer: Any, out_dir: PathLike, *,
                max_len: int = 512, min_len: int = 12, max_unk_fraction: float = 0.5,
                held_out_fraction: float = 0.0, seed: int = 0, source: str | None = None,
@@ -493,8 +497,8 @@ def preprocess(texts: Iterable[str | Sequence[str]], tokenizer: Any, out_dir: Pa
       for f in files.values():
         f.close()
     if not stats["train"]["examples"]:
-      raise ValueError(f"no training examples: every document gave fewer than min_len={min_len} tokens, "
-                       "or the corpus is empty")
+      raise EmptyCorpusError(f"no training examples: every document gave fewer than min_len={min_len} tokens, "
+                            "or the corpus is empty")
     for s in SPLITS:
       lengths_N = np.concatenate(lengths[s]) if lengths[s] else np.zeros(0, np.int64)
       np.save(_offsets_path(tmp, s), np.concatenate([[0], np.cumsum(lengths_N)]).astype(np.int64))

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from distilbert_jax import checkpoint, data, losses, masking
+from distilbert_jax import checkpoint, data, hf, losses, masking, validation
 from distilbert_jax import model as model_lib
 
 
@@ -162,19 +162,27 @@ def evaluate_models(models: dict, sources: list[str], *, tokenizer: str | None =
   """
   tokenizer = tokenizer or next((m.cfg.tokenizer for m, _ in models.values() if m.cfg.tokenizer), None)
   if not tokenizer:
-    raise ValueError("no tokenizer: the models do not name one; pass --tokenizer DIR")
+    raise validation.ConfigError("no tokenizer: the models do not name one; pass --tokenizer DIR")
   unknown = set(maskings) - set(MASKINGS)
   if unknown:
-    raise ValueError(f"unknown masking {sorted(unknown)}; valid: {', '.join(MASKINGS)}")
-  ds, counts = _dataset(sources, tokenizer, max_len=max_len, cache_dir=pathlib.Path(cache_dir).expanduser())
+    raise validation.ConfigError(f"unknown masking {sorted(unknown)}; valid: {', '.join(MASKINGS)}")
+  for name, (model, _) in models.items():
+    if max_len > model.cfg.max_position_embeddings:
+      raise validation.ConfigError(f"--max-len {max_len} exceeds the {model.cfg.max_position_embeddings} positions "
+                                   f"of the {name}: pass --max-len {model.cfg.max_position_embeddings} or less")
+  try:
+    ds, counts = _dataset(sources, tokenizer, max_len=max_len, cache_dir=pathlib.Path(cache_dir).expanduser())
+  except data.EmptyCorpusError:
+    ds = None
+  if ds is None or len(ds) == 0:
+    raise validation.ConfigError(f"no evaluation examples in {sources}: give more text (examples need at least "
+                                 "12 tokens)")
   specials = ds.special_ids
-  if len(ds) == 0:
-    raise ValueError(f"no evaluation examples in {sources}: give more text (examples need at least 12 tokens)")
   special_list = [i for i in specials.values() if i is not None]
   report = {}
   for name, (model, params) in models.items():
     if model.cfg.vocab_size != ds.vocab_size:
-      raise ValueError(f"{name} has a {model.cfg.vocab_size}-id vocabulary but the tokenizer {ds.vocab_size}: "
+      raise validation.ConfigError(f"{name} has a {model.cfg.vocab_size}-id vocabulary but the tokenizer {ds.vocab_size}: "
                        "evaluate with the model's own tokenizer (--tokenizer)")
     report[name] = {"parameters": model_lib.count_params(params)}
     for masking_name in maskings:
@@ -231,8 +239,34 @@ def format_report(report: dict) -> str:
                    for row in lines)
 
 
+# Bad input the command line reports as one line (exit status 2); anything else keeps its traceback.
+USER_ERRORS = (validation.ConfigError, hf.ConversionError, FileNotFoundError, checkpoint.CheckpointError)
+
+
+def check_args(args):
+  """Refuses, before any model is read, arguments that cannot work."""
+  validation.check_number("--max-len", args.max_len, ">0")
+  if args.max_len < 3:
+    raise validation.ConfigError(f"--max-len {args.max_len} leaves no room for [CLS] text [SEP]: pass 3 or more")
+  validation.check_number("--batch-size", args.batch_size, ">0")
+  validation.check_number("--max-batches", args.max_batches, ">0")
+  if args.step is not None:
+    validation.check_number("--step", args.step, ">=0")
+  validation.check_model_path(args.model, "--model")
+  validation.check_model_path(args.teacher, "--teacher")
+  if args.tokenizer:
+    validation.check_model_path(args.tokenizer, "--tokenizer")
+  if not (len(args.data) == 1 and (pathlib.Path(args.data[0]) / "meta.json").exists()):
+    validation.check_local_sources(args.data, "--data")
+  validation.check_workdir(args.cache_dir, "--cache-dir")
+  if args.json is not None:
+    if args.json.is_dir():
+      raise validation.ConfigError(f"--json {args.json} is a folder: give a file path")
+    validation.check_workdir(args.json.parent, "--json's folder")
+
+
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = validation.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--model", required=True, help="the student (or the only model): workdir, JAX or HF folder")
   parser.add_argument("--teacher", help="a teacher to compare with")
   parser.add_argument("--data", nargs="+", required=True, help="held-out text (files/folders/globs) or a "
@@ -245,16 +279,17 @@ def main(argv=None) -> int:
   parser.add_argument("--step", type=int, help="checkpoint step when --model is a workdir")
   parser.add_argument("--cache-dir", default="~/.cache/distilbert_jax")
   parser.add_argument("--json", type=pathlib.Path, help="also write the report here")
-  args = parser.parse_args(argv)
   logging.basicConfig(level=logging.WARNING, force=True)
   try:
+    args = parser.parse_args(argv)
+    check_args(args)
     models = {"student" if args.teacher else "model": checkpoint.load_any(args.model, args.step)}
     if args.teacher:
       models["teacher"] = checkpoint.load_any(args.teacher)
     report = evaluate_models(models, args.data, tokenizer=args.tokenizer, max_len=args.max_len,
                              batch_size=args.batch_size, max_batches=args.max_batches, seed=args.seed,
                              cache_dir=args.cache_dir)
-  except (ValueError, FileNotFoundError) as e:  # ConversionError is a ValueError
+  except USER_ERRORS as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   print(format_report(report))

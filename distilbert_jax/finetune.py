@@ -24,6 +24,7 @@ import functools
 import logging
 import os
 import pathlib
+import sys
 from typing import Any
 
 import grain
@@ -33,7 +34,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from distilbert_jax import checkpoint, data, distributed, metrics, sharding, tasks, train
+from distilbert_jax import checkpoint, data, distributed, metrics, sharding, tasks, train, validation
 from distilbert_jax import model as model_lib
 
 log = logging.getLogger("distilbert_jax.finetune")
@@ -345,22 +346,55 @@ def majority_baseline(train_labels: np.ndarray, eval_arrays: TaskArrays) -> dict
   return tasks.compute_metrics(eval_arrays.task, np.full(n, majority), eval_arrays.labels)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
-  """Fine-tunes (or resumes) in `workdir`; returns the summary (validation metrics, baseline, export)."""
-  workdir = pathlib.Path(workdir).expanduser().absolute()
-  config = config.copy_and_resolve_references()
+# Every numeric setting of a fine-tune and its range (validation.RANGES).
+RANGES = {
+    "max_len": ">0", "num_labels": ">=0", "validation_fraction": "(0,1)",
+    "distill.alpha": "[0,1]", "distill.temperature": ">0",
+    "train.epochs": ">=0", "train.steps": ">=0", "train.batch_size": ">0", "train.eval_batch_size": ">0",
+    "train.log_every": ">0", "train.eval_every": ">=0", "train.ckpt_every": ">0", "train.keep": ">0",
+    **{k: v for k, v in train.RANGES.items() if k.startswith("optim.")},
+}
+
+
+def validate_run(config, workdir: pathlib.Path):
+  """Everything about a fine-tune that can be checked before the model or the data is read."""
   if not config.model:
     raise train.ConfigError("no model: set --config.model to a JAX model folder, training workdir or Hugging "
                             "Face folder / hub name")
   if not config.task:
     raise train.ConfigError(f"no task: set --config.task to a GLUE task ({', '.join(tasks.GLUE_TASKS)}) or a "
                             ".csv/.tsv/.json/.jsonl file")
-  if config.optim.grad_accum < 1:
-    raise train.ConfigError("optim.grad_accum must be >= 1")
-  if not 0.0 <= config.distill.alpha <= 1.0:
-    raise train.ConfigError(f"distill.alpha must be in [0, 1], got {config.distill.alpha}")
+  validation.check_ranges(config, RANGES)
+  if config.train.steps == 0 and config.train.epochs <= 0:
+    raise train.ConfigError("--config.train.epochs must be > 0 when --config.train.steps is 0: set one of them")
   train.check_mesh_rules(config.mesh.rules)
+  validation.check_workdir(workdir)
+  sizes = validation.check_mesh(config.mesh.shape, jax.device_count())
+  data_parallel = sizes["data"] * sizes["fsdp"]
+  validation.check_batch(config.train.batch_size, data_parallel, config.optim.grad_accum, "--config.train.batch_size")
+  validation.check_batch(config.train.eval_batch_size, data_parallel, 1, "--config.train.eval_batch_size")
+  validation.check_model_path(config.model, "--config.model")  # local paths; hub names are left to the loader
+  validation.check_model_path(config.distill.teacher, "--config.distill.teacher")
+  task = str(config.task)
+  if not task.startswith("sentiment:") and tasks.is_local(task):
+    validation.check_existing_path(task, "--config.task", ".csv/.tsv/.json/.jsonl file")
+    if pathlib.Path(task).is_file():
+      validation.check_text_files([pathlib.Path(task)], task, "--config.task")
 
+
+def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
+  """Fine-tunes (or resumes) in `workdir`; returns the summary (validation metrics, baseline, export).
+
+  As `train.run`: bad input is refused before anything compiles, and a SIGTERM at any moment stops at the
+  next safe point (the next run finishes the job)."""
+  workdir = pathlib.Path(workdir).expanduser().absolute()
+  config = config.copy_and_resolve_references()
+  validate_run(config, workdir)
+  with train.stop_signal() as stop:
+    return _run(config, workdir, stop)
+
+
+def _run(config, workdir: pathlib.Path, stop) -> dict:
   # Everything that can be wrong with the data or the checkpoint is found here, before any compile.
   train_data = load_split(config, "train")
   eval_data = load_split(config, validation_split(config))
@@ -384,16 +418,16 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
   if len(tokenizer) > model.cfg.vocab_size:
     raise train.ConfigError(f"the tokenizer {tokenizer_path} has {len(tokenizer)} ids but the model's vocabulary "
                             f"{model.cfg.vocab_size}: use the model's own tokenizer (--config.tokenizer)")
-  if config.max_len > model.cfg.max_position_embeddings:
-    raise train.ConfigError(f"max_len {config.max_len} exceeds the model's {model.cfg.max_position_embeddings} "
-                            "positions: lower --config.max_len")
+  train.check_max_len(config.max_len, {"model": model, "distillation teacher": teacher}, "--config.max_len")
   train_arrays = encode_split(train_data, tokenizer, config.max_len)
   eval_arrays = encode_split(eval_data, tokenizer, config.max_len)
   total_steps = _num_steps(config, len(train_arrays))
+  batches = example_batches(train_arrays, batch_size=config.train.batch_size, seed=config.seed,
+                            process_index=jax.process_index(), process_count=jax.process_count())
 
   mesh = sharding.make_mesh(config.mesh.shape)
-  train.check_batch(config.train.batch_size, mesh, config.optim.grad_accum)
-  train.check_batch(config.train.eval_batch_size, mesh)
+  if stop.requested:
+    return train.stopped_in_setup()
   rules = dict(config.mesh.rules)
   tx, schedule = train.make_optimizer(config.optim, total_steps, head_keys=HEAD_KEYS, frozen_keys=FROZEN_KEYS)
   fns = train.state_functions(mesh, rules, model, jax.eval_shape(lambda p: p, params), tx, config.seed)
@@ -416,58 +450,62 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
                        out_shardings=sharding.batch_sharding(mesh))
 
   ckpts = checkpoint.RunCheckpoints(workdir, keep=config.train.keep, async_save=config.train.async_checkpoint)
-  ckpts.check_model(model.cfg.to_dict(), allow_change=config.train.allow_model_change)
-  batches = example_batches(train_arrays, batch_size=config.train.batch_size, seed=config.seed,
-                            process_index=jax.process_index(), process_count=jax.process_count())
-  start, state = train.restore_or_init(ckpts, fns, params, batches)
-  del params
+  try:
+    ckpts.check_model(model.cfg.to_dict(), allow_change=config.train.allow_model_change)
+    start, state = train.restore_or_init(ckpts, fns, params, batches)
+    del params
 
-  is_main = jax.process_index() == 0
-  eval_every = config.train.eval_every
+    is_main = jax.process_index() == 0
+    eval_every = config.train.eval_every
 
-  def after_step(step_done, state):
-    if step_done != total_steps:  # the final evaluation follows the loop
-      scores = evaluate(model, state.params, eval_arrays, predict_fn, mesh, config.train.eval_batch_size)
-      log.info("step %d: validation %s", step_done, _format(scores))
-      return {f"eval_{k}": v for k, v in scores.items()}
-    return None
+    def after_step(step_done, state):
+      if step_done != total_steps:  # the final evaluation follows the loop
+        scores = evaluate(model, state.params, eval_arrays, predict_fn, mesh, config.train.eval_batch_size)
+        log.info("step %d: validation %s", step_done, _format(scores))
+        return {f"eval_{k}": v for k, v in scores.items()}
+      return None
 
-  flops_per_token = metrics.encoder_flops_per_token(model.cfg, config.max_len, with_logits=False) * 3
-  if teacher is not None:
-    flops_per_token += metrics.encoder_flops_per_token(teacher.cfg, config.max_len, with_logits=False)
-  with metrics.MetricsWriter(workdir, enabled=is_main) as writer:
-    writer.truncate_after(start)
-    result = train.fit(state, lambda s, b: step(s, teacher_params, b), batches, mesh, ckpts=ckpts, writer=writer,
-                       start=start, total_steps=total_steps, log_every=config.train.log_every,
-                       ckpt_every=config.train.ckpt_every, flops_per_token=flops_per_token,
-                       compute_dtype=config.model_options.dtype, progress=config.train.progress,
-                       run_config={"config": config.to_dict(), "model": model.cfg.to_dict()},
-                       eval_every=eval_every, evaluate_fn=after_step)
-    if result.preempted:
-      return train.stopped_early(ckpts, result.step)
-    scores = evaluate(model, result.state.params, eval_arrays, predict_fn, mesh, config.train.eval_batch_size)
-    writer.write(result.step, {f"eval_{k}": v for k, v in scores.items()})
+    flops_per_token = metrics.encoder_flops_per_token(model.cfg, config.max_len, with_logits=False) * 3
+    if teacher is not None:
+      flops_per_token += metrics.encoder_flops_per_token(teacher.cfg, config.max_len, with_logits=False)
+    with metrics.MetricsWriter(workdir, enabled=is_main) as writer:
+      writer.truncate_after(start)
+      result = train.fit(state, lambda s, b: step(s, teacher_params, b), batches, mesh, ckpts=ckpts, writer=writer,
+                         start=start, total_steps=total_steps, log_every=config.train.log_every,
+                         ckpt_every=config.train.ckpt_every, flops_per_token=flops_per_token,
+                         compute_dtype=config.model_options.dtype, progress=config.train.progress,
+                         run_config={"config": config.to_dict(), "model": model.cfg.to_dict()},
+                         eval_every=eval_every, evaluate_fn=after_step)
+      if result.preempted:
+        return train.stopped_early(ckpts, result.step)
+      scores = evaluate(model, result.state.params, eval_arrays, predict_fn, mesh, config.train.eval_batch_size)
+      if stop.requested:  # the final checkpoint is saved: the next run evaluates and exports
+        return train.stopped_early(ckpts, result.step, stage="evaluation")
+      writer.write(result.step, {f"eval_{k}": v for k, v in scores.items()})
 
-  baseline = majority_baseline(train_arrays.labels, eval_arrays)
-  summary = {"step": result.step, "workdir": str(workdir), "task": train_arrays.task.name,
-             "num_labels": num_labels, "train_examples": len(train_arrays), "eval_examples": len(eval_arrays),
-             "eval": scores, "majority_baseline": baseline}
-  if is_main:
-    line = f"validation ({len(eval_arrays)} examples): {_format(scores)}"
-    if baseline:
-      line += f"; majority class: {_format(baseline)}"
-    print(line, flush=True)
-  final = sharding.to_host(result.state.params)  # collectives: every process gathers
-  return train.finish_run(workdir, model, final, tokenizer_path, summary, ckpts, export=config.train.export)
+    baseline = majority_baseline(train_arrays.labels, eval_arrays)
+    summary = {"step": result.step, "workdir": str(workdir), "task": train_arrays.task.name,
+               "num_labels": num_labels, "train_examples": len(train_arrays), "eval_examples": len(eval_arrays),
+               "eval": scores, "majority_baseline": baseline}
+    if is_main:
+      line = f"validation ({len(eval_arrays)} examples): {_format(scores)}"
+      if baseline:
+        line += f"; majority class: {_format(baseline)}"
+      print(line, flush=True)
+    final = sharding.to_host(result.state.params)  # collectives: every process gathers
+    return train.finish_run(workdir, model, final, tokenizer_path, summary, ckpts, export=config.train.export)
+  except BaseException:
+    ckpts.close_after_error()  # no asynchronous save left running behind the error
+    raise
 
 
 def _format(scores: dict[str, float]) -> str:
   return ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
 
 
-def main():
-  train.cli(run, "a configs/finetune*.py file", user_errors=(tasks.TaskError,))
+def main(argv: list[str] | None = None) -> int:
+  return train.cli(run, "a configs/finetune*.py file", user_errors=(tasks.TaskError,), argv=argv)
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

@@ -28,6 +28,19 @@ def student_config(teacher_cfg: model_lib.EncoderConfig, num_layers: int) -> mod
   return teacher_cfg.replace(family="distilbert", num_layers=num_layers, type_vocab_size=0, use_pooler=False)
 
 
+def check_layers(layers: Sequence[int], num_teacher_layers: int):
+  """Raises ValueError unless `layers` are strictly increasing indices of existing teacher layers."""
+  n = num_teacher_layers
+  if not layers or any(not isinstance(i, int) or isinstance(i, bool) for i in layers):
+    raise ValueError(f"layers must be a non-empty list of teacher layer indices, got {list(layers)}")
+  bad = [i for i in layers if not 0 <= i < n]
+  if bad:
+    raise ValueError(f"layers {bad} do not exist in a {n}-layer teacher: choose indices in 0..{n - 1}")
+  if any(b <= a for a, b in zip(layers, layers[1:])):
+    raise ValueError(f"layers must be strictly increasing (each teacher layer copied once, in order), got "
+                     f"{list(layers)}")
+
+
 def student_from_teacher(teacher: model_lib.Encoder, teacher_params, layers: Sequence[int] | None = None,
                          *, copy_head: bool = True, seed: int = 0):
   """Returns (student, student_params) initialised from the teacher.
@@ -38,14 +51,7 @@ def student_from_teacher(teacher: model_lib.Encoder, teacher_params, layers: Seq
   """
   n = teacher.cfg.num_layers
   layers = default_layers(n) if layers is None else tuple(layers)
-  if not layers or any(not isinstance(i, int) or isinstance(i, bool) for i in layers):
-    raise ValueError(f"layers must be a non-empty list of teacher layer indices, got {list(layers)}")
-  bad = [i for i in layers if not 0 <= i < n]
-  if bad:
-    raise ValueError(f"layers {bad} do not exist in a {n}-layer teacher: choose indices in 0..{n - 1}")
-  if any(b <= a for a, b in zip(layers, layers[1:])):
-    raise ValueError(f"layers must be strictly increasing (each teacher layer copied once, in order), got "
-                     f"{list(layers)}")
+  check_layers(layers, n)
 
   student = model_lib.Encoder(student_config(teacher.cfg, len(layers)))
   fresh = model_lib.init_params(student, jax.random.key(seed))

@@ -13,6 +13,7 @@ losses (`losses.py`) and applies AdamW (optax) → the new state stays on the de
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -36,7 +37,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from distilbert_jax import checkpoint, data, distributed, evaluate, hf, losses, masking, metrics, sharding
+from distilbert_jax import checkpoint, data, distributed, evaluate, hf, losses, masking, metrics, sharding, validation
 from distilbert_jax import model as model_lib
 from distilbert_jax import student as student_lib
 
@@ -108,8 +109,8 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
-class ConfigError(ValueError):
-  """A configuration that cannot run; raised before anything compiles."""
+# A configuration that cannot run; raised before anything compiles (validation.py).
+ConfigError = validation.ConfigError
 
 
 # ------------------------------------------------------------------------------------------------ models
@@ -135,9 +136,12 @@ def build_models(config) -> tuple[model_lib.Encoder | None, Any, model_lib.Encod
     if teacher is None:
       raise ConfigError("student.init='teacher' needs config.teacher; for masked-LM training give "
                         "student.init a model folder or 'random'")
-    student, student_params = student_lib.student_from_teacher(
-        teacher, teacher_params, layers=tuple(config.student.layers) or None, copy_head=config.student.copy_head,
-        seed=config.seed)
+    try:
+      student, student_params = student_lib.student_from_teacher(
+          teacher, teacher_params, layers=tuple(config.student.layers) or None,
+          copy_head=config.student.copy_head, seed=config.seed)
+    except ValueError as e:  # a layer map the teacher cannot give
+      raise ConfigError(f"--config.student.layers: {e}") from None
     student = model_lib.Encoder(student.cfg.replace(**compute, **overrides))
   elif init == "random":
     if teacher is not None:
@@ -429,9 +433,14 @@ def prepare_data(config, tokenizer_path: str) -> pathlib.Path:
   def tokenize():
     texts = (doc for source in sources for doc in data.iter_texts(source, text_field=config.data.text_field,
                                                                     unit="document"))
-    data.preprocess(texts, tokenizer_path, out, max_len=config.data.max_len, min_len=config.data.min_len,
-                    held_out_fraction=config.data.held_out_fraction, seed=config.seed, source=json.dumps(sources))
+    try:
+      data.preprocess(texts, tokenizer_path, out, max_len=config.data.max_len, min_len=config.data.min_len,
+                      held_out_fraction=config.data.held_out_fraction, seed=config.seed, source=json.dumps(sources))
+    except data.EmptyCorpusError as e:
+      raise ConfigError(f"--config.data.sources: {e}: give more text") from None
 
+  if not (out / "meta.json").is_file():  # a resumed run whose corpus has moved still runs from the cache
+    validation.check_local_sources(sources)  # every process, before any waits for process 0
   if jax.process_index() == 0:
     tokenize()
   sync_processes("preprocess")
@@ -462,12 +471,31 @@ class _Stop:
     return self
 
   def _handle(self, signum, frame):
-    log.warning("SIGTERM received: saving a checkpoint and stopping after this step")
+    log.warning("SIGTERM received: stopping at the next safe point (after this step, with a checkpoint)")
     self.requested = True
 
   def __exit__(self, *exc):
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
+
+
+_ACTIVE_STOP: _Stop | None = None
+
+
+@contextlib.contextmanager
+def stop_signal():
+  """The SIGTERM watch of a run, from set-up to export; nested uses (fit, finish_run, a teacher adaptation
+  inside a run) share the outermost one."""
+  global _ACTIVE_STOP
+  if _ACTIVE_STOP is not None:
+    yield _ACTIVE_STOP
+    return
+  with _Stop() as stop:
+    _ACTIVE_STOP = stop
+    try:
+      yield stop
+    finally:
+      _ACTIVE_STOP = None
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -536,7 +564,7 @@ def fit(state: TrainState, step_fn, batches, mesh, *, ckpts: checkpoint.RunCheck
 
   preempted = False
   done = start
-  with _Stop() as stop:
+  with stop_signal() as stop:
     try:
       for step in range(start, total_steps):
         local = next(batches)
@@ -570,17 +598,28 @@ def fit(state: TrainState, step_fn, batches, mesh, *, ckpts: checkpoint.RunCheck
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
-  """Trains (or resumes) in `workdir` until `config.train.steps`; returns the final summary."""
+  """Trains (or resumes) in `workdir` until `config.train.steps`; returns the final summary.
+
+  Bad settings and input raise `ConfigError` before anything is written or compiled. A SIGTERM at any
+  moment (set-up, training, final evaluation, export) stops at the next safe point with what is done saved
+  (the summary says "preempted"); the next run with the same settings finishes the job.
+  """
   workdir = pathlib.Path(workdir).expanduser().absolute()
-  workdir.mkdir(parents=True, exist_ok=True)
   config = config.copy_and_resolve_references()
-  validate_config(config)
+  validate_run(config, workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  with stop_signal() as stop:
+    return _run(config, workdir, stop)
+
+
+def _run(config, workdir: pathlib.Path, stop: "_Stop") -> dict:
   if config.teacher and config.teacher_mlm.steps > 0:
     config.teacher = adapt_teacher(config, workdir)
     if config.teacher is None:  # preempted while adapting the teacher; the next run resumes it
       return {"step": 0, "preempted": True, "stage": "teacher_mlm"}
 
   teacher, teacher_params, student, student_params = build_models(config)
+  check_max_len(config.data.max_len, {"teacher": teacher, "student": student})
   tokenizer_path = _tokenizer_path(config, teacher, student)
   data_dir = prepare_data(config, tokenizer_path)
   train_ds = data.TokenizedDataset(data_dir, "train")
@@ -593,86 +632,110 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
 
   mesh = sharding.make_mesh(config.mesh.shape)
   check_batch(config.data.batch_size, mesh, config.optim.grad_accum)
+  try:
+    batches = data.make_batches(train_ds, batch_size=config.data.batch_size, max_len=config.data.max_len,
+                                seed=config.seed, strategy=config.data.strategy, process_index=jax.process_index(),
+                                process_count=jax.process_count())
+  except ValueError as e:  # a corpus too small for one global batch
+    raise ConfigError(f"{e}: lower --config.data.batch_size or give more text") from None
+
+  if stop.requested:
+    return stopped_in_setup()
   fns = compile_step(config, mesh, student, teacher, jax.eval_shape(lambda p: p, student_params), specials["mask"])
   if teacher is not None:
     teacher_params = jax.device_put(teacher_params, fns.teacher_sharding)
 
   ckpts = checkpoint.RunCheckpoints(workdir, keep=config.train.keep, async_save=config.train.async_checkpoint)
-  ckpts.check_model(student.cfg.to_dict(), allow_change=config.train.allow_model_change)
-  batches = data.make_batches(train_ds, batch_size=config.data.batch_size, max_len=config.data.max_len,
-                              seed=config.seed, strategy=config.data.strategy, process_index=jax.process_index(),
-                              process_count=jax.process_count())
-  start, state = restore_or_init(ckpts, fns, student_params, batches)
-  del student_params
-  probs_V = jax.device_put(jnp.asarray(probs_V), fns.replicated)
+  try:
+    ckpts.check_model(student.cfg.to_dict(), allow_change=config.train.allow_model_change)
+    start, state = restore_or_init(ckpts, fns, student_params, batches)
+    del student_params
+    probs_V = jax.device_put(jnp.asarray(probs_V), fns.replicated)
 
-  is_main = jax.process_index() == 0
-  flops_per_token = metrics.distillation_flops_per_token(
-      student.cfg, teacher.cfg if teacher is not None else None, config.data.max_len,
-      **logit_fractions(config, teacher is not None))
-  has_heldout = bool(config.data.eval_batches and train_ds.meta["splits"]["heldout"]["examples"])
+    is_main = jax.process_index() == 0
+    flops_per_token = metrics.distillation_flops_per_token(
+        student.cfg, teacher.cfg if teacher is not None else None, config.data.max_len,
+        **logit_fractions(config, teacher is not None))
+    has_heldout = bool(config.data.eval_batches and train_ds.meta["splits"]["heldout"]["examples"])
 
-  def learning_curve(step_done, state):
-    params = sharding.to_host(state.params)  # a collective: every process gathers
-    if not is_main:
-      return None
-    score = _heldout_score(config, data_dir, probs_V, specials, student, params)
-    return {"heldout_mlm_accuracy": score.accuracy, "heldout_mlm_loss": score.loss}
+    def learning_curve(step_done, state):
+      params = sharding.to_host(state.params)  # a collective: every process gathers
+      if not is_main:
+        return None
+      score = _heldout_score(config, data_dir, probs_V, specials, student, params)
+      return {"heldout_mlm_accuracy": score.accuracy, "heldout_mlm_loss": score.loss}
 
-  with metrics.MetricsWriter(workdir, enabled=is_main) as writer:
-    writer.truncate_after(start)
-    result = fit(state, lambda s, b: fns.step(s, teacher_params, b, probs_V), batches, mesh, ckpts=ckpts,
-                 writer=writer, start=start, total_steps=config.train.steps, log_every=config.train.log_every,
-                 ckpt_every=config.train.ckpt_every, flops_per_token=flops_per_token,
-                 compute_dtype=config.model.dtype, progress=config.train.progress,
-                 run_config={"config": config.to_dict(), "model": student.cfg.to_dict()},
-                 eval_every=config.train.eval_every if has_heldout else 0, evaluate_fn=learning_curve)
-  if result.preempted:
-    return stopped_early(ckpts, result.step)
+    with metrics.MetricsWriter(workdir, enabled=is_main) as writer:
+      writer.truncate_after(start)
+      result = fit(state, lambda s, b: fns.step(s, teacher_params, b, probs_V), batches, mesh, ckpts=ckpts,
+                   writer=writer, start=start, total_steps=config.train.steps, log_every=config.train.log_every,
+                   ckpt_every=config.train.ckpt_every, flops_per_token=flops_per_token,
+                   compute_dtype=config.model.dtype, progress=config.train.progress,
+                   run_config={"config": config.to_dict(), "model": student.cfg.to_dict()},
+                   eval_every=config.train.eval_every if has_heldout else 0, evaluate_fn=learning_curve)
+    if result.preempted:
+      return stopped_early(ckpts, result.step)
 
-  summary = {"step": result.step, "workdir": str(workdir)}
-  final = sharding.to_host(result.state.params)  # collectives: every process gathers, process 0 uses them
-  if has_heldout:
-    host_teacher = sharding.to_host(teacher_params) if teacher is not None else None
-    if is_main:
-      summary.update(_evaluate(config, data_dir, probs_V, specials, teacher, host_teacher, student, final))
-  return finish_run(workdir, student, final, tokenizer_path, summary, ckpts, export=config.train.export)
+    summary = {"step": result.step, "workdir": str(workdir)}
+    final = sharding.to_host(result.state.params)  # collectives: every process gathers, process 0 uses them
+    if has_heldout:
+      host_teacher = sharding.to_host(teacher_params) if teacher is not None else None
+      if is_main:
+        summary.update(_evaluate(config, data_dir, probs_V, specials, teacher, host_teacher, student, final))
+    if stop.requested:  # the final checkpoint is saved: the next run evaluates and exports
+      return stopped_early(ckpts, result.step, stage="evaluation")
+    return finish_run(workdir, student, final, tokenizer_path, summary, ckpts, export=config.train.export)
+  except BaseException:
+    ckpts.close_after_error()  # no asynchronous save left running behind the error
+    raise
 
 
-def stopped_early(ckpts: checkpoint.RunCheckpoints, step: int) -> dict:
+def stopped_early(ckpts: checkpoint.RunCheckpoints, step: int, stage: str = "training") -> dict:
   ckpts.close()
-  log.warning("stopped at step %d after a preemption signal; the run resumes from there", step)
-  return {"step": step, "preempted": True}
+  log.warning("stopped at step %d (%s) after a preemption signal; the next run resumes from there", step, stage)
+  out = {"step": step, "preempted": True}
+  if stage != "training":
+    out["stage"] = stage
+  return out
+
+
+def stopped_in_setup() -> dict:
+  log.warning("stopped during set-up after a preemption signal; nothing was trained, the next run starts it")
+  return {"step": None, "preempted": True, "stage": "setup"}
 
 
 def finish_run(workdir: pathlib.Path, model: model_lib.Encoder, params, tokenizer_path: str, summary: dict,
                ckpts: checkpoint.RunCheckpoints, *, export: bool) -> dict:
   """The end of a finished run on every process: WORKDIR/final (JAX) and WORKDIR/export (Hugging Face, with
-  the tokenizer) when `export`, WORKDIR/summary.json; returns `summary` (with the export's path)."""
-  if export:
-    checkpoint.save_model(workdir / "final", model, params)  # Orbax: every process takes part in a save
+  the tokenizer) when `export`, WORKDIR/summary.json; returns `summary` (with the export's path). A SIGTERM
+  stops it between these writes (summary.json comes last: its absence tells that the run has not
+  finished, and the next run redoes the export from the final checkpoint)."""
+  with stop_signal() as stop:
+    if export:
+      checkpoint.save_model(workdir / "final", model, params)  # Orbax: every process takes part in a save
+      if stop.requested:
+        return stopped_early(ckpts, summary["step"], stage="export")
+      if jax.process_index() == 0:
+        hf.save_hf(model, params, workdir / "export", tokenizer=tokenizer_path)
+      summary["export"] = str(workdir / "export")
+      if stop.requested:
+        return stopped_early(ckpts, summary["step"], stage="export")
     if jax.process_index() == 0:
-      hf.save_hf(model, params, workdir / "export", tokenizer=tokenizer_path)
-    summary["export"] = str(workdir / "export")
-  if jax.process_index() == 0:
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+      (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
   ckpts.close()
   sync_processes("export")  # no process returns before the export exists (adapt_teacher's caller then loads it)
   return summary
 
 
-def check_batch(batch_size: int, mesh, grad_accum: int = 1):
-  dp = sharding.data_parallel_size(mesh)
-  if batch_size % (dp * grad_accum):
-    raise ConfigError(f"global batch {batch_size} must divide by data-parallel size {dp} × grad_accum "
-                      f"{grad_accum}: change --config.data.batch_size")
+def check_batch(batch_size: int, mesh, grad_accum: int = 1, flag: str = "--config.data.batch_size"):
+  validation.check_batch(batch_size, sharding.data_parallel_size(mesh), grad_accum, flag)
 
 
 def restore_or_init(ckpts: checkpoint.RunCheckpoints, fns: StateFunctions, params, batches) -> tuple[int, TrainState]:
   """(start step, state): the newest checkpoint (and the data iterator's position) or a fresh state."""
   if ckpts.latest_step() is None:
     return 0, fns.init(params)
-  start, state, data_state, _ = ckpts.restore(fns.abstract_state)
+  start, state, data_state, _ = ckpts.restore(fns.abstract_state)  # the newest that reads
   batches.set_state(data_state)
   log.info("resumed from step %d in %s", start, ckpts.directory)
   return start, state
@@ -733,16 +796,65 @@ def adapt_teacher(config, workdir: pathlib.Path) -> str | None:
   return str(folder / "final")
 
 
+# Every numeric setting of a run and its range (validation.RANGES).
+RANGES = {
+    "train.steps": ">0", "train.log_every": ">0", "train.ckpt_every": ">0", "train.keep": ">0",
+    "train.eval_every": ">=0",
+    "data.batch_size": ">0", "data.max_len": ">0", "data.min_len": ">=0", "data.held_out_fraction": "[0,1)",
+    "data.eval_batches": ">=0",
+    "mlm.prob": "(0,1]", "mlm.smoothing": ">=0", "mlm.word_mask": "[0,1]", "mlm.word_keep": "[0,1]",
+    "mlm.word_rand": "[0,1]",
+    "loss.temperature": ">0", "loss.alpha_ce": ">=0", "loss.alpha_mlm": ">=0", "loss.alpha_cos": ">=0",
+    "loss.alpha_mse": ">=0", "loss.chunk_size": ">=0",
+    "optim.lr": ">0", "optim.b1": "[0,1)", "optim.b2": "[0,1)", "optim.eps": ">=0", "optim.weight_decay": ">=0",
+    "optim.warmup_frac": "[0,1]", "optim.clip": ">0", "optim.grad_accum": ">0", "optim.head_lr_scale": ">0",
+    "teacher_mlm.steps": ">=0", "teacher_mlm.lr": ">0", "teacher_mlm.head_lr_scale": ">0",
+    "teacher_mlm.batch_size": ">=0",
+}
+
+
 def validate_config(config):
-  if config.train.steps <= 0:
-    raise ConfigError("train.steps must be positive")
-  if config.optim.grad_accum < 1:
-    raise ConfigError("optim.grad_accum must be >= 1")
+  """Refuses settings that cannot run, each with the flag that fixes it; reads no file, compiles nothing."""
+  validation.check_ranges(config, RANGES)
+  if config.data.max_len < 3:
+    raise ConfigError(f"--config.data.max_len={config.data.max_len} leaves no room for [CLS] text [SEP]: "
+                      "set it to at least 3 (128 is usual)")
+  if config.data.min_len > config.data.max_len:
+    raise ConfigError(f"--config.data.min_len={config.data.min_len} exceeds --config.data.max_len="
+                      f"{config.data.max_len}: every example would be dropped; lower min_len")
+  split = (config.mlm.word_mask, config.mlm.word_keep, config.mlm.word_rand)
+  if abs(sum(split) - 1.0) > 1e-6:
+    raise ConfigError(f"--config.mlm.word_mask/word_keep/word_rand {split} must sum to 1 (default 0.8/0.1/0.1)")
+  if not any(config.loss[k] > 0 for k in ("alpha_ce", "alpha_mlm", "alpha_cos", "alpha_mse")):
+    raise ConfigError("every loss weight (--config.loss.alpha_ce/alpha_mlm/alpha_cos/alpha_mse) is 0: nothing "
+                      "would be learned; give one a positive weight")
   if config.data.strategy not in data.STRATEGIES:
     raise ConfigError(f"data.strategy {config.data.strategy!r}: use one of {data.STRATEGIES}")
   if config.mlm.scheme not in masking.SCHEMES:
     raise ConfigError(f"mlm.scheme {config.mlm.scheme!r}: use one of {masking.SCHEMES}")
   check_mesh_rules(config.mesh.rules)
+
+
+def validate_run(config, workdir: pathlib.Path):
+  """Everything about a run that can be checked before a model is read: the settings, the workdir, the
+  mesh against the devices present, and that the data is configured."""
+  validate_config(config)
+  validation.check_workdir(workdir)
+  sizes = validation.check_mesh(config.mesh.shape, jax.device_count())
+  data_parallel = math.prod(sizes[a] for a in sharding.BATCH_AXES)
+  validation.check_batch(config.data.batch_size, data_parallel, config.optim.grad_accum)
+  if not config.data.demo_corpus:
+    _sources(config)  # refuses a run without data
+  elif config.data.corpus_dir:
+    validation.check_existing_path(config.data.corpus_dir, "--config.data.corpus_dir", "folder")
+
+
+def check_max_len(max_len: int, models: dict, flag: str = "--config.data.max_len"):
+  """Refuses sequences longer than a model's learned positions ({"teacher": Encoder or None, ...})."""
+  for name, model in models.items():
+    if model is not None and max_len > model.cfg.max_position_embeddings:
+      raise ConfigError(f"{flag}={max_len} exceeds the {model.cfg.max_position_embeddings} positions of the "
+                        f"{name}: set {flag} to at most {model.cfg.max_position_embeddings}")
 
 
 def check_mesh_rules(rules):
@@ -755,36 +867,71 @@ def check_mesh_rules(rules):
 
 # Bad input a command line reports as one line ("error: ...", exit status 2) instead of a traceback.
 USER_ERRORS = (ConfigError, distributed.DistributedConfigError, hf.ConversionError, checkpoint.ModelMismatchError,
-               NonFiniteLossError, FileNotFoundError)
+               checkpoint.CheckpointError, NonFiniteLossError, FileNotFoundError)
 
 
-def cli(run_fn, config_help: str, user_errors: tuple[type[Exception], ...] = ()):
+def parse_flags(argv: list[str], define) -> Any:
+  """Parses `argv` into fresh absl flags: `define(flag_values)` defines them and returns what the caller
+  keeps. Returns that, or None after printing one line for a bad flag (unknown `--config.` keys included)."""
+  from absl import flags
+  flag_values = flags.FlagValues()
+  kept = define(flag_values)
+  try:
+    flag_values(argv)
+    for name in flag_values:  # a config file that fails to load reports only when its value is used
+      hasattr(getattr(flag_values, name), "keys")
+  except (flags.Error, KeyError, AttributeError, OSError, SyntaxError) as e:
+    print(f"error: {validation.flag_error(e, argv)}", file=sys.stderr)
+    return None
+  if not flags.FLAGS.is_parsed():  # grain and Orbax read absl flags in worker threads and processes
+    flags.FLAGS.mark_as_parsed()
+  return kept
+
+
+def cli(run_fn, config_help: str, user_errors: tuple[type[Exception], ...] = (), argv: list[str] | None = None
+        ) -> int:
   """`python -m ... --config FILE[:ARG] --workdir DIR [--config.key=value ...]` for `run_fn(config, workdir)`:
-  initializes the distributed run first, prints the summary as JSON, and bad input as one line."""
-  from absl import app, flags
+  initializes the distributed run first, prints the summary as JSON, and bad input as one line (`error:
+  ...`, exit status 2, nothing written). Returns the exit status."""
+  from absl import flags
   from ml_collections import config_flags
-  config_flag = config_flags.DEFINE_config_file("config", None, config_help, lock_config=True)
-  workdir_flag = flags.DEFINE_string("workdir", None, "checkpoints, metrics and the export go here")
-  flags.mark_flags_as_required(["config", "workdir"])
+  argv = list(sys.argv if argv is None else argv)
+  if any(a in ("-h", "--help", "-?", "--helpfull") for a in argv[1:]):
+    print(f"usage: {argv[0]} --config FILE[:ARG] --workdir DIR [--config.KEY=VALUE ...]\n  FILE: {config_help}")
+    return 0
 
-  def _main(argv):
-    del argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
-    logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax narrates every save at INFO
-    try:
-      distributed.initialize(config_flag.value.get("distributed"))  # before anything uses jax
-      summary = run_fn(config_flag.value, workdir_flag.value)
-    except USER_ERRORS + tuple(user_errors) as e:
-      print(f"error: {e}", file=sys.stderr)
-      sys.exit(2)
-    print(json.dumps(summary, indent=2))
+  def define(flag_values):
+    config = config_flags.DEFINE_config_file("config", None, config_help, flag_values=flag_values,
+                                             lock_config=True, sys_argv=argv)
+    workdir = flags.DEFINE_string("workdir", None, "checkpoints, metrics and the export go here",
+                                  flag_values=flag_values)
+    flags.mark_flags_as_required(["config", "workdir"], flag_values=flag_values)
+    return config, workdir
 
-  app.run(_main)
+  parsed = parse_flags(argv, define)
+  if parsed is None:
+    return 2
+  config_flag, workdir_flag = parsed
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+  logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax narrates every save at INFO
+  try:
+    distributed.initialize(config_flag.value.get("distributed"))  # before anything uses jax
+    summary = run_fn(config_flag.value, workdir_flag.value)
+  except USER_ERRORS + tuple(user_errors) as e:
+    print(f"error: {_one_line(e)}", file=sys.stderr)
+    return 2
+  print(json.dumps(summary, indent=2))
+  return 0
 
 
-def main():
-  cli(run, "a configs/*.py file")
+def _one_line(error: Exception) -> str:
+  lines = str(error).strip().splitlines()
+  return " ".join(line.strip() for line in lines) if lines else type(error).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+  return cli(run, "a configs/*.py file", argv=argv)
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

@@ -19,7 +19,9 @@ import shutil
 import sys
 
 import distilbert_jax
-from distilbert_jax import checkpoint
+from distilbert_jax import checkpoint, hf, validation
+
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _prepare_dst(dst: pathlib.Path, overwrite: bool):
@@ -29,8 +31,30 @@ def _prepare_dst(dst: pathlib.Path, overwrite: bool):
     shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
 
 
+def check_args(args):
+  """Refuses, before anything is read or written, arguments that cannot work."""
+  validation.check_model_path(args.src, "--src")
+  src = pathlib.Path(args.src).expanduser()
+  if src.exists() and src.resolve() == args.dst.expanduser().resolve():
+    raise validation.ConfigError(f"--dst {args.dst} is --src: give another --dst (the source must survive)")
+  if args.dst.expanduser().exists() and not args.dst.is_dir() and not args.overwrite:
+    raise validation.ConfigError(f"--dst {args.dst} is an existing file: choose another --dst or pass --overwrite")
+  validation.check_workdir(args.dst.parent if args.dst.is_file() else args.dst, "--dst")
+  if args.command == "hf2jax":
+    if args.dtype not in DTYPES:
+      raise validation.ConfigError(f"--dtype {args.dtype!r}: use one of {', '.join(DTYPES)}")
+    return
+  names = [a for a in hf.SUPPORTED_ARCHITECTURES if a != "BertForPreTraining"]  # save_hf writes these
+  if args.architecture is not None and args.architecture not in names:
+    raise validation.ConfigError(f"--architecture {args.architecture!r}: use one of {', '.join(names)}")
+  if args.tokenizer:
+    validation.check_existing_path(args.tokenizer, "--tokenizer", "tokenizer folder")
+  if args.step is not None:
+    validation.check_number("--step", args.step, ">=0")
+
+
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = validation.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="command", required=True)
   for name, help_ in (("hf2jax", "Hugging Face folder -> JAX folder"), ("jax2hf", "JAX folder -> Hugging Face")):
     p = sub.add_parser(name, help=help_)
@@ -44,10 +68,11 @@ def main(argv=None) -> int:
                                      "model's own)")
   sub.choices["jax2hf"].add_argument("--step", type=int, default=None, help="checkpoint step of a training "
                                      "workdir (default: the newest)")
-  args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", force=True)
   logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax narrates every read and write at INFO
   try:
+    args = parser.parse_args(argv)
+    check_args(args)
     # Read the source completely before touching --dst: a bad source never costs an existing folder.
     if args.command == "hf2jax":
       model, params = distilbert_jax.load_hf(args.src, param_dtype=args.dtype)
@@ -61,7 +86,8 @@ def main(argv=None) -> int:
       checkpoint.save_model(args.dst, model, params)
     else:
       distilbert_jax.save_hf(model, params, args.dst, tokenizer=args.tokenizer, architecture=args.architecture)
-  except (distilbert_jax.ConversionError, FileNotFoundError, ValueError) as e:
+  except (distilbert_jax.ConversionError, validation.ConfigError, checkpoint.CheckpointError, FileNotFoundError,
+          ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   cfg = model.cfg

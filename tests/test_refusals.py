@@ -1,0 +1,329 @@
+"""Bad input to every command line: exit status 2, one line naming the problem and the fix, no traceback,
+nothing compiled and an existing workdir's checkpoints byte-identical (validation.py).
+
+The command lines run in-process (their `main(argv)` returns the exit status); each refusal must come
+before anything compiles, which the `no_compile` fixture enforces.
+"""
+import hashlib
+import os
+import pathlib
+import re
+import sys
+
+import numpy as np
+import pytest
+
+from distilbert_jax import checkpoint, evaluate, finetune, train, validation
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.py"
+sys.path.insert(0, str(ROOT / "tools"))
+import convert  # noqa: E402
+
+
+LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ (INFO|WARNING) ")
+
+
+def _hashes(folder: pathlib.Path) -> dict:
+  return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+          for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def workdir_with_checkpoints(tmp_path_factory) -> pathlib.Path:
+  """A workdir holding two (small, hand-made) checkpoints; refusals must leave every byte as it is."""
+  workdir = tmp_path_factory.mktemp("ckpts")
+  ckpts = checkpoint.RunCheckpoints(workdir, async_save=False)
+  for step in (3, 6):
+    ckpts.save(step, {"params": {"w": np.full((4, 4), step, np.float32)}}, {"position": step}, {"model": {}})
+  ckpts.close()
+  (workdir / "metrics.jsonl").write_text('{"step": 3, "loss": 1.0}\n')
+  return workdir
+
+
+@pytest.fixture
+def no_compile(monkeypatch):
+  """Fails the test if a command gets as far as building the train step (the first compile)."""
+  def refuse(*args, **kwargs):
+    raise AssertionError("reached the compile: the bad input should have been refused before")
+  monkeypatch.setattr(train, "compile_step", refuse)
+  monkeypatch.setattr(train, "state_functions", refuse)
+
+
+def _assert_refused(code, capsys, phrase):
+  out, err = capsys.readouterr()
+  assert code == 2, out + err
+  # Log records and a tokenizing progress bar may come before the refusal; the refusal is one line.
+  lines = [line for line in err.strip().splitlines() if not LOG_LINE.match(line) and "preprocess ->" not in line]
+  assert len(lines) == 1 and lines[0].startswith("error: "), err
+  assert "Traceback" not in err + out
+  assert phrase in lines[0], lines[0]
+  return lines[0]
+
+
+# ------------------------------------------------------------------------------------------------ train
+
+def _sources(tmp: pathlib.Path) -> dict:
+  """Local corpora that cannot be trained on."""
+  (tmp / "random.txt").write_bytes(np.random.default_rng(0).bytes(300_000))
+  (tmp / "empty.txt").write_text("")
+  (tmp / "no_txt").mkdir(exist_ok=True)
+  (tmp / "no_txt" / "notes.md").write_text("not a .txt file\n")
+  (tmp / "latin1.txt").write_bytes("caf\xe9 cr\xe8me ".encode("latin-1") * 100)
+  (tmp / "small.txt").write_text("A short corpus of one document, long enough for one example of text but not "
+                                 "for a whole batch of eight of them.\n")
+  return {k.split(".")[0]: str(tmp / k) for k in ("random.txt", "empty.txt", "no_txt", "latin1.txt", "small.txt")}
+
+
+def _corpus(name):
+  return ("--config.data.demo_corpus=False", f"--config.data.sources=('{{{name}}}',)")
+
+
+TRAIN_CASES = [  # (id, extra flags, phrase the one line must hold)
+    ("unknown key", ("--config.train.stepz=3",), "unknown config key 'stepz' in --config.train.stepz=3: did you "
+                                                 "mean --config.train.steps?"),
+    ("unknown section", ("--config.trian.steps=3",), "did you mean --config.train.steps?"),
+    ("not a number", ("--config.train.steps=abc",), "--config.train.steps"),
+    ("steps 0", ("--config.train.steps=0",), "--config.train.steps must be > 0, got 0"),
+    ("ckpt_every 0", ("--config.train.ckpt_every=0",), "--config.train.ckpt_every must be > 0"),
+    ("log_every 0", ("--config.train.log_every=0",), "--config.train.log_every must be > 0"),
+    ("eval_every -1", ("--config.train.eval_every=-1",), "--config.train.eval_every must be >= 0"),
+    ("keep 0", ("--config.train.keep=0",), "--config.train.keep must be > 0"),
+    ("batch 0", ("--config.data.batch_size=0",), "--config.data.batch_size must be > 0"),
+    ("batch vs devices", ("--config.data.batch_size=12",), "must divide by data-parallel size 8"),
+    ("held-out 1.5", ("--config.data.held_out_fraction=1.5",), "--config.data.held_out_fraction must be in [0, 1)"),
+    ("mlm.prob 1.5", ("--config.mlm.prob=1.5",), "--config.mlm.prob must be in (0, 1]"),
+    ("mlm.prob 0", ("--config.mlm.prob=0.0",), "--config.mlm.prob must be in (0, 1]"),
+    ("word split", ("--config.mlm.word_mask=0.5",), "must sum to 1"),
+    ("temperature 0", ("--config.loss.temperature=0.0",), "--config.loss.temperature must be > 0"),
+    ("alphas 0", ("--config.loss.alpha_ce=0.0", "--config.loss.alpha_mlm=0.0", "--config.loss.alpha_cos=0.0"),
+     "every loss weight"),
+    ("lr 0", ("--config.optim.lr=0.0",), "--config.optim.lr must be > 0"),
+    ("lr negative", ("--config.optim.lr=-1e-4",), "--config.optim.lr must be > 0"),
+    ("grad_accum 0", ("--config.optim.grad_accum=0",), "--config.optim.grad_accum must be > 0"),
+    ("warmup 2", ("--config.optim.warmup_frac=2.0",), "--config.optim.warmup_frac must be in [0, 1]"),
+    ("max_len 2", ("--config.data.max_len=2",), "no room for [CLS] text [SEP]"),
+    ("min_len > max_len", ("--config.data.min_len=100",), "exceeds --config.data.max_len=64"),
+    ("strategy", ("--config.data.strategy=packed",), "data.strategy 'packed'"),
+    ("mesh 3 on 8", ("--config.mesh.shape=(3,1,1)",), "--config.mesh.shape=(3, 1, 1) does not fit the 8 device"),
+    ("mesh 16 on 8", ("--config.mesh.shape=(2,2,4)",), "needs 16 devices"),
+    ("mesh two -1", ("--config.mesh.shape=(-1,-1,1)",), "at most one -1"),
+    ("mesh rule", ("--config.mesh.rules.batch=('data','dp')",), "not mesh axes"),
+    ("max_len > positions", ("--config.data.max_len=128",), "--config.data.max_len=128 exceeds the 64 positions of "
+                                                            "the teacher"),
+    ("layers", ("--config.student.layers=(5,)",), "--config.student.layers: layers [5] do not exist in a 2-layer "
+                                                  "teacher"),
+    ("random bytes", _corpus("random"), "is not UTF-8 text"),
+    ("latin-1", _corpus("latin1"), "is not UTF-8 text"),
+    ("empty file", _corpus("empty"), "is empty"),
+    ("missing file", ("--config.data.demo_corpus=False", "--config.data.sources=('/nonexistent/corpus.txt',)"),
+     "is not an existing file or folder"),
+    ("folder without text", _corpus("no_txt"), "holds no *.txt files"),
+    ("corpus < one batch", _corpus("small"), "fewer than one global batch of 8: lower --config.data.batch_size"),
+    ("no sources", ("--config.data.demo_corpus=False",), "no training data"),
+    ("missing corpus_dir", ("--config.data.corpus_dir=/nonexistent/corpus",), "does not exist"),
+]
+
+
+@pytest.mark.parametrize("extra, phrase", [c[1:] for c in TRAIN_CASES], ids=[c[0] for c in TRAIN_CASES])
+def test_train_refuses(extra, phrase, tiny_teacher, data_cache, test_data, workdir_with_checkpoints, tmp_path,
+                       capsys, no_compile):
+  sources = _sources(tmp_path)
+  argv = ["train", f"--config={TINY}:{tiny_teacher}", f"--workdir={workdir_with_checkpoints}",
+          f"--config.data.cache_dir={data_cache}", f"--config.data.corpus_dir={test_data / 'corpus'}"]
+  argv += [a.format(**sources) for a in extra]
+  before = _hashes(workdir_with_checkpoints)
+  _assert_refused(train.main(argv), capsys, phrase)
+  assert _hashes(workdir_with_checkpoints) == before
+
+
+def test_train_refuses_unusable_workdirs(tmp_path, tiny_teacher, capsys, no_compile, monkeypatch):
+  base = ["train", f"--config={TINY}:{tiny_teacher}"]
+  (tmp_path / "file").write_text("a file, not a folder\n")
+  _assert_refused(train.main(base + [f"--workdir={tmp_path / 'file'}"]), capsys, "is an existing file, not a folder")
+  _assert_refused(train.main(base + [f"--workdir={tmp_path / 'file' / 'sub'}"]), capsys, "is a file")
+  _assert_refused(train.main(base), capsys, "--workdir")  # missing
+  _assert_refused(train.main(["train", f"--config={ROOT / 'configs' / 'nope.py'}", f"--workdir={tmp_path}"]),
+                  capsys, "cannot load the config file")
+  # Read-only: simulated, since these tests may run as root (which writes anywhere).
+  (tmp_path / "ro").mkdir()
+  real_access = os.access
+  monkeypatch.setattr(validation.os, "access",
+                      lambda p, mode: False if pathlib.Path(p) == tmp_path / "ro" else real_access(p, mode))
+  _assert_refused(train.main(base + [f"--workdir={tmp_path / 'ro'}"]), capsys, "is not writable")
+  _assert_refused(train.main(base + [f"--workdir={tmp_path / 'ro' / 'new'}"]), capsys, "is not writable")
+  assert not (tmp_path / "ro" / "new").exists()
+
+
+def test_binary_sniffing():
+  assert not validation.looks_binary(ROOT / "README.md")
+  assert validation.looks_binary(pathlib.Path(sys.executable).resolve())
+
+
+# ------------------------------------------------------------------------------------------------ finetune
+
+FINETUNE_CASES = [
+    ("unknown key", ("--config.train.batchsize=4",), "did you mean --config.train.batch_size?"),
+    ("batch 0", ("--config.train.batch_size=0",), "--config.train.batch_size must be > 0"),
+    ("eval batch 0", ("--config.train.eval_batch_size=0",), "--config.train.eval_batch_size must be > 0"),
+    ("batch vs devices", ("--config.train.batch_size=12",), "global batch 12 must divide by data-parallel size 8"),
+    ("steps -1", ("--config.train.steps=-1",), "--config.train.steps must be >= 0"),
+    ("epochs 0", ("--config.train.steps=0", "--config.train.epochs=0.0"), "--config.train.epochs must be > 0"),
+    ("ckpt_every 0", ("--config.train.ckpt_every=0",), "--config.train.ckpt_every must be > 0"),
+    ("log_every 0", ("--config.train.log_every=0",), "--config.train.log_every must be > 0"),
+    ("max_len 0", ("--config.max_len=0",), "--config.max_len must be > 0"),
+    ("max_len > positions", ("--config.max_len=512",), "--config.max_len=512 exceeds the 64 positions of the model"),
+    ("lr 0", ("--config.optim.lr=0.0",), "--config.optim.lr must be > 0"),
+    ("alpha 1.5", ("--config.distill.alpha=1.5",), "--config.distill.alpha must be in [0, 1]"),
+    ("temperature 0", ("--config.distill.temperature=0.0",), "--config.distill.temperature must be > 0"),
+    ("validation fraction 1", ("--config.validation_fraction=1.0",), "--config.validation_fraction must be in (0, 1)"),
+    ("mesh 3 on 8", ("--config.mesh.shape=(3,1,1)",), "does not fit the 8 device"),
+    ("unknown GLUE task", ("--config.task=sst3",), "unknown GLUE task 'sst3'"),
+    ("missing task file", ("--config.task=/nonexistent/train.csv",), "--config.task /nonexistent/train.csv does not "
+                                                                     "exist"),
+    ("binary task file", ("--config.task={random}",), "is not UTF-8 text"),
+    ("empty task file", ("--config.task={empty}",), "is empty"),
+    ("missing model", ("--config.model=/nonexistent/model",), "--config.model /nonexistent/model does not exist"),
+    ("missing teacher", ("--config.distill.teacher=./nonexistent",), "--config.distill.teacher ./nonexistent does not"),
+    ("too few examples", ("--config.train.batch_size=2048",), "make no full batch of 2048"),
+]
+
+
+@pytest.mark.parametrize("extra, phrase", [c[1:] for c in FINETUNE_CASES], ids=[c[0] for c in FINETUNE_CASES])
+def test_finetune_refuses(extra, phrase, tiny_teacher, test_data, workdir_with_checkpoints, tmp_path, capsys,
+                          no_compile):
+  (tmp_path / "random.jsonl").write_bytes(np.random.default_rng(0).bytes(10_000))
+  (tmp_path / "empty.csv").write_text("")
+  files = {"random": tmp_path / "random.jsonl", "empty": tmp_path / "empty.csv"}
+  argv = ["finetune", f"--config={ROOT / 'configs' / 'finetune.py'}", f"--workdir={workdir_with_checkpoints}",
+          f"--config.model={tiny_teacher}", "--config.task=sentiment:imdb",
+          f"--config.sentiment_dir={test_data / 'sentiment'}", "--config.max_len=48", "--config.train.batch_size=16",
+          "--config.train.steps=2"]
+  argv += [a.format(**files) for a in extra]
+  before = _hashes(workdir_with_checkpoints)
+  _assert_refused(finetune.main(argv), capsys, phrase)
+  assert _hashes(workdir_with_checkpoints) == before
+
+
+# ------------------------------------------------------------------------------------------------ evaluate
+
+EVALUATE_CASES = [
+    ("max-len 0", ("--max-len", "0"), "--max-len must be > 0"),
+    ("max-len 2", ("--max-len", "2"), "no room for [CLS] text [SEP]"),
+    ("max-len > positions", ("--max-len", "128"), "--max-len 128 exceeds the 64 positions of the model"),
+    ("max-len not a number", ("--max-len", "abc"), "argument --max-len: invalid int value: 'abc'"),
+    ("batch 0", ("--batch-size", "0"), "--batch-size must be > 0"),
+    ("max-batches 0", ("--max-batches", "0"), "--max-batches must be > 0"),
+    ("step -1", ("--step", "-1"), "--step must be >= 0"),
+    ("missing model", ("--model", "/nonexistent/model"), "--model /nonexistent/model does not exist"),
+    ("missing teacher", ("--teacher", "/nonexistent/teacher"), "--teacher /nonexistent/teacher does not exist"),
+    ("missing tokenizer", ("--tokenizer", "/nonexistent/tok"), "--tokenizer /nonexistent/tok does not exist"),
+    ("binary data", ("--data", "{random}"), "is not UTF-8 text"),
+    ("empty data", ("--data", "{empty}"), "is empty"),
+    ("missing data", ("--data", "/nonexistent.txt"), "is not an existing file or folder"),
+    ("folder without text", ("--data", "{no_txt}"), "holds no *.txt files"),
+    ("too little text", ("--data", "{small}"), "no evaluation examples"),
+    ("json is a folder", ("--json", "{folder}"), "is a folder: give a file path"),
+    ("cache-dir is a file", ("--cache-dir", "{empty}"), "--cache-dir"),
+]
+
+
+@pytest.mark.parametrize("extra, phrase", [c[1:] for c in EVALUATE_CASES], ids=[c[0] for c in EVALUATE_CASES])
+def test_evaluate_refuses(extra, phrase, tiny_teacher, test_data, tmp_path, capsys, no_compile):
+  files = _sources(tmp_path)
+  (tmp_path / "small.txt").write_text("Too short.\n")
+  files["folder"] = str(tmp_path)
+  text = sorted((test_data / "corpus" / "sotu").glob("*.txt"))[-1]
+  args = {"--model": str(tiny_teacher), "--data": str(text), "--max-len": "64", "--cache-dir": str(tmp_path / "c")}
+  args.update({extra[0]: extra[1].format(**files)})
+  argv = [x for kv in args.items() for x in kv]
+  _assert_refused(evaluate.main(argv), capsys, phrase)
+
+
+def test_evaluate_refuses_missing_arguments(capsys):
+  _assert_refused(evaluate.main(["--model", "m"]), capsys, "the following arguments are required: --data")
+
+
+# ------------------------------------------------------------------------------------------------ convert
+
+CONVERT_CASES = [
+    ("missing src", ("hf2jax", "--src", "/nonexistent/hf", "--dst", "{out}"), "--src /nonexistent/hf does not exist"),
+    ("src not a model", ("hf2jax", "--src", "{folder}", "--dst", "{out}"), "has no config.json"),
+    ("dtype", ("hf2jax", "--src", "{teacher}", "--dst", "{out}", "--dtype", "float13"), "--dtype 'float13'"),
+    ("dst is src", ("hf2jax", "--src", "{teacher}", "--dst", "{teacher}", "--overwrite"), "is --src"),
+    ("dst is a file", ("hf2jax", "--src", "{teacher}", "--dst", "{file}"), "is an existing file"),
+    ("dst not empty", ("hf2jax", "--src", "{teacher}", "--dst", "{workdir}"), "exists and is not empty"),
+    ("architecture", ("jax2hf", "--src", "{workdir}", "--dst", "{out}", "--architecture", "GPT2LMHeadModel"),
+     "--architecture 'GPT2LMHeadModel': use one of"),
+    ("step -1", ("jax2hf", "--src", "{workdir}", "--dst", "{out}", "--step", "-1"), "--step must be >= 0"),
+    ("step missing", ("jax2hf", "--src", "{workdir}", "--dst", "{out}", "--step", "5"), "no checkpoint of step 5"),
+    ("tokenizer", ("jax2hf", "--src", "{workdir}", "--dst", "{out}", "--tokenizer", "/nonexistent/tok"),
+     "--tokenizer /nonexistent/tok does not exist"),
+    ("jax src not a model", ("jax2hf", "--src", "{folder}", "--dst", "{out}"), "is not a converted model"),
+    ("no command", ("--src", "{teacher}"), "invalid choice"),
+    ("unknown command", ("tf2jax", "--src", "{teacher}", "--dst", "{out}"), "invalid choice: 'tf2jax'"),
+    ("missing dst", ("hf2jax", "--src", "{teacher}"), "the following arguments are required: --dst"),
+]
+
+
+@pytest.mark.parametrize("argv", [c[1] for c in CONVERT_CASES], ids=[c[0] for c in CONVERT_CASES])
+def test_convert_refuses(argv, tiny_teacher, workdir_with_checkpoints, tmp_path, capsys, no_compile):
+  phrase = {c[1]: c[2] for c in CONVERT_CASES}[argv]
+  (tmp_path / "file").write_text("x\n")
+  (tmp_path / "folder").mkdir()
+  names = dict(out=tmp_path / "out", folder=tmp_path / "folder", file=tmp_path / "file", teacher=tiny_teacher,
+               workdir=workdir_with_checkpoints)
+  before, teacher_before = _hashes(workdir_with_checkpoints), _hashes(tiny_teacher)
+  _assert_refused(convert.main([a.format(**names) for a in argv]), capsys, phrase)
+  assert _hashes(workdir_with_checkpoints) == before and _hashes(tiny_teacher) == teacher_before
+  assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------------ aot
+
+AOT_CASES = [
+    ("unknown key", ("--config.train.bach=3",), "unknown config key 'bach'"),
+    ("topology", ("--topology=v9-8",), "unknown TPU topology 'v9-8'"),
+    ("no topology", ("--topology=",), "topology"),
+    ("batch 0", ("--batch=0",), "--batch must be > 0"),
+    ("seq 0", ("--seq=0",), "--seq must be > 0"),
+    ("seq > positions", ("--seq=128",), "--seq=128 exceeds the 64 positions of the teacher"),
+    ("max_len > positions", ("--config.data.max_len=128",), "--config.data.max_len=128 exceeds the 64 positions"),
+    ("steps 0", ("--config.train.steps=0",), "--config.train.steps must be > 0"),
+    ("temperature 0", ("--config.loss.temperature=0.0",), "--config.loss.temperature must be > 0"),
+    ("lr 0", ("--config.optim.lr=0.0",), "--config.optim.lr must be > 0"),
+    ("mlm.prob 1.5", ("--config.mlm.prob=1.5",), "--config.mlm.prob must be in (0, 1]"),
+    ("batch_size 0", ("--config.data.batch_size=0",), "--config.data.batch_size must be > 0"),
+    ("layers", ("--config.student.layers=(5,)",), "layers [5] do not exist in a 2-layer teacher"),
+    ("mesh rule", ("--config.mesh.rules.batch=('data','dp')",), "not mesh axes"),
+    ("missing teacher", ("--config.teacher=/nonexistent/teacher",), "is neither a local folder nor a known hub model"),
+]
+
+
+@pytest.mark.parametrize("extra, phrase", [c[1:] for c in AOT_CASES], ids=[c[0] for c in AOT_CASES])
+def test_aot_refuses(extra, phrase, tiny_teacher, capsys, no_compile, monkeypatch):
+  from distilbert_jax import aot
+  monkeypatch.setattr(aot, "compile_only_process", lambda: pytest.fail("got past validation to the compiler"))
+  argv = ["aot", f"--config={TINY}:{tiny_teacher}", "--topology=v5e-8", *extra]
+  _assert_refused(aot.main(argv), capsys, phrase)
+
+
+def test_unexpected_errors_keep_their_traceback(tiny_teacher, data_cache, test_data, tmp_path, monkeypatch):
+  """A bug is not bad input: it propagates (the interpreter prints its traceback, exit status 1)."""
+  def bug(config):
+    raise RuntimeError("a bug in the code")
+  monkeypatch.setattr(train, "build_models", bug)
+  with pytest.raises(RuntimeError, match="a bug in the code"):
+    train.main(["train", f"--config={TINY}:{tiny_teacher}", f"--workdir={tmp_path}",
+                f"--config.data.cache_dir={data_cache}", f"--config.data.corpus_dir={test_data / 'corpus'}"])
+
+
+def test_train_refuses_a_workdir_of_another_model(tiny_teacher, data_cache, test_data, workdir_with_checkpoints,
+                                                 capsys):
+  """Refused once the student is known (after set-up): one line, the checkpoint manager closed quietly, every
+  byte of the workdir as it was."""
+  before = _hashes(workdir_with_checkpoints)
+  argv = ["train", f"--config={TINY}:{tiny_teacher}", f"--workdir={workdir_with_checkpoints}",
+          f"--config.data.cache_dir={data_cache}", f"--config.data.corpus_dir={test_data / 'corpus'}"]
+  _assert_refused(train.main(argv), capsys, "holds checkpoints of another model")
+  assert _hashes(workdir_with_checkpoints) == before
