@@ -103,6 +103,9 @@ def default_config() -> ml_collections.ConfigDict:
   # > 0: every this many steps, the student's held-out masked-LM accuracy and loss on data.eval_batches
   # batches (logged as heldout_mlm_accuracy / heldout_mlm_loss; a learning curve, at the cost of a pause).
   c.train.eval_every = 0
+  # At the end, with a teacher: also time teacher and student as deployed (encoder + classification head, and
+  # encoder + masked-LM head) at these batch sizes and print the student's speed-up (empty: not timed).
+  c.train.speed_batches = ()
   c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1), rules=dict(sharding.DEFAULT_RULES)))
   # Several processes (TPU pod slices, GPU hosts, CPU trials): see distributed.py; detected on Cloud TPU.
   c.distributed = distributed.default_config()
@@ -681,7 +684,9 @@ def _run(config, workdir: pathlib.Path, stop: "_Stop") -> dict:
     if has_heldout:
       host_teacher = sharding.to_host(teacher_params) if teacher is not None else None
       if is_main:
-        summary.update(_evaluate(config, data_dir, probs_V, specials, teacher, host_teacher, student, final))
+        uniform_V = masking.token_probs(train_ds.counts(), [i for i in specials.values() if i is not None], 0.0)
+        summary.update(_evaluate(config, data_dir, {"": probs_V, "uniform_": uniform_V}, specials, teacher,
+                                 host_teacher, student, final))
     if stop.requested:  # the final checkpoint is saved: the next run evaluates and exports
       return stopped_early(ckpts, result.step, stage="evaluation")
     return finish_run(workdir, student, final, tokenizer_path, summary, ckpts, export=config.train.export)
@@ -758,18 +763,36 @@ def _heldout_score(config, data_dir, probs_V, specials, model, params) -> evalua
                             max_batches=config.data.eval_batches)
 
 
-def _evaluate(config, data_dir, probs_V, specials, teacher, teacher_params, student, student_params) -> dict:
-  out = {}
-  s = _heldout_score(config, data_dir, probs_V, specials, student, student_params)
-  out["student_heldout_mlm_accuracy"] = s.accuracy
-  out["student_heldout_mlm_loss"] = s.loss
-  line = f"held-out masked-LM accuracy ({s.num_predictions} predictions): student {s.accuracy:.2%}"
-  if teacher is not None:
-    t = _heldout_score(config, data_dir, probs_V, specials, teacher, teacher_params)
-    out["teacher_heldout_mlm_accuracy"] = t.accuracy
-    out["teacher_heldout_mlm_loss"] = t.loss
-    line += f", teacher {t.accuracy:.2%} (student/teacher {s.accuracy / max(t.accuracy, 1e-9):.2f})"
-  print(line, flush=True)
+def _evaluate(config, data_dir, probs_by_prefix: dict, specials, teacher, teacher_params, student,
+              student_params) -> dict:
+  """Held-out scores of the student (and teacher) under each masking of `probs_by_prefix` ({"": the run's own
+  masking, "uniform_": BERT's uniform masking}), printed side by side; with `train.speed_batches`, their speed
+  as deployed."""
+  out, lines = {}, []
+  for prefix, probs_V in probs_by_prefix.items():
+    s = _heldout_score(config, data_dir, probs_V, specials, student, student_params)
+    out[f"student_heldout_{prefix}mlm_accuracy"] = s.accuracy
+    out[f"student_heldout_{prefix}mlm_loss"] = s.loss
+    label = "the run's masking" if not prefix else prefix.rstrip("_") + " masking"
+    line = f"held-out masked-LM accuracy, {label} ({s.num_predictions} predictions): student {s.accuracy:.2%}"
+    if teacher is not None:
+      t = _heldout_score(config, data_dir, probs_V, specials, teacher, teacher_params)
+      out[f"teacher_heldout_{prefix}mlm_accuracy"] = t.accuracy
+      out[f"teacher_heldout_{prefix}mlm_loss"] = t.loss
+      line += f", teacher {t.accuracy:.2%} (student/teacher {s.accuracy / max(t.accuracy, 1e-9):.2f})"
+    lines.append(line)
+  if teacher is not None and config.train.speed_batches:
+    figures = evaluate.speed_report({"teacher": (teacher, teacher_params), "student": (student, student_params)},
+                                    tuple(config.train.speed_batches), config.data.max_len, repeats=3)
+    heads = {"cls": "encoder + classifier", "mlm": "encoder + masked-LM head"}
+    speedups = []
+    for key, value in figures["student"].items():
+      head, _, batch = key.partition("_tokens_per_s_batch")
+      out[f"student_speedup_{head}_batch{batch}"] = value / figures["teacher"][key]
+      speedups.append(f"{heads[head]}, batch {batch}: {value / figures['teacher'][key]:.2f}x")
+    lines.append(f"student speed-up over the teacher as deployed (same inputs, seq {config.data.max_len}): "
+                 + "; ".join(speedups))
+  print("\n".join(lines), flush=True)
   return out
 
 

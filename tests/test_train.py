@@ -175,7 +175,8 @@ def _params(workdir):
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory, tiny_teacher, data_cache, test_data):
   workdir = tmp_path_factory.mktemp("uninterrupted")
-  extra = ("--config.train.steps=20", "--config.train.ckpt_every=5", "--config.train.log_every=1")
+  extra = ("--config.train.steps=20", "--config.train.ckpt_every=5", "--config.train.log_every=1",
+           "--config.train.speed_batches=(2,)")
   done = subprocess.run(_cli(workdir, tiny_teacher, data_cache, test_data, *extra), env=_env(), capture_output=True,
                         text=True, timeout=600)
   assert done.returncode == 0, done.stdout + done.stderr
@@ -187,6 +188,10 @@ def test_end_to_end_run_writes_everything(reference_run):
   summary = json.loads((workdir / "summary.json").read_text())
   assert summary["step"] == 20 and 0 <= summary["student_heldout_mlm_accuracy"] <= 1
   assert "teacher_heldout_mlm_accuracy" in summary
+  # BERT's uniform masking beside the run's own, and the speed-up as deployed (timed on the same inputs).
+  for who in ("student", "teacher"):
+    assert 0 <= summary[f"{who}_heldout_uniform_mlm_accuracy"] <= 1 and summary[f"{who}_heldout_uniform_mlm_loss"] > 0
+  assert summary["student_speedup_cls_batch2"] > 0 and summary["student_speedup_mlm_batch2"] > 0
   lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert [x["step"] for x in lines] == list(range(1, 21))
   for key in ("loss", "ce", "mlm", "cos", "lr", "grad_norm", "tokens_per_s"):
