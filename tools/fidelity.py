@@ -195,8 +195,9 @@ def teacher_stage(cfg, out: pathlib.Path, given: str) -> dict:
   timed = [r["seconds_per_step"] for r in swept["runs"] if r["seconds_per_step"]]
   if cfg.teacher_minutes > 0 and timed:
     steps = max(int(cfg.teacher_minutes * 60 / statistics.median(timed)), cfg.teacher_sweep.steps)
-  eval_every = recipe.train.eval_every or max(steps // 20, 1)
-  eval_every = max(eval_every, steps // 20)
+  # Steps chosen from the clock get ten points on the curve, so that the last quarter holds at least two.
+  eval_every = max(steps // 10, 1) if steps != recipe.train.steps or not recipe.train.eval_every \
+      else recipe.train.eval_every
   c = _teacher_run_config(cfg, swept["best_lr"], steps, eval_every)
   print(f"[teacher] masked-LM run: lr {swept['best_lr']:g}, {steps} steps of {c.data.batch_size} x "
         f"{c.data.max_len}", flush=True)
