@@ -184,6 +184,7 @@ def reference_run(tmp_path_factory, tiny_teacher, data_cache, test_data):
   return workdir, extra
 
 
+@pytest.mark.slow  # the command-line reference run
 def test_end_to_end_run_writes_everything(reference_run):
   workdir, _ = reference_run
   summary = json.loads((workdir / "summary.json").read_text())
@@ -226,6 +227,7 @@ def test_sigterm_saves_and_resumes(reference_run, tmp_path, tiny_teacher, data_c
     assert np.array_equal(a, b)
 
 
+@pytest.mark.slow  # the command-line reference run
 def test_workdir_of_another_model_is_refused(reference_run, tiny_teacher, data_cache, test_data):
   ref_dir, extra = reference_run
   cmd = _cli(ref_dir, tiny_teacher, data_cache, test_data, *extra, "--config.student.layers=(0,1)")
@@ -286,6 +288,10 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path, tiny_teacher, data_cach
   again = jax.device_get(checkpoint.load_model(tmp_path / "final")[1])
   for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(again)):
     assert np.array_equal(a, b)
+  c.student.layers = (0, 1)  # another student in the same workdir is refused (the slow tier checks the CLI's exit 2)
+  with pytest.raises(checkpoint.ModelMismatchError, match="another model.*allow_model_change"):
+    train.run(c, tmp_path)
+  assert checkpoint.RunCheckpoints(tmp_path).latest_step() == 4
 
 
 def test_bf16_and_remat_step_is_close_to_float32():
@@ -301,6 +307,7 @@ def test_bf16_and_remat_step_is_close_to_float32():
   assert metrics["loss"] != ref["loss"]
 
 
+@pytest.mark.slow  # the command-line reference run
 def test_export_from_a_training_workdir(reference_run, tmp_path, capsys):
   import safetensors.numpy
   sys.path.insert(0, str(ROOT / "tools"))
