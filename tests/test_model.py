@@ -69,8 +69,9 @@ def test_remat_policies_give_the_same_gradients(params, policy):
     return jnp.sum(out.logits * weights)
 
   cfg = CFG.replace(remat=True, remat_policy=policy)
-  g1 = jax.grad(loss)(params, CFG)
-  g2 = jax.grad(loss)(params, cfg)
+  grad = jax.jit(jax.grad(loss), static_argnums=1)  # one compile each, not hundreds of eager ops
+  g1 = grad(params, CFG)
+  g2 = grad(params, cfg)
   for x, y in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
     np.testing.assert_allclose(x, y, atol=1e-5)
   # The policy reaches jax.checkpoint: one rematerialised call per layer, with the policy asked for.
@@ -181,7 +182,8 @@ def test_dot_product_attention_matches_einsum(params, fused_calls, kind):
   np.testing.assert_allclose(out.logits, ref.logits, atol=1e-5)  # every position, pad included
   for h_ref, h in zip(ref.hidden_states, out.hidden_states):
     np.testing.assert_allclose(h, h_ref, atol=1e-5)
-  g_ref, g = jax.grad(loss)(params, CFG), jax.grad(loss)(params, fused_cfg)
+  grad = jax.jit(jax.grad(loss), static_argnums=1)  # one compile each, not hundreds of eager ops
+  g_ref, g = grad(params, CFG), grad(params, fused_cfg)
   for x, y in zip(jax.tree.leaves(g_ref), jax.tree.leaves(g)):
     np.testing.assert_allclose(y, x, atol=1e-5)
   assert max(float(np.max(np.abs(x))) for x in jax.tree.leaves(g)) > 1e-2  # not trivially zero gradients

@@ -58,8 +58,10 @@ def _one_step(config, mesh_shape, models, batch):
   return jax.device_get(state), jax.device_get(metrics), state
 
 
-@pytest.mark.parametrize("restrict,grad_accum,chunk", [(False, 1, 0), (True, 2, 0), (False, 1, 96)])
-def test_one_step_is_the_same_on_every_mesh(restrict, grad_accum, chunk):
+# The plain step on every mesh kind; the variants on the mesh that splits all three axes (each mesh is a compile).
+@pytest.mark.parametrize("restrict,grad_accum,chunk,shapes", [(False, 1, 0, [(8, 1, 1), (2, 2, 2), (1, 4, 2)]),
+                                                              (True, 2, 0, [(2, 2, 2)]), (False, 1, 96, [(2, 2, 2)])])
+def test_one_step_is_the_same_on_every_mesh(restrict, grad_accum, chunk, shapes):
   assert jax.device_count() == 8
   config, models, batch = _step_config(restrict_ce_to_mask=restrict, alpha_mse=0.5), _models(), _batch()
   config.optim.grad_accum = grad_accum
@@ -69,7 +71,7 @@ def test_one_step_is_the_same_on_every_mesh(restrict, grad_accum, chunk):
   assert int(ref_state.step) == 1
   moved = jax.tree.map(lambda a, b: not np.array_equal(a, b), ref_state.params, models[3])
   assert all(jax.tree.leaves(moved)), "every parameter should change after one AdamW step"
-  for shape in [(8, 1, 1), (2, 2, 2), (1, 4, 2)]:
+  for shape in shapes:
     state, metrics, on_device = _one_step(config, shape, models, batch)
     for key in ("loss", "ce", "mlm", "cos", "mse", "grad_norm"):
       np.testing.assert_allclose(metrics[key], ref_metrics[key], rtol=1e-5, atol=1e-5, err_msg=f"{shape} {key}")
@@ -183,6 +185,7 @@ def reference_run(tmp_path_factory, tiny_teacher, data_cache, test_data):
   return workdir, extra
 
 
+@pytest.mark.slow  # the command-line reference run
 def test_end_to_end_run_writes_everything(reference_run):
   workdir, _ = reference_run
   summary = json.loads((workdir / "summary.json").read_text())
@@ -200,6 +203,7 @@ def test_end_to_end_run_writes_everything(reference_run):
   assert (workdir / "export" / "model.safetensors").exists() and (workdir / "export" / "tokenizer.json").exists()
 
 
+@pytest.mark.slow  # two command-line runs (stopped, resumed); in-process exact resume stays in the default tier
 def test_sigkill_then_resume_is_bit_exact(reference_run, tmp_path, tiny_teacher, data_cache, test_data):
   ref_dir, extra = reference_run
   cmd = _cli(tmp_path, tiny_teacher, data_cache, test_data, *extra)
@@ -212,6 +216,7 @@ def test_sigkill_then_resume_is_bit_exact(reference_run, tmp_path, tiny_teacher,
     assert np.array_equal(a, b)
 
 
+@pytest.mark.slow  # two command-line runs (stopped, resumed); in-process exact resume stays in the default tier
 def test_sigterm_saves_and_resumes(reference_run, tmp_path, tiny_teacher, data_cache, test_data):
   ref_dir, extra = reference_run
   cmd = _cli(tmp_path, tiny_teacher, data_cache, test_data, *extra)
@@ -227,6 +232,7 @@ def test_sigterm_saves_and_resumes(reference_run, tmp_path, tiny_teacher, data_c
     assert np.array_equal(a, b)
 
 
+@pytest.mark.slow  # the command-line reference run
 def test_workdir_of_another_model_is_refused(reference_run, tiny_teacher, data_cache, test_data):
   ref_dir, extra = reference_run
   cmd = _cli(ref_dir, tiny_teacher, data_cache, test_data, *extra, "--config.student.layers=(0,1)")
@@ -287,6 +293,10 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path, tiny_teacher, data_cach
   again = jax.device_get(checkpoint.load_model(tmp_path / "final")[1])
   for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(again)):
     assert np.array_equal(a, b)
+  c.student.layers = (0, 1)  # another student in the same workdir is refused (the slow tier checks the CLI's exit 2)
+  with pytest.raises(checkpoint.ModelMismatchError, match="another model.*allow_model_change"):
+    train.run(c, tmp_path)
+  assert checkpoint.RunCheckpoints(tmp_path).latest_step() == 4
 
 
 def test_bf16_and_remat_step_is_close_to_float32():
@@ -302,6 +312,7 @@ def test_bf16_and_remat_step_is_close_to_float32():
   assert metrics["loss"] != ref["loss"]
 
 
+@pytest.mark.slow  # the command-line reference run
 def test_export_from_a_training_workdir(reference_run, tmp_path, capsys):
   import safetensors.numpy
   sys.path.insert(0, str(ROOT / "tools"))
