@@ -69,8 +69,11 @@ def _write_json(path: pathlib.Path, value) -> None:
 
 
 def enable_compilation_cache(cache_dir: str) -> None:
-  """JAX's persistent compilation cache: the seeds of one variant (same programs) compile once."""
+  """JAX's persistent compilation cache: the seeds of one variant (same programs) compile once. A cache the
+  caller already set (the tests') is kept."""
   import jax
+  if jax.config.jax_compilation_cache_dir:
+    return
   folder = pathlib.Path(cache_dir).expanduser() / "jax_compilation_cache"
   jax.config.update("jax_compilation_cache_dir", str(folder))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
