@@ -394,8 +394,21 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
     return _run(config, workdir, stop)
 
 
-def _run(config, workdir: pathlib.Path, stop) -> dict:
-  # Everything that can be wrong with the data or the checkpoint is found here, before any compile.
+@dataclasses.dataclass
+class _Inputs:
+  """What a fine-tuning run reads before it compiles anything (every refusal happens while reading it)."""
+  model: model_lib.Encoder
+  params: Any
+  teacher: model_lib.Encoder | None
+  teacher_params: Any
+  tokenizer_path: str
+  train_arrays: TaskArrays
+  eval_arrays: TaskArrays
+  num_labels: int
+
+
+def _load_inputs(config) -> _Inputs:
+  """The task's splits, the model with its task head, the optional teacher and the encoded examples."""
   train_data = load_split(config, "train")
   eval_data = load_split(config, validation_split(config))
   num_labels = train_data.num_labels
@@ -419,8 +432,17 @@ def _run(config, workdir: pathlib.Path, stop) -> dict:
     raise train.ConfigError(f"the tokenizer {tokenizer_path} has {len(tokenizer)} ids but the model's vocabulary "
                             f"{model.cfg.vocab_size}: use the model's own tokenizer (--config.tokenizer)")
   train.check_max_len(config.max_len, {"model": model, "distillation teacher": teacher}, "--config.max_len")
-  train_arrays = encode_split(train_data, tokenizer, config.max_len)
-  eval_arrays = encode_split(eval_data, tokenizer, config.max_len)
+  return _Inputs(model, params, teacher, teacher_params, tokenizer_path,
+                 encode_split(train_data, tokenizer, config.max_len), encode_split(eval_data, tokenizer, config.max_len),
+                 num_labels)
+
+
+def _run(config, workdir: pathlib.Path, stop) -> dict:
+  inputs = _load_inputs(config)
+  model, params, teacher, teacher_params = inputs.model, inputs.params, inputs.teacher, inputs.teacher_params
+  train_arrays, eval_arrays, num_labels = inputs.train_arrays, inputs.eval_arrays, inputs.num_labels
+  tokenizer_path = inputs.tokenizer_path
+  del inputs
   total_steps = _num_steps(config, len(train_arrays))
   batches = example_batches(train_arrays, batch_size=config.train.batch_size, seed=config.seed,
                             process_index=jax.process_index(), process_count=jax.process_count())
