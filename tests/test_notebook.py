@@ -70,14 +70,20 @@ def test_notebook_runs_in_short_mode(tmp_path, monkeypatch, test_data):
   assert "layer_0/mlp/wi/kernel: shape (384, 1536), logical ('embed', 'mlp') -> mesh ('fsdp', 'tensor')" in text
   assert "each device holds a (48, 1536) block of the (384, 1536) kernel" in text
   assert "mode: SHORT" in text
-  run_line = re.search(r"held-out masked-LM accuracy \((\d+) predictions\): student (\d+\.\d\d)%, "
-                       r"teacher (\d+\.\d\d)%", text)
+  # train.run's last lines: the run's own (rare-token) masking, then BERT's uniform masking.
+  run_line = re.search(r"held-out masked-LM accuracy, the run's masking \((\d+) predictions\): student "
+                       r"(\d+\.\d\d)%, teacher (\d+\.\d\d)%", text)
   assert run_line, "train.run's held-out line is missing"
+  assert re.search(r"held-out masked-LM accuracy, uniform masking \(\d+ predictions\): student \d+\.\d\d%, "
+                   r"teacher \d+\.\d\d%", text), "train.run's uniform-masking line is missing"
   # evaluate's side-by-side table: same seed, batches and masks as the run's own scoring, so the same figures.
-  table = re.search(r"masked-LM accuracy\s+(\d+\.\d\d)%\s+(\d+\.\d\d)%\s+\d+\.\d\d", text)
+  table = re.search(r"masked-LM accuracy, rare-token masking\s+(\d+\.\d\d)%\s+(\d+\.\d\d)%\s+\d+\.\d\d", text)
   assert table, "evaluate's table is missing"
   assert (table.group(1), table.group(2)) == (run_line.group(3), run_line.group(2))
-  assert re.search(rf"masked predictions\s+{run_line.group(1)}\s+{run_line.group(1)}", text)
+  predictions = f"{int(run_line.group(1)):,}"
+  assert re.search(rf"masked predictions, rare-token masking\s+{predictions}\s+{predictions}", text)
+  assert re.search(r"masked-LM accuracy, uniform masking\s+\d+\.\d\d%\s+\d+\.\d\d%", text)
+  assert re.search(r"tokens/s, batch 1, encoder \+ classifier\s+[\d,]+\s+[\d,]+\s+\d+\.\d\d", text)
   assert re.search(r"parameters\s+22,\d{3},\d{3}\s+17,\d{3},\d{3}", text)
   # fill-mask predictions of both exports, five each
   for name in ("teacher", "student"):
