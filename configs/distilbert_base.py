@@ -25,7 +25,7 @@ def get_config():
   c.teacher = "bert-base-uncased"
   c.student.layers = (0, 2, 4, 7, 9, 11)
   c.student.copy_head = True
-  c.model.dtype = "bfloat16"
+  c.compute.dtype = "bfloat16"
   c.data.sources = ("hf:wikimedia/wikipedia:20231101.en", "hf:bookcorpus/bookcorpus")
   c.data.max_len = 512
   c.data.batch_size = 256

@@ -74,7 +74,7 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
     d.train.eval_every = 250
   elif preset == "gpu":
     d.data.batch_size = 64
-    d.model.dtype = "bfloat16"
+    d.compute.dtype = "bfloat16"
     d.train.steps = 1000
     d.train.eval_every = 250
     c.teacher_minutes = 2.0

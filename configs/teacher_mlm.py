@@ -58,7 +58,7 @@ def get_config(preset: str = "cpu") -> ml_collections.ConfigDict:
     c.train.eval_every = 300
   elif preset == "gpu":
     c.data.batch_size = 128
-    c.model.dtype = "bfloat16"
+    c.compute.dtype = "bfloat16"
     c.train.steps = 4000
     c.train.eval_every = 200
     c.train.progress = False

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import json
 import math
 import os
 import pathlib
@@ -32,9 +31,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-from distilbert_jax import checkpoint, hf, metrics, sharding, train, validation
+from distilbert_jax import checkpoint, hf, metrics, sharding, train, trainer, validation
 from distilbert_jax import model as model_lib
-from distilbert_jax import student as student_lib
 
 GiB = 2 ** 30
 INSTALL_HINT = "pip install 'distilbert-jax[tpu]'  (or: pip install 'jax[tpu]=={}')"
@@ -93,8 +91,8 @@ def _grid(chips: int, ndim: int) -> tuple[int, ...]:
   smallest dimensions until the count is reached (2x4 -> 4x4 -> 4x8; 2x2x2 -> 2x2x4 -> 2x4x4 -> 4x4x4)."""
   dims = [1, 1] if ndim == 2 else [2, 2, 1]
   if chips < math.prod(dims) or chips & (chips - 1):
-    raise train.ConfigError(f"{chips} chips is not a Cloud TPU slice size (a power of two"
-                            f"{', at least 4' if ndim == 3 else ''})")
+    raise validation.ConfigError(f"{chips} chips is not a Cloud TPU slice size (a power of two"
+                                 f"{', at least 4' if ndim == 3 else ''})")
   while math.prod(dims) < chips:
     smallest = min(dims)
     last = max(i for i, d in enumerate(dims) if d == smallest)
@@ -109,18 +107,18 @@ def parse_topology(name: str) -> Topology:
   generation = (raw or cloud).group(1) if (raw or cloud) else None
   chip = CHIPS.get(ALIASES.get(generation, generation)) if generation else None
   if chip is None:
-    raise train.ConfigError(f"unknown TPU topology {name!r}: use a Cloud TPU name such as v5e-8, v4-8, v5p-8, "
-                            "v6e-8, v4-32, v5e-32, or a libtpu name such as v5e:2x4, v4:2x2x1 (generations: "
-                            f"{', '.join(CHIPS)})")
+    raise validation.ConfigError(f"unknown TPU topology {name!r}: use a Cloud TPU name such as v5e-8, v4-8, v5p-8, "
+                                 "v6e-8, v4-32, v5e-32, or a libtpu name such as v5e:2x4, v4:2x2x1 (generations: "
+                                 f"{', '.join(CHIPS)})")
   if raw:
     dims = tuple(int(d) for d in raw.group(2).split("x"))
     if len(dims) != chip.ndim:
-      raise train.ConfigError(f"{name}: a {chip.prefix} grid has {chip.ndim} dimensions, e.g. "
-                              f"{chip.prefix}:{'x'.join(['2'] * chip.ndim)}")
+      raise validation.ConfigError(f"{name}: a {chip.prefix} grid has {chip.ndim} dimensions, e.g. "
+                                   f"{chip.prefix}:{'x'.join(['2'] * chip.ndim)}")
   else:
     cores = int(cloud.group(2))
     if cores % chip.cores_per_chip:
-      raise train.ConfigError(f"{name}: {chip.prefix} names count TensorCores, {chip.cores_per_chip} per chip")
+      raise validation.ConfigError(f"{name}: {chip.prefix} names count TensorCores, {chip.cores_per_chip} per chip")
     dims = _grid(cores // chip.cores_per_chip, chip.ndim)
   return Topology(chip, dims, name)
 
@@ -181,11 +179,8 @@ KNOWN_MODELS = {
 
 
 def model_config(path: str) -> model_lib.EncoderConfig:
-  """The EncoderConfig of a model folder or hub name, from its config.json alone (no weights are read).
-
-  A Hugging Face folder gives its pooler to BERT unconditionally (`hf.load_hf` keeps it only when the weights
-  hold one): 0.6M parameters that change no figure this module reports.
-  """
+  """The EncoderConfig of a model folder, training workdir or hub name, with no weights read
+  (`checkpoint.load_config`); hub names not in the local cache from `KNOWN_MODELS`."""
   folder = pathlib.Path(path).expanduser()
   if not folder.is_dir():
     name = re.sub(r"^(google-bert|distilbert)/", "", str(path))
@@ -195,20 +190,14 @@ def model_config(path: str) -> model_lib.EncoderConfig:
     elif name in KNOWN_MODELS:
       return KNOWN_MODELS[name]()
     else:
-      raise train.ConfigError(f"{path!r} is neither a local folder nor a known hub model "
-                              f"({', '.join(KNOWN_MODELS)}): give a folder holding its config.json")
-  config_file = folder / checkpoint.CONFIG_FILE
-  if not config_file.is_file():
-    raise train.ConfigError(f"{folder} has no {checkpoint.CONFIG_FILE}")
-  raw = json.loads(config_file.read_text())
-  if "model_type" not in raw:  # our own model folder (tools/convert.py hf2jax)
-    return model_lib.EncoderConfig.from_dict(raw)
-  import transformers
-  family = {"bert": "bert", "distilbert": "distilbert"}.get(raw["model_type"])
-  if family is None:
-    raise train.ConfigError(f"{folder} holds a {raw['model_type']} model; only BERT and DistilBERT are supported")
-  hf_cfg = transformers.AutoConfig.from_pretrained(str(folder))
-  return hf._config_from_hf(hf_cfg, family)  # pylint: disable=protected-access
+      raise validation.ConfigError(f"{path!r} is neither a local folder nor a known hub model "
+                                   f"({', '.join(KNOWN_MODELS)}): give a folder holding its config.json")
+  if not (folder / checkpoint.CONFIG_FILE).is_file() and not checkpoint.is_run_dir(folder):
+    raise validation.ConfigError(f"{folder} has no {checkpoint.CONFIG_FILE}")
+  try:
+    return checkpoint.load_config(folder)
+  except hf.ConversionError as e:
+    raise validation.ConfigError(str(e)) from None
 
 
 def _hub_cache_config(repo: str) -> pathlib.Path | None:
@@ -221,32 +210,10 @@ def _hub_cache_config(repo: str) -> pathlib.Path | None:
 
 
 def abstract_models(config) -> tuple[model_lib.Encoder | None, model_lib.Encoder]:
-  """(teacher or None, student) as `train.build_models` builds them, from configurations only."""
-  compute = dict(config.model)
-  overrides = dict(config.student.overrides)
-  teacher = None
-  if config.teacher:
-    teacher = model_lib.Encoder(model_config(config.teacher).replace(dtype=config.model.dtype,
-                                                                     attention=config.model.attention))
-  init = config.student.init
-  if init == "teacher":
-    if teacher is None:
-      raise train.ConfigError("student.init='teacher' needs config.teacher")
-    layers = tuple(config.student.layers) or student_lib.default_layers(teacher.cfg.num_layers)
-    try:
-      student_lib.check_layers(layers, teacher.cfg.num_layers)
-    except ValueError as e:
-      raise train.ConfigError(f"--config.student.layers: {e}") from None
-    base = student_lib.student_config(teacher.cfg, len(layers))
-  elif init == "random":
-    base = (student_lib.student_config(teacher.cfg, len(config.student.layers) or teacher.cfg.num_layers // 2)
-            if teacher is not None else model_lib.EncoderConfig.distilbert())
-  else:
-    base = model_config(init)
-  student = model_lib.Encoder(base.replace(**compute, **overrides))
-  if teacher is not None:
-    train.check_pair(teacher.cfg, student.cfg, config.loss)
-  return teacher, student
+  """(teacher or None, student) as `train.build_models` builds them, from configurations only
+  (`train.model_configs`, with hub names resolved offline by `model_config`)."""
+  teacher_cfg, student_cfg = train.model_configs(config, read_config=model_config)
+  return (model_lib.Encoder(teacher_cfg) if teacher_cfg is not None else None), model_lib.Encoder(student_cfg)
 
 
 def abstract_params(model: model_lib.Encoder, shardings=None):
@@ -338,18 +305,18 @@ def check_shapes(config, mesh, teacher, student, batch: int, seq: int):
   dp = sharding.data_parallel_size(mesh)
   accum = config.optim.grad_accum
   if batch < 1 or batch % (dp * accum):
-    raise train.ConfigError(f"global batch {batch} must be a multiple of data-parallel size {dp} × grad_accum "
-                            f"{accum}: change --batch or --config.data.batch_size")
+    raise validation.ConfigError(f"global batch {batch} must be a multiple of data-parallel size {dp} × grad_accum "
+                                 f"{accum}: change --batch or --config.data.batch_size")
   for model in filter(None, (teacher, student)):
     if not 0 < seq <= model.cfg.max_position_embeddings:
-      raise train.ConfigError(f"sequence length {seq} must lie in 1..{model.cfg.max_position_embeddings} (the "
-                              "model's positions)")
+      raise validation.ConfigError(f"sequence length {seq} must lie in 1..{model.cfg.max_position_embeddings} (the "
+                                   "model's positions)")
 
 
 def compile_step(config, mesh, teacher, student, batch: int, seq: int, hbm_bytes: float) -> Result:
-  """Lowers and compiles `train.compile_step`'s step for `batch` sequences of `seq` tokens."""
+  """Lowers and compiles `train.build_step`'s step for `batch` sequences of `seq` tokens."""
   check_shapes(config, mesh, teacher, student, batch, seq)
-  fns = train.compile_step(config, mesh, student, teacher, abstract_params(student), MASK_TOKEN_ID)
+  fns = train.build_step(config, mesh, student, teacher, abstract_params(student), MASK_TOKEN_ID)
   teacher_params = abstract_params(teacher, fns.teacher_sharding) if teacher is not None else None
   token_probs_V = jax.ShapeDtypeStruct((student.cfg.vocab_size,), jnp.float32, sharding=fns.replicated)
   args = (fns.abstract_state, teacher_params, batch_arrays(mesh, batch, seq, config.data.strategy), token_probs_V)
@@ -404,7 +371,7 @@ def describe(topo: Topology, devices, mesh, config, teacher, student, batch: int
       f"{topo.chip.hbm_gib:g} GiB HBM each",
       f"mesh      {' × '.join(f'{a} {n}' for a, n in mesh.shape.items())}",
       f"models    {'teacher ' + model(teacher) + ', ' if teacher is not None else ''}student {model(student)}; "
-      f"{config.model.dtype} compute, remat {'on' if config.model.remat else 'off'}",
+      f"{config.compute.dtype} compute, remat {'on' if config.compute.remat else 'off'}",
       f"step      global batch {batch} × {seq} tokens, grad_accum {accum} (micro-batch {batch // accum})",
   ]
   return "\n".join(lines)
@@ -482,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     flags.mark_flags_as_required(["config", "topology"], flag_values=fv)
     return held
 
-  parsed = train.parse_flags(argv, required)
+  parsed = trainer.parse_flags(argv, required)
   if parsed is None:
     return 2
   config_flag, topology_flag, batch_flag, seq_flag, search_flag = parsed
@@ -497,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     teacher, student = abstract_models(config)
     batch = batch_flag.value or config.data.batch_size
     seq = seq_flag.value or config.data.max_len
-    train.check_max_len(seq, {"teacher": teacher, "student": student}, "--seq" if seq_flag.value else
+    validation.check_max_len(seq, {"teacher": teacher, "student": student}, "--seq" if seq_flag.value else
                         "--config.data.max_len")
     compile_only_process()
     if not has_libtpu():
@@ -513,14 +480,14 @@ def main(argv: list[str] | None = None) -> int:
       print("searching the largest global batch that fits:", flush=True)
       best = search_batch(config, mesh, teacher, student, batch, seq, hbm)
       if best is None:
-        print("verdict   no global batch fits: try --config.model.remat=True or a larger slice")
+        print("verdict   no global batch fits: try --config.compute.remat=True or a larger slice")
         return 1
       print(f"largest   global batch {best.batch} fits "
             f"({best.batch // sharding.data_parallel_size(mesh)} sequences per data-parallel device)")
       print(report(best))
       return 0
     result = compile_step(config, mesh, teacher, student, batch, seq, hbm)
-  except (train.ConfigError, hf.ConversionError) as e:
+  except (validation.ConfigError, hf.ConversionError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   print(report(result))

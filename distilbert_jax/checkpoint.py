@@ -154,13 +154,7 @@ class RunCheckpoints:
 
     With `allow_change`, the old checkpoints are moved aside (never deleted) and the run starts afresh.
     """
-    saved = None
-    for step in sorted(self.manager.all_steps(), reverse=True):  # the newest whose config reads
-      try:
-        saved = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-        break
-      except Exception:  # pylint: disable=broad-except  (a damaged step: `restore` deals with it)
-        continue
+    step, saved = self.saved_config()
     if saved is None:
       return
     saved_model = saved.get("model")
@@ -179,6 +173,15 @@ class RunCheckpoints:
     log.warning("moved the checkpoints of another model to %s", aside)
     self.__init__(self.directory.parent, keep=self.manager._options.max_to_keep,
                   async_save=self.manager._options.enable_async_checkpointing)
+
+  def saved_config(self) -> tuple[int | None, dict | None]:
+    """(step, run config) of the newest checkpoint whose config reads; (None, None) without one."""
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        return step, self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+      except Exception:  # pylint: disable=broad-except  (a damaged step: `restore` deals with it)
+        continue
+    return None, None
 
   def save(self, step: int, state, data_state: dict, config: dict, *, force: bool = False) -> bool:
     """Starts saving `step` (asynchronously unless configured otherwise). A full disk, here or in the
@@ -299,12 +302,31 @@ def load_run(workdir: str | os.PathLike, step: int | None = None) -> tuple[model
   return model, restored["state"]["params"], step
 
 
-def load_any(path: str | os.PathLike, step: int | None = None) -> tuple[model_lib.Encoder, dict]:
-  """A JAX model folder, a training workdir (its newest or given checkpoint) or a Hugging Face folder/hub name."""
-  if is_model_dir(path):
-    return load_model(path)
-  if is_run_dir(path):
-    model, params, _ = load_run(path, step)
-    return model, params
+def load_any(path: str | os.PathLike, step: int | None = None, **overrides) -> tuple[model_lib.Encoder, dict]:
+  """A JAX model folder, a training workdir (its newest or given checkpoint) or a Hugging Face folder/hub name.
+
+  `overrides`: EncoderConfig fields given to the model (compute fields such as dtype and attention; on a
+  Hugging Face folder also fields applied before its weights are read)."""
+  if is_model_dir(path) or is_run_dir(path):
+    model, params = load_model(path) if is_model_dir(path) else load_run(path, step)[:2]
+    return model_lib.Encoder(model.cfg.replace(**overrides)), params
   from distilbert_jax import hf  # hf imports nothing of checkpoint: no cycle, and torch-free
-  return hf.load_hf(path)
+  return hf.load_hf(path, **overrides)
+
+
+def load_config(path: str | os.PathLike) -> model_lib.EncoderConfig:
+  """The config of the model `load_any(path)` reads, without reading its weights."""
+  folder = pathlib.Path(path).expanduser()
+  if is_model_dir(folder):
+    return model_lib.EncoderConfig.from_dict(json.loads((folder / CONFIG_FILE).read_text()))
+  if is_run_dir(folder):
+    ckpts = RunCheckpoints(folder, async_save=False)
+    try:
+      _, saved = ckpts.saved_config()
+    finally:
+      ckpts.close()
+    if saved is None:
+      raise FileNotFoundError(f"{ckpts.directory} holds no readable checkpoint yet")
+    return model_lib.EncoderConfig.from_dict(saved["model"])
+  from distilbert_jax import hf
+  return hf.read_config(path)

@@ -189,3 +189,10 @@ def initialize(config=None, env: Mapping[str, str] | None = None) -> bool:
   log.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
            jax.local_device_count(), jax.device_count())
   return True
+
+
+def sync_processes(name: str):
+  """A barrier across all processes (nothing with one)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)

@@ -3,7 +3,7 @@
   python -m distilbert_jax.finetune --config configs/finetune.py --workdir runs/sst2 \
       --config.model=runs/demo --config.task=sst2
 
-The same machinery as distillation (`train.fit`): one pure jitted step sharded over the (data, fsdp, tensor)
+The same machinery as distillation (`trainer.fit`): one pure jitted step sharded over the (data, fsdp, tensor)
 mesh, Orbax checkpoints with the data position (exact resume, SIGTERM save), JSONL/TensorBoard metrics and
 the NaN stop. The model is any JAX model folder, training workdir (its newest checkpoint) or Hugging Face
 folder / hub name; a head for the task's labels is added where the checkpoint has none (BERT: pooler + tanh,
@@ -32,9 +32,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from distilbert_jax import checkpoint, data, distributed, metrics, sharding, tasks, train, validation
+from distilbert_jax import checkpoint, data, distributed, metrics, sharding, tasks, trainer, validation
 from distilbert_jax import model as model_lib
 
 log = logging.getLogger("distilbert_jax.finetune")
@@ -65,9 +64,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.max_len = 128
   c.tokenizer = ""  # default: the model's
   c.replace_head = False  # a checkpoint whose classifier has another number of labels: start a new head
-  # How the model computes (as distillation's config.model): dtype, remat, remat_policy, attention.
-  c.model_options = ml_collections.ConfigDict(dict(dtype="float32", remat=False, remat_policy="full",
-                                                   attention="einsum"))
+  # How the model computes (as distillation's config.compute): dtype, remat, remat_policy, attention.
+  c.compute = ml_collections.ConfigDict(dict(dtype="float32", remat=False, remat_policy="full", attention="einsum"))
 
   # Distillation during fine-tuning: a teacher fine-tuned on this task, its logits as soft targets.
   c.distill = ml_collections.ConfigDict(dict(teacher="", alpha=0.5, temperature=2.0))
@@ -84,7 +82,7 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
-class HeadMismatchError(train.ConfigError):
+class HeadMismatchError(validation.ConfigError):
   """A checkpoint whose task head cannot serve the task (raised before any compile)."""
 
 
@@ -190,8 +188,8 @@ def example_batches(arrays: TaskArrays, *, batch_size: int, seed: int, shuffle: 
     raise ValueError(f"batch size {batch_size} must be a positive multiple of the process count {process_count}")
   take = _TakeRows(arrays, batch_size, seed, shuffle, process_index, process_count)
   if take.steps_per_epoch == 0:
-    raise train.ConfigError(f"{len(arrays)} training examples make no full batch of {batch_size}: "
-                            "lower --config.train.batch_size")
+    raise validation.ConfigError(f"{len(arrays)} training examples make no full batch of {batch_size}: "
+                                 "lower --config.train.batch_size")
   ds = grain.MapDataset.range(take.steps_per_epoch).repeat(num_epochs).map_with_index(take)
   return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)))
 
@@ -248,8 +246,8 @@ def load_teacher(config, num_labels: int) -> tuple[model_lib.Encoder, Any]:
     have = teacher.cfg.num_labels or "no"
     raise HeadMismatchError(f"the distillation teacher {config.distill.teacher} has {have} task output(s) but "
                             f"the task has {num_labels}: give a teacher fine-tuned on this task")
-  return model_lib.Encoder(teacher.cfg.replace(dtype=config.model_options.dtype,
-                                               attention=config.model_options.attention)), params
+  return model_lib.Encoder(teacher.cfg.replace(dtype=config.compute.dtype,
+                                               attention=config.compute.attention)), params
 
 
 # ------------------------------------------------------------------------------------------------ step
@@ -283,7 +281,7 @@ def _forward(model, params, batch, **kw) -> jax.Array:
                      token_type_ids=batch["token_type_ids"], compute_logits=False, **kw).class_logits
 
 
-def finetune_step(state: train.TrainState, teacher_params, batch: dict, *, model, teacher, tx, schedule,
+def finetune_step(state: trainer.TrainState, teacher_params, batch: dict, *, model, teacher, tx, schedule,
                   regression: bool, alpha: float, temperature: float, grad_accum: int):
   """One optimizer update: pure, `(state, batch) -> (state, metrics)`; dropout keyed by (rng, step)."""
 
@@ -301,7 +299,7 @@ def finetune_step(state: train.TrainState, teacher_params, batch: dict, *, model
       terms["accuracy"] = jnp.sum(hit_B) / jnp.maximum(jnp.sum(w_B), 1.0)
     return total, terms
 
-  state, out = train.apply_gradients(state, loss_fn, batch, tx=tx, schedule=schedule, grad_accum=grad_accum)
+  state, out = trainer.apply_gradients(state, loss_fn, batch, tx=tx, schedule=schedule, grad_accum=grad_accum)
   out["tokens"] = jnp.sum(batch["attention_mask"]).astype(jnp.float32)
   return state, out
 
@@ -318,8 +316,8 @@ def _num_steps(config, n_train: int) -> int:
     return int(config.train.steps)
   steps = int(config.train.epochs * (n_train // config.train.batch_size))
   if steps <= 0:
-    raise train.ConfigError("train.epochs × examples / batch size gives no step: raise --config.train.epochs "
-                            "or set --config.train.steps")
+    raise validation.ConfigError("train.epochs × examples / batch size gives no step: raise --config.train.epochs "
+                                 "or set --config.train.steps")
   return steps
 
 
@@ -352,22 +350,22 @@ RANGES = {
     "distill.alpha": "[0,1]", "distill.temperature": ">0",
     "train.epochs": ">=0", "train.steps": ">=0", "train.batch_size": ">0", "train.eval_batch_size": ">0",
     "train.log_every": ">0", "train.eval_every": ">=0", "train.ckpt_every": ">0", "train.keep": ">0",
-    **{k: v for k, v in train.RANGES.items() if k.startswith("optim.")},
+    **trainer.OPTIM_RANGES,
 }
 
 
 def validate_run(config, workdir: pathlib.Path):
   """Everything about a fine-tune that can be checked before the model or the data is read."""
   if not config.model:
-    raise train.ConfigError("no model: set --config.model to a JAX model folder, training workdir or Hugging "
-                            "Face folder / hub name")
+    raise validation.ConfigError("no model: set --config.model to a JAX model folder, training workdir or Hugging "
+                                 "Face folder / hub name")
   if not config.task:
-    raise train.ConfigError(f"no task: set --config.task to a GLUE task ({', '.join(tasks.GLUE_TASKS)}) or a "
-                            ".csv/.tsv/.json/.jsonl file")
+    raise validation.ConfigError(f"no task: set --config.task to a GLUE task ({', '.join(tasks.GLUE_TASKS)}) or a "
+                                 ".csv/.tsv/.json/.jsonl file")
   validation.check_ranges(config, RANGES)
   if config.train.steps == 0 and config.train.epochs <= 0:
-    raise train.ConfigError("--config.train.epochs must be > 0 when --config.train.steps is 0: set one of them")
-  train.check_mesh_rules(config.mesh.rules)
+    raise validation.ConfigError("--config.train.epochs must be > 0 when --config.train.steps is 0: set one of them")
+  trainer.check_mesh_rules(config.mesh.rules)
   validation.check_workdir(workdir)
   sizes = validation.check_mesh(config.mesh.shape, jax.device_count())
   data_parallel = sizes["data"] * sizes["fsdp"]
@@ -385,12 +383,12 @@ def validate_run(config, workdir: pathlib.Path):
 def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
   """Fine-tunes (or resumes) in `workdir`; returns the summary (validation metrics, baseline, export).
 
-  As `train.run`: bad input is refused before anything compiles, and a SIGTERM at any moment stops at the
+  As distillation (`train.run`): bad input is refused before anything compiles, and a SIGTERM at any moment stops at the
   next safe point (the next run finishes the job)."""
   workdir = pathlib.Path(workdir).expanduser().absolute()
   config = config.copy_and_resolve_references()
   validate_run(config, workdir)
-  with train.stop_signal() as stop:
+  with trainer.stop_signal() as stop:
     return _run(config, workdir, stop)
 
 
@@ -417,7 +415,7 @@ def _load_inputs(config) -> _Inputs:
                           f"{eval_data.num_labels}: set --config.num_labels")
   base, base_params = checkpoint.load_any(config.model)
   model, params, new = with_head(base, base_params, num_labels, replace=config.replace_head, seed=config.seed,
-                                 **config.model_options)
+                                 **config.compute)
   del base_params
   if new:
     log.info("new task head parameters (random init): %s", ", ".join(new))
@@ -426,12 +424,12 @@ def _load_inputs(config) -> _Inputs:
     teacher, teacher_params = load_teacher(config, num_labels)
   tokenizer_path = config.tokenizer or model.cfg.tokenizer
   if not tokenizer_path:
-    raise train.ConfigError(f"{config.model} names no tokenizer: set --config.tokenizer=DIR")
+    raise validation.ConfigError(f"{config.model} names no tokenizer: set --config.tokenizer=DIR")
   tokenizer = data.load_tokenizer(tokenizer_path)
   if len(tokenizer) > model.cfg.vocab_size:
-    raise train.ConfigError(f"the tokenizer {tokenizer_path} has {len(tokenizer)} ids but the model's vocabulary "
-                            f"{model.cfg.vocab_size}: use the model's own tokenizer (--config.tokenizer)")
-  train.check_max_len(config.max_len, {"model": model, "distillation teacher": teacher}, "--config.max_len")
+    raise validation.ConfigError(f"the tokenizer {tokenizer_path} has {len(tokenizer)} ids but the model's vocabulary "
+                                 f"{model.cfg.vocab_size}: use the model's own tokenizer (--config.tokenizer)")
+  validation.check_max_len(config.max_len, {"model": model, "distillation teacher": teacher}, "--config.max_len")
   return _Inputs(model, params, teacher, teacher_params, tokenizer_path,
                  encode_split(train_data, tokenizer, config.max_len), encode_split(eval_data, tokenizer, config.max_len),
                  num_labels)
@@ -449,36 +447,25 @@ def _run(config, workdir: pathlib.Path, stop) -> dict:
 
   mesh = sharding.make_mesh(config.mesh.shape)
   if stop.requested:
-    return train.stopped_in_setup()
+    return trainer.stopped_in_setup()
   rules = dict(config.mesh.rules)
-  tx, schedule = train.make_optimizer(config.optim, total_steps, head_keys=HEAD_KEYS, frozen_keys=FROZEN_KEYS)
-  fns = train.state_functions(mesh, rules, model, jax.eval_shape(lambda p: p, params), tx, config.seed)
-  t_shard = None
-  if teacher is not None:
-    t_shard = sharding.param_shardings(model_lib.logical_axes(teacher), jax.eval_shape(lambda p: p, teacher_params),
-                                       mesh, rules)
-    teacher_params = jax.device_put(teacher_params, t_shard)
-  replicated = NamedSharding(mesh, P())
-  regression = train_arrays.task.is_regression
+  tx, schedule = trainer.make_optimizer(config.optim, total_steps, head_keys=HEAD_KEYS, frozen_keys=FROZEN_KEYS)
   step_fn = functools.partial(finetune_step, model=model, teacher=teacher, tx=tx, schedule=schedule,
-                              regression=regression, alpha=config.distill.alpha,
+                              regression=train_arrays.task.is_regression, alpha=config.distill.alpha,
                               temperature=config.distill.temperature, grad_accum=config.optim.grad_accum)
-  step = jax.jit(
-      sharding.with_activation_sharding(step_fn, mesh, rules),
-      in_shardings=(fns.state_sharding, t_shard, sharding.batch_sharding(mesh)),
-      out_shardings=(fns.state_sharding, replicated), donate_argnums=0)
+  fns = trainer.jit_step(step_fn, mesh, rules, model, jax.eval_shape(lambda p: p, params), tx, config.seed,
+                         teacher=teacher, abstract_teacher_params=jax.eval_shape(lambda p: p, teacher_params))
+  if teacher is not None:
+    teacher_params = jax.device_put(teacher_params, fns.teacher_sharding)
   predict_fn = jax.jit(sharding.with_activation_sharding(functools.partial(predict, model), mesh, rules),
                        in_shardings=(fns.state_sharding.params, sharding.batch_sharding(mesh)),
                        out_shardings=sharding.batch_sharding(mesh))
 
-  ckpts = checkpoint.RunCheckpoints(workdir, keep=config.train.keep, async_save=config.train.async_checkpoint)
-  try:
-    ckpts.check_model(model.cfg.to_dict(), allow_change=config.train.allow_model_change)
-    start, state = train.restore_or_init(ckpts, fns, params, batches)
+  with trainer.run_checkpoints(workdir, config.train, model.cfg.to_dict()) as ckpts:
+    start, state = trainer.restore_or_init(ckpts, fns, params, batches)
     del params
 
     is_main = jax.process_index() == 0
-    eval_every = config.train.eval_every
 
     def after_step(step_done, state):
       if step_done != total_steps:  # the final evaluation follows the loop
@@ -492,17 +479,18 @@ def _run(config, workdir: pathlib.Path, stop) -> dict:
       flops_per_token += metrics.encoder_flops_per_token(teacher.cfg, config.max_len, with_logits=False)
     with metrics.MetricsWriter(workdir, enabled=is_main) as writer:
       writer.truncate_after(start)
-      result = train.fit(state, lambda s, b: step(s, teacher_params, b), batches, mesh, ckpts=ckpts, writer=writer,
-                         start=start, total_steps=total_steps, log_every=config.train.log_every,
-                         ckpt_every=config.train.ckpt_every, flops_per_token=flops_per_token,
-                         compute_dtype=config.model_options.dtype, progress=config.train.progress,
-                         run_config={"config": config.to_dict(), "model": model.cfg.to_dict()},
-                         eval_every=eval_every, evaluate_fn=after_step)
+      result = trainer.fit(
+          state, lambda s, b: fns.step(s, teacher_params, b), batches, mesh, ckpts=ckpts, writer=writer,
+          start=start, total_steps=total_steps, log_every=config.train.log_every,
+          ckpt_every=config.train.ckpt_every, flops_per_token=flops_per_token,
+          compute_dtype=config.compute.dtype, progress=config.train.progress,
+          run_config={"config": config.to_dict(), "model": model.cfg.to_dict()},
+          eval_every=config.train.eval_every, evaluate_fn=after_step)
       if result.preempted:
-        return train.stopped_early(ckpts, result.step)
+        return trainer.stopped_early(ckpts, result.step)
       scores = evaluate(model, result.state.params, eval_arrays, predict_fn, mesh, config.train.eval_batch_size)
       if stop.requested:  # the final checkpoint is saved: the next run evaluates and exports
-        return train.stopped_early(ckpts, result.step, stage="evaluation")
+        return trainer.stopped_early(ckpts, result.step, stage="evaluation")
       writer.write(result.step, {f"eval_{k}": v for k, v in scores.items()})
 
     baseline = majority_baseline(train_arrays.labels, eval_arrays)
@@ -515,10 +503,7 @@ def _run(config, workdir: pathlib.Path, stop) -> dict:
         line += f"; majority class: {_format(baseline)}"
       print(line, flush=True)
     final = sharding.to_host(result.state.params)  # collectives: every process gathers
-    return train.finish_run(workdir, model, final, tokenizer_path, summary, ckpts, export=config.train.export)
-  except BaseException:
-    ckpts.close_after_error()  # no asynchronous save left running behind the error
-    raise
+    return trainer.finish_run(workdir, model, final, tokenizer_path, summary, ckpts, export=config.train.export)
 
 
 def _format(scores: dict[str, float]) -> str:
@@ -526,7 +511,7 @@ def _format(scores: dict[str, float]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-  return train.cli(run, "a configs/finetune*.py file", user_errors=(tasks.TaskError,), argv=argv)
+  return trainer.cli(run, "a configs/finetune*.py file", user_errors=(tasks.TaskError,), argv=argv)
 
 
 if __name__ == "__main__":

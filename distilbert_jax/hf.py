@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import pathlib
 import re
@@ -144,7 +145,7 @@ def mapping(cfg: model_lib.EncoderConfig, *, head: bool = True, pooler: bool | N
 
 # ----------------------------------------------------------------------------------------------- configs
 
-def _config_from_hf(hf_cfg, family: str) -> model_lib.EncoderConfig:
+def config_from_hf(hf_cfg, family: str) -> model_lib.EncoderConfig:
   """Our config from a transformers config object; refuses fields we cannot honour."""
   def refuse(field, value, fix):
     raise ConversionError(f"config field {field}={value!r} is not supported: {fix}")
@@ -170,7 +171,8 @@ def _config_from_hf(hf_cfg, family: str) -> model_lib.EncoderConfig:
     if getattr(hf_cfg, "sinusoidal_pos_embds", False):
       refuse("sinusoidal_pos_embds", True, "only learned position embeddings are implemented")
     return model_lib.EncoderConfig.distilbert(
-        pooler_activation="relu", classifier_dropout_rate=hf_cfg.seq_classif_dropout, hidden_size=hf_cfg.dim, num_layers=hf_cfg.n_layers, num_heads=hf_cfg.n_heads,
+        pooler_activation="relu", classifier_dropout_rate=hf_cfg.seq_classif_dropout, hidden_size=hf_cfg.dim,
+        num_layers=hf_cfg.n_layers, num_heads=hf_cfg.n_heads,
         intermediate_size=hf_cfg.hidden_dim, hidden_act=hf_cfg.activation, layer_norm_eps=1e-12,
         dropout_rate=hf_cfg.dropout, attention_dropout_rate=hf_cfg.attention_dropout, **common)
   except ValueError as e:
@@ -271,17 +273,8 @@ def _get(tree: dict, path: tuple[str, ...]):
 
 # ----------------------------------------------------------------------------------------------- public
 
-def load_hf(path: str | os.PathLike, *, dtype: str = "float32", param_dtype: str = "float32", seed: int = 0,
-            **config_overrides) -> tuple[model_lib.Encoder, dict]:
-  """Reads a Hugging Face BERT or DistilBERT checkpoint folder into (model, params).
-
-  `path` holds `config.json` and `model.safetensors` (or `pytorch_model.bin`) of a BertForMaskedLM,
-  BertForPreTraining, BertModel, DistilBertForMaskedLM or DistilBertModel. A hub name (`bert-base-uncased`)
-  works too where the hub is reachable: it is resolved with `huggingface_hub.snapshot_download`.
-  A checkpoint without an MLM head gets a freshly initialised one (from `seed`) and a warning naming it.
-  `dtype` is the compute dtype, `param_dtype` the dtype the parameters are stored in.
-  """
-  folder = _resolve(path)
+def _read_hf_config(folder: pathlib.Path):
+  """(transformers config, family, architectures) of a checkpoint folder; refuses what is not supported."""
   import transformers
   try:
     hf_cfg = transformers.AutoConfig.from_pretrained(str(folder))
@@ -294,29 +287,76 @@ def load_hf(path: str | os.PathLike, *, dtype: str = "float32", param_dtype: str
     raise ConversionError(
         f"{folder} holds {', '.join(archs) or hf_cfg.model_type}, which is not supported: supported "
         f"architectures are {', '.join(SUPPORTED_ARCHITECTURES)}")
+  return hf_cfg, family, archs
 
-  state, prefix = _normalise_keys(read_weights(folder), family)
-  classifies = any(a.endswith("ForSequenceClassification") for a in archs)
+
+def _encoder_config(folder: pathlib.Path, hf_cfg, family: str, archs: list[str],
+                    tensor_names: set[str] | None) -> model_lib.EncoderConfig:
+  """Our config of a checkpoint: config.json, plus the tensor names (prefix-free) for whether it has a pooler
+  (None: unknown, BERT gets one)."""
   pooler_key = "pooler.dense.weight" if family == "bert" else "pre_classifier.weight"
-  cfg = _config_from_hf(hf_cfg, family).replace(
-      dtype=dtype, param_dtype=param_dtype, use_pooler=pooler_key in state,
-      num_labels=hf_cfg.num_labels if classifies else 0,
-      tokenizer=str(folder) if (folder / "vocab.txt").exists() or (folder / "tokenizer.json").exists() else None,
-      **config_overrides)
+  has_pooler = pooler_key in tensor_names if tensor_names is not None else family == "bert"
+  classifies = any(a.endswith("ForSequenceClassification") for a in archs)
+  return config_from_hf(hf_cfg, family).replace(
+      use_pooler=has_pooler, num_labels=hf_cfg.num_labels if classifies else 0,
+      tokenizer=str(folder) if (folder / "vocab.txt").exists() or (folder / "tokenizer.json").exists() else None)
+
+
+def _tensor_names(folder: pathlib.Path, family: str) -> set[str] | None:
+  """The (prefix-free) tensor names of a safetensors checkpoint, from its index or headers alone; None for a
+  pytorch_model.bin (its names need the whole file)."""
+  index = folder / "model.safetensors.index.json"
+  if index.exists():
+    names = json.loads(index.read_text())["weight_map"]
+  elif (folder / "model.safetensors").exists():
+    from safetensors import safe_open
+    with safe_open(str(folder / "model.safetensors"), framework="np") as f:
+      names = list(f.keys())
+  else:
+    return None
+  return set(_normalise_keys(dict.fromkeys(names), family)[0])
+
+
+def read_config(path: str | os.PathLike, **config_overrides) -> model_lib.EncoderConfig:
+  """The config `load_hf` gives a checkpoint, from config.json and the safetensors headers: no weights read
+  (a pytorch_model.bin BERT is taken to have its pooler)."""
+  folder = _resolve(path)
+  hf_cfg, family, archs = _read_hf_config(folder)
+  return _encoder_config(folder, hf_cfg, family, archs, _tensor_names(folder, family)).replace(**config_overrides)
+
+
+def load_hf(path: str | os.PathLike, *, dtype: str = "float32", param_dtype: str = "float32", seed: int = 0,
+            **config_overrides) -> tuple[model_lib.Encoder, dict]:
+  """Reads a Hugging Face BERT or DistilBERT checkpoint folder into (model, params).
+
+  `path` holds `config.json` and `model.safetensors` (or `pytorch_model.bin`) of a BertForMaskedLM,
+  BertForPreTraining, BertModel, DistilBertForMaskedLM or DistilBertModel. A hub name (`bert-base-uncased`)
+  works too where the hub is reachable: it is resolved with `huggingface_hub.snapshot_download`.
+  A checkpoint without an MLM head gets a freshly initialised one (from `seed`) and a warning naming it.
+  `dtype` is the compute dtype, `param_dtype` the dtype the parameters are stored in.
+  """
+  folder = _resolve(path)
+  hf_cfg, family, archs = _read_hf_config(folder)
+  state, prefix = _normalise_keys(read_weights(folder), family)
+  cfg = _encoder_config(folder, hf_cfg, family, archs, set(state)).replace(
+      dtype=dtype, param_dtype=param_dtype, **config_overrides)
   model = model_lib.Encoder(cfg)
-  fresh = jax.device_get(model_lib.init_params(model, jax.random.key(seed)))
+  shapes = jax.eval_shape(lambda: model_lib.init_params(model, jax.random.key(seed)))
+  fresh = None  # initialised parameters, only for a missing masked-LM head
 
   params, used, initialised = {}, set(), []
   for ours, key, hook in mapping(cfg):
-    expected = _get(fresh, ours)
+    expected = _get(shapes, ours)
     if key not in state:
       if ours[0] != "mlm_head":
         raise ConversionError(f"{folder} lacks tensor {prefix}{key}, which the config requires: the weights "
                               "and config.json do not belong together (or the file is incomplete)")
+      if fresh is None:
+        fresh = jax.device_get(model_lib.init_params(model, jax.random.key(seed)))
       initialised.append("/".join(ours))
-      _set(params, ours, expected)
+      _set(params, ours, _get(fresh, ours))
       continue
-    value = hook.to_jax(state[key], cfg) if state[key].size == expected.size else state[key]
+    value = hook.to_jax(state[key], cfg) if state[key].size == math.prod(expected.shape) else state[key]
     if value.shape != expected.shape:
       raise ConversionError(f"tensor {prefix}{key} has shape {tuple(state[key].shape)} but config.json implies "
                             f"{_expected_hf_shape(expected, hook, cfg)}: fix config.json or the weights")

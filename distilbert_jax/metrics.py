@@ -12,8 +12,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import time
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, Mapping
 
 import numpy as np
 import tensorboardX
@@ -333,49 +332,3 @@ class Progress:
 
   def __exit__(self, *exc) -> None:
     self.close()
-
-
-class Throughput(NamedTuple):
-  tokens_per_s: float  # tokens per wall-clock second over the interval
-  step_seconds: float  # wall-clock seconds per step over the interval
-
-
-class StepTimer:
-  """Throughput from the wall time between successive `update` calls.
-
-  The first call only starts the clock: the steps before it include compilation. Time is the host's: with
-  JAX's asynchronous dispatch it matches the device only if the host waits on the device at least once per
-  interval (reading the metrics of a step does), which the caller ensures by calling `update` after it.
-  """
-
-  def __init__(self, clock: Callable[[], float] = time.perf_counter):
-    self._clock = clock
-    self._last: tuple[int, float] | None = None  # (step, time) of the previous call
-    self._first: tuple[int, float] | None = None
-    self._tokens = 0  # tokens since the first call
-
-  def update(self, step: int, tokens: int) -> Throughput | None:
-    """Record that training reached `step` after `tokens` more tokens since the previous call.
-
-    Returns the throughput since the previous call, or None on the first call (or when no step or no time
-    has passed since the previous call).
-    """
-    now = self._clock()
-    last, self._last = self._last, (step, now)
-    if last is None:
-      self._first = (step, now)
-      return None
-    self._tokens += tokens
-    steps, seconds = step - last[0], now - last[1]
-    if steps <= 0 or seconds <= 0:
-      return None
-    return Throughput(tokens_per_s=tokens / seconds, step_seconds=seconds / steps)
-
-  def average(self) -> Throughput | None:
-    """Throughput from the first call to the last, e.g. for a run summary; None before two calls."""
-    if self._first is None or self._last is None:
-      return None
-    steps, seconds = self._last[0] - self._first[0], self._last[1] - self._first[1]
-    if steps <= 0 or seconds <= 0:
-      return None
-    return Throughput(tokens_per_s=self._tokens / seconds, step_seconds=seconds / steps)

@@ -134,7 +134,7 @@ def state_shardings(abstract_tree, params_shardings, mesh: Mesh):
 def activation_sharding(mesh: Mesh, rules: Mapping[str, Rule]):
   """While a step is traced in this context, the model's `nn.with_logical_constraint` calls resolve their
   logical names (`batch`, `length`, `act_embed`) to `mesh` axes through `rules`; outside it they do nothing.
-  The batch a step sees must divide by the mesh axes of `batch` (`train.check_batch`)."""
+  The batch a step sees must divide by the mesh axes of `batch` (`trainer.check_batch`)."""
   flax_rules = tuple((name, _axes(rule) or None) for name, rule in rules.items())
   with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(flax_rules):
     yield

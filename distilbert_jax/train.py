@@ -13,7 +13,6 @@ losses (`losses.py`) and applies AdamW (optax) → the new state stays on the de
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -22,22 +21,17 @@ import logging
 import math
 import os
 import pathlib
-import signal
 import sys
-import threading
-import time
 from typing import Any
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from distilbert_jax import checkpoint, data, distributed, evaluate, hf, losses, masking, metrics, sharding, validation
+from distilbert_jax import (checkpoint, data, distributed, evaluate, losses, masking, metrics, sharding, trainer,
+                            validation)
 from distilbert_jax import model as model_lib
 from distilbert_jax import student as student_lib
 
@@ -70,7 +64,7 @@ def default_config() -> ml_collections.ConfigDict:
   # others): compute dtype, per-layer rematerialisation and its policy, attention through einsum or
   # jax.nn.dot_product_attention ("dot_product"; "cudnn" on NVIDIA GPUs in bf16). The teacher gets dtype and
   # attention.
-  c.model = ml_collections.ConfigDict(dict(dtype="float32", remat=False, remat_policy="full", attention="einsum"))
+  c.compute = ml_collections.ConfigDict(dict(dtype="float32", remat=False, remat_policy="full", attention="einsum"))
 
   c.data = ml_collections.ConfigDict()
   c.data.sources = ()  # text files/folders/globs, "hf:NAME[:CONFIG]", "tfds:NAME[:CONFIG]"
@@ -118,46 +112,66 @@ ConfigError = validation.ConfigError
 
 # ------------------------------------------------------------------------------------------------ models
 
-def load_pretrained(path: str, **overrides) -> tuple[model_lib.Encoder, Any]:
-  """A JAX model folder (tools/convert.py hf2jax) or a Hugging Face folder / hub name."""
-  if checkpoint.is_model_dir(path):
-    model, params = checkpoint.load_model(path)
-    return model_lib.Encoder(model.cfg.replace(**overrides)), params
-  return hf.load_hf(path, **overrides)
+def model_configs(config, read_config=checkpoint.load_config
+                  ) -> tuple[model_lib.EncoderConfig | None, model_lib.EncoderConfig]:
+  """Step one of building a run's models: (teacher config or None, student config) from config files alone,
+  no weights read (`aot` compiles from these; `jax.eval_shape` gives the parameters' shapes). `read_config`
+  reads a model path's config (aot's also knows hub names offline)."""
+  teacher_cfg = None
+  if config.teacher:
+    teacher_cfg = read_config(config.teacher).replace(dtype=config.compute.dtype, attention=config.compute.attention)
+  return teacher_cfg, student_config(config, teacher_cfg, read_config)
+
+
+def student_config(config, teacher_cfg: model_lib.EncoderConfig | None, read_config=checkpoint.load_config
+                   ) -> model_lib.EncoderConfig:
+  """The student's config for `config.student.init` ("teacher", "random" or a model path), with the run's
+  compute options and `student.overrides`; refuses a pair the losses cannot compare."""
+  init = config.student.init
+  if init == "teacher":
+    if teacher_cfg is None:
+      raise ConfigError("student.init='teacher' needs config.teacher; for masked-LM training give "
+                        "student.init a model folder or 'random'")
+    base = student_lib.student_config(teacher_cfg, len(_student_layers(config, teacher_cfg)))
+  elif init == "random":
+    base = (student_lib.student_config(teacher_cfg, len(config.student.layers) or teacher_cfg.num_layers // 2)
+            if teacher_cfg is not None else model_lib.EncoderConfig.distilbert())
+  else:
+    base = read_config(init)
+  cfg = base.replace(**dict(config.compute), **dict(config.student.overrides))
+  if teacher_cfg is not None:
+    check_pair(teacher_cfg, cfg, config.loss)
+  return cfg
+
+
+def _student_layers(config, teacher_cfg: model_lib.EncoderConfig) -> tuple[int, ...]:
+  layers = tuple(config.student.layers) or student_lib.default_layers(teacher_cfg.num_layers)
+  try:
+    student_lib.check_layers(layers, teacher_cfg.num_layers)
+  except ValueError as e:  # a layer map the teacher cannot give
+    raise ConfigError(f"--config.student.layers: {e}") from None
+  return layers
 
 
 def build_models(config) -> tuple[model_lib.Encoder | None, Any, model_lib.Encoder, Any]:
-  """(teacher, teacher_params, student, student_params) on the host; teacher None without one."""
-  compute = dict(config.model)
+  """Step two: (teacher, teacher_params, student, student_params) on the host, teacher None without one. The
+  student's config is `student_config`'s; its weights are copied from the teacher's layers, initialised, or
+  read from its folder."""
   teacher = teacher_params = None
   if config.teacher:
-    teacher, teacher_params = load_pretrained(config.teacher, dtype=config.model.dtype,
-                                              attention=config.model.attention)
+    teacher, teacher_params = checkpoint.load_any(config.teacher, dtype=config.compute.dtype,
+                                                  attention=config.compute.attention)
+  cfg = student_config(config, teacher.cfg if teacher is not None else None)
   init = config.student.init
-  overrides = dict(config.student.overrides)
   if init == "teacher":
-    if teacher is None:
-      raise ConfigError("student.init='teacher' needs config.teacher; for masked-LM training give "
-                        "student.init a model folder or 'random'")
-    try:
-      student, student_params = student_lib.student_from_teacher(
-          teacher, teacher_params, layers=tuple(config.student.layers) or None,
-          copy_head=config.student.copy_head, seed=config.seed)
-    except ValueError as e:  # a layer map the teacher cannot give
-      raise ConfigError(f"--config.student.layers: {e}") from None
-    student = model_lib.Encoder(student.cfg.replace(**compute, **overrides))
+    _, student_params = student_lib.student_from_teacher(teacher, teacher_params, _student_layers(config, teacher.cfg),
+                                                         copy_head=config.student.copy_head, seed=config.seed)
   elif init == "random":
-    if teacher is not None:
-      base = student_lib.student_config(teacher.cfg, len(config.student.layers) or teacher.cfg.num_layers // 2)
-    else:
-      base = model_lib.EncoderConfig.distilbert()
-    student = model_lib.Encoder(base.replace(**compute, **overrides))
-    student_params = jax.device_get(model_lib.init_params(student, jax.random.key(config.seed)))
-  else:
-    student, student_params = load_pretrained(init, **compute, **overrides)
-  if teacher is not None:
-    check_pair(teacher.cfg, student.cfg, config.loss)
-  return teacher, teacher_params, student, student_params
+    student_params = jax.device_get(model_lib.init_params(model_lib.Encoder(cfg), jax.random.key(config.seed)))
+  else:  # the weights' own config (a Hugging Face folder tells whether it has a pooler only by its weights)
+    loaded, student_params = checkpoint.load_any(init, **dict(config.compute), **dict(config.student.overrides))
+    cfg = loaded.cfg
+  return teacher, teacher_params, model_lib.Encoder(cfg), student_params
 
 
 def check_pair(teacher_cfg: model_lib.EncoderConfig, student_cfg: model_lib.EncoderConfig, loss_cfg):
@@ -169,57 +183,6 @@ def check_pair(teacher_cfg: model_lib.EncoderConfig, student_cfg: model_lib.Enco
   if loss_cfg.alpha_cos > 0 and teacher_cfg.hidden_size != student_cfg.hidden_size:
     raise ConfigError(f"L_cos compares hidden states but the teacher is {teacher_cfg.hidden_size} wide and the "
                       f"student {student_cfg.hidden_size}: set --config.loss.alpha_cos=0 or match the widths")
-
-
-# ------------------------------------------------------------------------------------------------ state
-
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array  # int32 scalar: updates applied so far
-  params: Any
-  opt_state: Any
-  rng: jax.Array  # raw uint32 PRNG key; step keys are fold_in(rng, step)
-
-
-def decay_mask(params):
-  """Weight decay on matrices and embeddings only; never on biases or LayerNorm (reference)."""
-  return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key not in ("bias", "scale"), params)
-
-
-def make_optimizer(optim, total_steps: int, *, head_keys: tuple[str, ...] = ("mlm_head",),
-                   frozen_keys: tuple[str, ...] = ()) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """AdamW with linear warmup over `warmup_frac` of the steps, then linear decay to 0; grad-norm clipping.
-
-  `optim.head_lr_scale` multiplies the learning rate of the top-level parameter subtrees `head_keys` (a
-  freshly initialised head on a pretrained encoder learns faster with a larger rate); `frozen_keys` get no
-  update at all (fine-tuning leaves the unused masked-LM head as it is, weight decay included).
-  """
-  warmup = int(round(optim.warmup_frac * total_steps))
-
-  def schedule_for(lr):
-    decay = optax.linear_schedule(lr, 0.0, max(total_steps - warmup, 1))
-    if not warmup:
-      return decay
-    # As the reference's scheduler, the first update (step 0) has learning rate 0.
-    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
-
-  def adamw(lr):
-    return optax.adamw(schedule_for(lr), b1=optim.b1, b2=optim.b2, eps=optim.eps,
-                       weight_decay=optim.weight_decay, mask=decay_mask)
-
-  if optim.head_lr_scale == 1.0 and not frozen_keys:
-    update = adamw(optim.lr)
-  else:
-    transforms = {"body": adamw(optim.lr), "head": adamw(optim.lr * optim.head_lr_scale)}
-    if frozen_keys:
-      transforms["frozen"] = optax.set_to_zero()
-
-    def label(key):
-      return "frozen" if key in frozen_keys else "head" if key in head_keys else "body"
-
-    update = optax.multi_transform(transforms, lambda params: {k: jax.tree.map(lambda _, k=k: label(k), v)
-                                                               for k, v in params.items()})
-  return optax.chain(optax.clip_by_global_norm(optim.clip), update), schedule_for(optim.lr)
 
 
 # ------------------------------------------------------------------------------------------------ step
@@ -289,9 +252,9 @@ def _loss_terms(student, student_params, teacher, teacher_params, masked, attent
   return total, terms
 
 
-def train_step(state: TrainState, teacher_params, batch: dict, token_probs_V: jax.Array, *, student, teacher, tx,
-               schedule, mask_token_id: int, mlm: dict, loss: dict, grad_accum: int,
-               row_shards: int = 1) -> tuple[TrainState, dict]:
+def train_step(state: trainer.TrainState, teacher_params, batch: dict, token_probs_V: jax.Array, *, student, teacher,
+               tx, schedule, mask_token_id: int, mlm: dict, loss: dict, grad_accum: int,
+               row_shards: int = 1) -> tuple[trainer.TrainState, dict]:
   """One optimizer update from one global batch: pure, `(state, batch) -> (state, metrics)`.
 
   Masking covers the whole batch (exactly 15% of its non-pad tokens) and is keyed by (state.rng, step), as
@@ -315,95 +278,25 @@ def train_step(state: TrainState, teacher_params, batch: dict, token_probs_V: ja
     return _loss_terms(student, params, teacher, teacher_params, m["masked"], m["attention_mask"], m["extra"], key,
                        loss_cfg)
 
-  state, out = apply_gradients(state, loss_fn, micro_batch, tx=tx, schedule=schedule, grad_accum=grad_accum,
+  state, out = trainer.apply_gradients(state, loss_fn, micro_batch, tx=tx, schedule=schedule, grad_accum=grad_accum,
                                key=dropout_key)
   out["tokens"] = jnp.sum(batch["attention_mask"]).astype(jnp.float32)
   return state, out
 
 
-def apply_gradients(state: TrainState, loss_fn, batch, *, tx, schedule, grad_accum: int = 1, key=None):
-  """One AdamW update from `loss_fn(params, batch, dropout_key) -> (loss, terms)`: -> (state, metrics).
-
-  With `grad_accum` = n > 1 the batch (a tree of (B, ...) arrays) is dealt into n micro-batches of B/n rows
-  whose gradients are averaged (a `lax.scan`, so one micro-batch's activations live at a time). Dropout keys
-  are split from `key` (default: fold_in(state.rng, state.step)). Metrics: each term's mean over the
-  micro-batches, `loss`, `grad_norm` and the learning rate `lr` of this update.
-  """
-  n = grad_accum
-  if key is None:
-    key = jax.random.fold_in(state.rng, state.step)
-  # Micro-batch i takes rows i, i + n, i + 2n, ...: every device's share of the (row-sharded) batch is spread
-  # over all micro-batches, so each micro-batch stays split over every device with no data movement.
-  micro = lambda x: x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1)  # noqa: E731
-
-  def accumulate(grads_sum, xs):
-    m_batch, m_key = xs
-    (total, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, m_batch, m_key)
-    return jax.tree.map(jnp.add, grads_sum, grads), dict(terms, loss=total)
-
-  zeros = jax.tree.map(jnp.zeros_like, state.params)
-  grads, terms = jax.lax.scan(accumulate, zeros, (jax.tree.map(micro, batch), jax.random.split(key, n)))
-  grads = jax.tree.map(lambda g: g / n, grads)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  out = {k: jnp.mean(v) for k, v in terms.items()}
-  out.update(grad_norm=optax.tree.norm(grads), lr=schedule(state.step))
-  return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng), out
-
-
-@dataclasses.dataclass(frozen=True)
-class StateFunctions:
-  """How a run's TrainState lives on the mesh: its shardings and the jitted function that creates it."""
-  init: Any  # host params -> TrainState on the mesh
-  abstract_state: Any  # ShapeDtypeStructs with shardings (restore target)
-  state_sharding: Any
-
-
-def state_functions(mesh, rules, model, abstract_params, tx, seed: int) -> StateFunctions:
-  """Shardings of the parameters (from their logical axes and `rules`) and of the optimizer state."""
-  p_shard = sharding.param_shardings(model_lib.logical_axes(model), abstract_params, mesh, rules)
-
-  def init_state(params):
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      rng=jax.random.PRNGKey(seed))
-
-  abstract_state = jax.eval_shape(init_state, abstract_params)
-  state_shard = sharding.state_shardings(abstract_state, p_shard, mesh)
-  jit_init = jax.jit(init_state, in_shardings=(p_shard,), out_shardings=state_shard)
-  return StateFunctions(
-      init=lambda params: jit_init(jax.device_put(params, p_shard)),
-      abstract_state=jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-                                  abstract_state, state_shard),
-      state_sharding=state_shard)
-
-
-@dataclasses.dataclass(frozen=True)
-class StepFunctions(StateFunctions):
-  """The jitted, sharded functions of a distillation run and the shardings they use."""
-  step: Any = None  # (state, teacher_params, batch, token_probs) -> (state, metrics); state donated
-  teacher_sharding: Any = None
-  replicated: NamedSharding | None = None
-
-
-def compile_step(config, mesh, student, teacher, abstract_student_params, mask_token_id: int) -> StepFunctions:
-  """Shardings from the logical-axis rules, then `init` and `train_step` jitted with them."""
-  rules = dict(config.mesh.rules)
-  tx, schedule = make_optimizer(config.optim, config.train.steps)
-  fns = state_functions(mesh, rules, student, abstract_student_params, tx, config.seed)
-  replicated = NamedSharding(mesh, P())
-  t_shard = None
+def build_step(config, mesh, student, teacher, abstract_student_params, mask_token_id: int
+               ) -> trainer.StepFunctions:
+  """The optimizer, then `train_step` and the state functions jitted over `mesh` with shardings from the
+  logical-axis rules (nothing compiles before the first call)."""
+  tx, schedule = trainer.make_optimizer(config.optim, config.train.steps)
+  abstract_teacher = None
   if teacher is not None:
     abstract_teacher = jax.eval_shape(lambda: model_lib.init_params(teacher, jax.random.key(0)))
-    t_shard = sharding.param_shardings(model_lib.logical_axes(teacher), abstract_teacher, mesh, rules)
   step_fn = functools.partial(train_step, student=student, teacher=teacher, tx=tx, schedule=schedule,
                               mask_token_id=mask_token_id, mlm=config.mlm.to_dict(), loss=config.loss.to_dict(),
                               grad_accum=config.optim.grad_accum, row_shards=sharding.data_parallel_size(mesh))
-  step = jax.jit(
-      sharding.with_activation_sharding(step_fn, mesh, rules),
-      in_shardings=(fns.state_sharding, t_shard, sharding.batch_sharding(mesh), replicated),
-      out_shardings=(fns.state_sharding, replicated), donate_argnums=0)
-  return StepFunctions(init=fns.init, abstract_state=fns.abstract_state, state_sharding=fns.state_sharding,
-                       step=step, teacher_sharding=t_shard, replicated=replicated)
+  return trainer.jit_step(step_fn, mesh, dict(config.mesh.rules), student, abstract_student_params, tx, config.seed,
+                          teacher=teacher, abstract_teacher_params=abstract_teacher, num_extra=1)
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -446,159 +339,13 @@ def prepare_data(config, tokenizer_path: str) -> pathlib.Path:
     validation.check_local_sources(sources)  # every process, before any waits for process 0
   if jax.process_index() == 0:
     tokenize()
-  sync_processes("preprocess")
+  distributed.sync_processes("preprocess")
   if not (out / "meta.json").is_file():  # a host whose cache_dir is not shared with process 0's: its own copy
     tokenize()
   return out
 
 
-def sync_processes(name: str):
-  """A barrier across all processes (nothing with one)."""
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(name)
-
-
-# ------------------------------------------------------------------------------------------------ the loop
-
-class _Stop:
-  """Remembers a SIGTERM (a preempted TPU VM) so the loop can save and exit between steps."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = None
-
-  def __enter__(self):
-    if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    log.warning("SIGTERM received: stopping at the next safe point (after this step, with a checkpoint)")
-    self.requested = True
-
-  def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-
-
-_ACTIVE_STOP: _Stop | None = None
-
-
-@contextlib.contextmanager
-def stop_signal():
-  """The SIGTERM watch of a run, from set-up to export; nested uses (fit, finish_run, a teacher adaptation
-  inside a run) share the outermost one."""
-  global _ACTIVE_STOP
-  if _ACTIVE_STOP is not None:
-    yield _ACTIVE_STOP
-    return
-  with _Stop() as stop:
-    _ACTIVE_STOP = stop
-    try:
-      yield stop
-    finally:
-      _ACTIVE_STOP = None
-
-
-class NonFiniteLossError(FloatingPointError):
-  pass
-
-
-def _check_finite(step: int, values: dict, last_saved: int | None):
-  bad = [k for k in ("loss", "grad_norm") if not math.isfinite(values[k])]
-  if bad:
-    where = f"step {last_saved}" if last_saved is not None else "none yet"
-    raise NonFiniteLossError(
-        f"{' and '.join(bad)} became {values[bad[0]]} at step {step}: stopping without saving this state "
-        f"(last good checkpoint: {where}). Lower --config.optim.lr, keep --config.optim.clip, or use float32.")
-
-
-@dataclasses.dataclass
-class FitResult:
-  state: Any  # the TrainState after the last step run
-  step: int  # updates applied
-  preempted: bool  # stopped early by SIGTERM / Orbax's preemption notice (a checkpoint of `step` is saved)
-
-
-def fit(state: TrainState, step_fn, batches, mesh, *, ckpts: checkpoint.RunCheckpoints, writer: metrics.MetricsWriter,
-        start: int, total_steps: int, log_every: int, ckpt_every: int, run_config: dict, flops_per_token: float,
-        compute_dtype: str = "float32", progress: bool = True, eval_every: int = 0, evaluate_fn=None) -> FitResult:
-  """The loop shared by distillation and fine-tuning: steps, logging, checkpoints, preemption, NaN stop.
-
-  `step_fn(state, global_batch) -> (state, metrics)` is the jitted step (state donated); its metrics hold at
-  least `loss`, `grad_norm` and `tokens` (non-pad tokens of the batch). `batches` yields this process's
-  rows and has `get_state()` (saved with each checkpoint). Metrics of step n are read while step n+1 runs,
-  so the host never waits for the device except to log, save or, every `eval_every` steps, call
-  `evaluate_fn(step, state) -> dict | None`, whose scalars are logged at that step. The caller owns (and
-  closes) `writer` and `ckpts`.
-  """
-  peak = metrics.peak_flops_per_device(dtype=compute_dtype)
-  bar = metrics.Progress(total_steps, start, enabled=progress and jax.process_index() == 0)
-  last_saved = start if start else None
-  pending = None  # (step, metrics still on device, padded tokens of the step)
-  window = {"time": time.perf_counter(), "tokens": 0.0, "padded": 0, "steps": 0}
-
-  def finish(step_done, device_metrics, padded):
-    """Reads step `step_done`'s metrics (already computed), checks them and logs them."""
-    values = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
-    _check_finite(step_done, values, last_saved)
-    window["tokens"] += values["tokens"]
-    window["padded"] += padded
-    window["steps"] += 1
-    if step_done % log_every == 0 or step_done == total_steps:
-      now = time.perf_counter()
-      elapsed = max(now - window["time"], 1e-9)
-      values["tokens_per_s"] = window["tokens"] / elapsed
-      values["steps_per_s"] = window["steps"] / elapsed
-      # Model FLOPs (formula in metrics.py) over padded tokens, which the hardware computes too.
-      values["model_tflops_per_s"] = flops_per_token * window["padded"] / elapsed / 1e12
-      if peak:
-        values["mfu"] = metrics.mfu(flops_per_token * window["padded"] / window["steps"],
-                                    elapsed / window["steps"], jax.device_count(), peak)
-      writer.write(step_done, values)
-      bar.update(step_done, loss=values["loss"], tokens_per_s=values["tokens_per_s"])
-      window.update(time=now, tokens=0.0, padded=0, steps=0)
-
-  def save(step_done, *, force=False):
-    nonlocal last_saved
-    ckpts.save(step_done, state, batches.get_state(), run_config, force=force)
-    last_saved = step_done
-
-  preempted = False
-  done = start
-  with stop_signal() as stop:
-    try:
-      for step in range(start, total_steps):
-        local = next(batches)
-        padded = int(np.prod(local["input_ids"].shape)) * jax.process_count()
-        state, device_metrics = step_fn(state, sharding.global_batch(local, mesh))
-        if pending is not None:  # read step n's metrics while step n+1 runs
-          finish(*pending)
-        pending = (step + 1, device_metrics, padded)
-        done = step + 1
-        if evaluate_fn is not None and eval_every and done % eval_every == 0:
-          finish(*pending)
-          pending = None
-          extra = evaluate_fn(done, state)
-          if extra:
-            writer.write(done, extra)
-        must_save = done % ckpt_every == 0 or done == total_steps
-        preempted = stop.requested or ckpts.reached_preemption(done)
-        if must_save or preempted:
-          if pending is not None:
-            finish(*pending)  # never save a state whose loss is not finite
-          pending = None
-          save(done, force=preempted)
-        if preempted:
-          break
-      if pending is not None:
-        finish(*pending)
-    finally:
-      bar.close()
-      ckpts.wait()
-  return FitResult(state=state, step=done, preempted=preempted)
-
+# ------------------------------------------------------------------------------------------------ the run
 
 def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
   """Trains (or resumes) in `workdir` until `config.train.steps`; returns the final summary.
@@ -611,18 +358,28 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
   config = config.copy_and_resolve_references()
   validate_run(config, workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  with stop_signal() as stop:
+  with trainer.stop_signal() as stop:
     return _run(config, workdir, stop)
 
 
-def _run(config, workdir: pathlib.Path, stop: "_Stop") -> dict:
-  if config.teacher and config.teacher_mlm.steps > 0:
-    config.teacher = adapt_teacher(config, workdir)
-    if config.teacher is None:  # preempted while adapting the teacher; the next run resumes it
-      return {"step": 0, "preempted": True, "stage": "teacher_mlm"}
+@dataclasses.dataclass
+class _Inputs:
+  """What a distillation run reads before it compiles anything (every refusal happens while reading it)."""
+  teacher: model_lib.Encoder | None
+  teacher_params: Any
+  student: model_lib.Encoder
+  student_params: Any
+  tokenizer_path: str
+  data_dir: pathlib.Path  # the tokenized corpus (train and held-out splits)
+  train_ds: data.TokenizedDataset
+  specials: dict  # special token ids
+  probs_V: np.ndarray  # the masking's per-token probabilities
 
+
+def _load_inputs(config) -> _Inputs:
+  """The models, the tokenized corpus and the masking probabilities its token counts give."""
   teacher, teacher_params, student, student_params = build_models(config)
-  check_max_len(config.data.max_len, {"teacher": teacher, "student": student})
+  validation.check_max_len(config.data.max_len, {"teacher": teacher, "student": student})
   tokenizer_path = _tokenizer_path(config, teacher, student)
   data_dir = prepare_data(config, tokenizer_path)
   train_ds = data.TokenizedDataset(data_dir, "train")
@@ -630,120 +387,73 @@ def _run(config, workdir: pathlib.Path, stop: "_Stop") -> dict:
     raise ConfigError(f"the tokenizer {tokenizer_path} has {train_ds.vocab_size} ids but the student's vocabulary "
                       f"has {student.cfg.vocab_size}: use the model's own tokenizer (config.data.tokenizer)")
   specials = train_ds.special_ids
-  probs_V = masking.token_probs(train_ds.counts(), [i for i in specials.values() if i is not None],
-                                config.mlm.smoothing)
+  probs_V = _token_probs(train_ds, specials, config.mlm.smoothing)
+  return _Inputs(teacher, teacher_params, student, student_params, tokenizer_path, data_dir, train_ds, specials,
+                 probs_V)
 
+
+def _token_probs(train_ds: data.TokenizedDataset, specials: dict, smoothing: float) -> np.ndarray:
+  return masking.token_probs(train_ds.counts(), [i for i in specials.values() if i is not None], smoothing)
+
+
+def _run(config, workdir: pathlib.Path, stop) -> dict:
+  if config.teacher and config.teacher_mlm.steps > 0:
+    config.teacher = adapt_teacher(config, workdir)
+    if config.teacher is None:  # preempted while adapting the teacher; the next run resumes it
+      return {"step": 0, "preempted": True, "stage": "teacher_mlm"}
+  x = _load_inputs(config)
+  teacher, student = x.teacher, x.student
   mesh = sharding.make_mesh(config.mesh.shape)
-  check_batch(config.data.batch_size, mesh, config.optim.grad_accum)
+  trainer.check_batch(config.data.batch_size, mesh, config.optim.grad_accum)
   try:
-    batches = data.make_batches(train_ds, batch_size=config.data.batch_size, max_len=config.data.max_len,
+    batches = data.make_batches(x.train_ds, batch_size=config.data.batch_size, max_len=config.data.max_len,
                                 seed=config.seed, strategy=config.data.strategy, process_index=jax.process_index(),
                                 process_count=jax.process_count())
   except ValueError as e:  # a corpus too small for one global batch
     raise ConfigError(f"{e}: lower --config.data.batch_size or give more text") from None
-
   if stop.requested:
-    return stopped_in_setup()
-  fns = compile_step(config, mesh, student, teacher, jax.eval_shape(lambda p: p, student_params), specials["mask"])
-  if teacher is not None:
-    teacher_params = jax.device_put(teacher_params, fns.teacher_sharding)
+    return trainer.stopped_in_setup()
+  fns = build_step(config, mesh, student, teacher, jax.eval_shape(lambda p: p, x.student_params), x.specials["mask"])
+  teacher_params = jax.device_put(x.teacher_params, fns.teacher_sharding) if teacher is not None else None
+  probs_V = jax.device_put(jnp.asarray(x.probs_V), fns.replicated)
 
-  ckpts = checkpoint.RunCheckpoints(workdir, keep=config.train.keep, async_save=config.train.async_checkpoint)
-  try:
-    ckpts.check_model(student.cfg.to_dict(), allow_change=config.train.allow_model_change)
-    start, state = restore_or_init(ckpts, fns, student_params, batches)
-    del student_params
-    probs_V = jax.device_put(jnp.asarray(probs_V), fns.replicated)
-
+  with trainer.run_checkpoints(workdir, config.train, student.cfg.to_dict()) as ckpts:
+    start, state = trainer.restore_or_init(ckpts, fns, x.student_params, batches)
+    x.student_params = x.teacher_params = None
     is_main = jax.process_index() == 0
-    flops_per_token = metrics.distillation_flops_per_token(
-        student.cfg, teacher.cfg if teacher is not None else None, config.data.max_len,
-        **logit_fractions(config, teacher is not None))
-    has_heldout = bool(config.data.eval_batches and train_ds.meta["splits"]["heldout"]["examples"])
+    has_heldout = bool(config.data.eval_batches and x.train_ds.meta["splits"]["heldout"]["examples"])
 
     def learning_curve(step_done, state):
       params = sharding.to_host(state.params)  # a collective: every process gathers
       if not is_main:
         return None
-      score = _heldout_score(config, data_dir, probs_V, specials, student, params)
+      score = _heldout_score(config, x.data_dir, x.probs_V, x.specials, student, params)
       return {"heldout_mlm_accuracy": score.accuracy, "heldout_mlm_loss": score.loss}
 
+    flops_per_token = metrics.distillation_flops_per_token(
+        student.cfg, teacher.cfg if teacher is not None else None, config.data.max_len,
+        **logit_fractions(config, teacher is not None))
     with metrics.MetricsWriter(workdir, enabled=is_main) as writer:
       writer.truncate_after(start)
-      result = fit(state, lambda s, b: fns.step(s, teacher_params, b, probs_V), batches, mesh, ckpts=ckpts,
-                   writer=writer, start=start, total_steps=config.train.steps, log_every=config.train.log_every,
-                   ckpt_every=config.train.ckpt_every, flops_per_token=flops_per_token,
-                   compute_dtype=config.model.dtype, progress=config.train.progress,
-                   run_config={"config": config.to_dict(), "model": student.cfg.to_dict()},
-                   eval_every=config.train.eval_every if has_heldout else 0, evaluate_fn=learning_curve)
+      result = trainer.fit(
+          state, lambda s, b: fns.step(s, teacher_params, b, probs_V), batches, mesh, ckpts=ckpts, writer=writer,
+          start=start, total_steps=config.train.steps, log_every=config.train.log_every,
+          ckpt_every=config.train.ckpt_every, flops_per_token=flops_per_token, compute_dtype=config.compute.dtype,
+          progress=config.train.progress, run_config={"config": config.to_dict(), "model": student.cfg.to_dict()},
+          eval_every=config.train.eval_every if has_heldout else 0, evaluate_fn=learning_curve)
     if result.preempted:
-      return stopped_early(ckpts, result.step)
+      return trainer.stopped_early(ckpts, result.step)
 
     summary = {"step": result.step, "workdir": str(workdir)}
     final = sharding.to_host(result.state.params)  # collectives: every process gathers, process 0 uses them
     if has_heldout:
       host_teacher = sharding.to_host(teacher_params) if teacher is not None else None
       if is_main:
-        uniform_V = masking.token_probs(train_ds.counts(), [i for i in specials.values() if i is not None], 0.0)
-        summary.update(_evaluate(config, data_dir, {"": probs_V, "uniform_": uniform_V}, specials, teacher,
-                                 host_teacher, student, final))
+        maskings = {"": x.probs_V, "uniform_": _token_probs(x.train_ds, x.specials, 0.0)}
+        summary.update(_evaluate(config, x.data_dir, maskings, x.specials, teacher, host_teacher, student, final))
     if stop.requested:  # the final checkpoint is saved: the next run evaluates and exports
-      return stopped_early(ckpts, result.step, stage="evaluation")
-    return finish_run(workdir, student, final, tokenizer_path, summary, ckpts, export=config.train.export)
-  except BaseException:
-    ckpts.close_after_error()  # no asynchronous save left running behind the error
-    raise
-
-
-def stopped_early(ckpts: checkpoint.RunCheckpoints, step: int, stage: str = "training") -> dict:
-  ckpts.close()
-  log.warning("stopped at step %d (%s) after a preemption signal; the next run resumes from there", step, stage)
-  out = {"step": step, "preempted": True}
-  if stage != "training":
-    out["stage"] = stage
-  return out
-
-
-def stopped_in_setup() -> dict:
-  log.warning("stopped during set-up after a preemption signal; nothing was trained, the next run starts it")
-  return {"step": None, "preempted": True, "stage": "setup"}
-
-
-def finish_run(workdir: pathlib.Path, model: model_lib.Encoder, params, tokenizer_path: str, summary: dict,
-               ckpts: checkpoint.RunCheckpoints, *, export: bool) -> dict:
-  """The end of a finished run on every process: WORKDIR/final (JAX) and WORKDIR/export (Hugging Face, with
-  the tokenizer) when `export`, WORKDIR/summary.json; returns `summary` (with the export's path). A SIGTERM
-  stops it between these writes (summary.json comes last: its absence tells that the run has not
-  finished, and the next run redoes the export from the final checkpoint)."""
-  with stop_signal() as stop:
-    if export:
-      checkpoint.save_model(workdir / "final", model, params)  # Orbax: every process takes part in a save
-      if stop.requested:
-        return stopped_early(ckpts, summary["step"], stage="export")
-      if jax.process_index() == 0:
-        hf.save_hf(model, params, workdir / "export", tokenizer=tokenizer_path)
-      summary["export"] = str(workdir / "export")
-      if stop.requested:
-        return stopped_early(ckpts, summary["step"], stage="export")
-    if jax.process_index() == 0:
-      (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-  ckpts.close()
-  sync_processes("export")  # no process returns before the export exists (adapt_teacher's caller then loads it)
-  return summary
-
-
-def check_batch(batch_size: int, mesh, grad_accum: int = 1, flag: str = "--config.data.batch_size"):
-  validation.check_batch(batch_size, sharding.data_parallel_size(mesh), grad_accum, flag)
-
-
-def restore_or_init(ckpts: checkpoint.RunCheckpoints, fns: StateFunctions, params, batches) -> tuple[int, TrainState]:
-  """(start step, state): the newest checkpoint (and the data iterator's position) or a fresh state."""
-  if ckpts.latest_step() is None:
-    return 0, fns.init(params)
-  start, state, data_state, _ = ckpts.restore(fns.abstract_state)  # the newest that reads
-  batches.set_state(data_state)
-  log.info("resumed from step %d in %s", start, ckpts.directory)
-  return start, state
+      return trainer.stopped_early(ckpts, result.step, stage="evaluation")
+    return trainer.finish_run(workdir, student, final, x.tokenizer_path, summary, ckpts, export=config.train.export)
 
 
 def logit_fractions(config, distilling: bool) -> dict:
@@ -829,8 +539,7 @@ RANGES = {
     "mlm.word_rand": "[0,1]",
     "loss.temperature": ">0", "loss.alpha_ce": ">=0", "loss.alpha_mlm": ">=0", "loss.alpha_cos": ">=0",
     "loss.alpha_mse": ">=0", "loss.chunk_size": ">=0",
-    "optim.lr": ">0", "optim.b1": "[0,1)", "optim.b2": "[0,1)", "optim.eps": ">=0", "optim.weight_decay": ">=0",
-    "optim.warmup_frac": "[0,1]", "optim.clip": ">0", "optim.grad_accum": ">0", "optim.head_lr_scale": ">0",
+    **trainer.OPTIM_RANGES,
     "teacher_mlm.steps": ">=0", "teacher_mlm.lr": ">0", "teacher_mlm.head_lr_scale": ">0",
     "teacher_mlm.batch_size": ">=0",
 }
@@ -855,7 +564,7 @@ def validate_config(config):
     raise ConfigError(f"data.strategy {config.data.strategy!r}: use one of {data.STRATEGIES}")
   if config.mlm.scheme not in masking.SCHEMES:
     raise ConfigError(f"mlm.scheme {config.mlm.scheme!r}: use one of {masking.SCHEMES}")
-  check_mesh_rules(config.mesh.rules)
+  trainer.check_mesh_rules(config.mesh.rules)
 
 
 def validate_run(config, workdir: pathlib.Path):
@@ -872,88 +581,8 @@ def validate_run(config, workdir: pathlib.Path):
     validation.check_existing_path(config.data.corpus_dir, "--config.data.corpus_dir", "folder")
 
 
-def check_max_len(max_len: int, models: dict, flag: str = "--config.data.max_len"):
-  """Refuses sequences longer than a model's learned positions ({"teacher": Encoder or None, ...})."""
-  for name, model in models.items():
-    if model is not None and max_len > model.cfg.max_position_embeddings:
-      raise ConfigError(f"{flag}={max_len} exceeds the {model.cfg.max_position_embeddings} positions of the "
-                        f"{name}: set {flag} to at most {model.cfg.max_position_embeddings}")
-
-
-def check_mesh_rules(rules):
-  """config.mesh.rules naming only mesh axes (shared by distillation and fine-tuning)."""
-  try:
-    sharding.check_rules(rules)
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
-
-
-# Bad input a command line reports as one line ("error: ...", exit status 2) instead of a traceback.
-USER_ERRORS = (ConfigError, distributed.DistributedConfigError, hf.ConversionError, checkpoint.ModelMismatchError,
-               checkpoint.CheckpointError, NonFiniteLossError, FileNotFoundError)
-
-
-def parse_flags(argv: list[str], define) -> Any:
-  """Parses `argv` into fresh absl flags: `define(flag_values)` defines them and returns what the caller
-  keeps. Returns that, or None after printing one line for a bad flag (unknown `--config.` keys included)."""
-  from absl import flags
-  flag_values = flags.FlagValues()
-  kept = define(flag_values)
-  try:
-    flag_values(argv)
-    for name in flag_values:  # a config file that fails to load reports only when its value is used
-      hasattr(getattr(flag_values, name), "keys")
-  except (flags.Error, KeyError, AttributeError, OSError, SyntaxError) as e:
-    print(f"error: {validation.flag_error(e, argv)}", file=sys.stderr)
-    return None
-  if not flags.FLAGS.is_parsed():  # grain and Orbax read absl flags in worker threads and processes
-    flags.FLAGS.mark_as_parsed()
-  return kept
-
-
-def cli(run_fn, config_help: str, user_errors: tuple[type[Exception], ...] = (), argv: list[str] | None = None
-        ) -> int:
-  """`python -m ... --config FILE[:ARG] --workdir DIR [--config.key=value ...]` for `run_fn(config, workdir)`:
-  initializes the distributed run first, prints the summary as JSON, and bad input as one line (`error:
-  ...`, exit status 2, nothing written). Returns the exit status."""
-  from absl import flags
-  from ml_collections import config_flags
-  argv = list(sys.argv if argv is None else argv)
-  if any(a in ("-h", "--help", "-?", "--helpfull") for a in argv[1:]):
-    print(f"usage: {argv[0]} --config FILE[:ARG] --workdir DIR [--config.KEY=VALUE ...]\n  FILE: {config_help}")
-    return 0
-
-  def define(flag_values):
-    config = config_flags.DEFINE_config_file("config", None, config_help, flag_values=flag_values,
-                                             lock_config=True, sys_argv=argv)
-    workdir = flags.DEFINE_string("workdir", None, "checkpoints, metrics and the export go here",
-                                  flag_values=flag_values)
-    flags.mark_flags_as_required(["config", "workdir"], flag_values=flag_values)
-    return config, workdir
-
-  parsed = parse_flags(argv, define)
-  if parsed is None:
-    return 2
-  config_flag, workdir_flag = parsed
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
-  logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax narrates every save at INFO
-  try:
-    distributed.initialize(config_flag.value.get("distributed"))  # before anything uses jax
-    summary = run_fn(config_flag.value, workdir_flag.value)
-  except USER_ERRORS + tuple(user_errors) as e:
-    print(f"error: {_one_line(e)}", file=sys.stderr)
-    return 2
-  print(json.dumps(summary, indent=2))
-  return 0
-
-
-def _one_line(error: Exception) -> str:
-  lines = str(error).strip().splitlines()
-  return " ".join(line.strip() for line in lines) if lines else type(error).__name__
-
-
 def main(argv: list[str] | None = None) -> int:
-  return cli(run, "a configs/*.py file", argv=argv)
+  return trainer.cli(run, "a configs/*.py file", argv=argv)
 
 
 if __name__ == "__main__":

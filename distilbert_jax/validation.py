@@ -189,3 +189,11 @@ def check_model_path(path: str | os.PathLike, flag: str):
   """A local model folder or workdir that exists (hub names are left to the loader)."""
   if path and looks_local(path):
     check_existing_path(path, flag, "model folder or training workdir")
+
+
+def check_max_len(max_len: int, models: dict, flag: str = "--config.data.max_len"):
+  """Refuses sequences longer than a model's learned positions ({"teacher": Encoder or None, ...})."""
+  for name, model in models.items():
+    if model is not None and max_len > model.cfg.max_position_embeddings:
+      raise ConfigError(f"{flag}={max_len} exceeds the {model.cfg.max_position_embeddings} positions of the "
+                        f"{name}: set {flag} to at most {model.cfg.max_position_embeddings}")

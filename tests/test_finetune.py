@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import distilbert_jax
-from distilbert_jax import checkpoint, finetune, tasks, train
+from distilbert_jax import checkpoint, finetune, tasks, train, trainer
 
 
 def _config(model, test_data, **train_kw):
@@ -148,7 +148,7 @@ def no_compile(monkeypatch):
   """Fails the test if the run gets as far as building the sharded state (the first compile)."""
   def refuse(*args, **kwargs):
     raise AssertionError("reached the compile: the bad input should have been refused before")
-  monkeypatch.setattr(train, "state_functions", refuse)
+  monkeypatch.setattr(trainer, "state_functions", refuse)
 
 
 def test_unknown_glue_task_lists_the_valid_ones(tmp_path, tiny_teacher, test_data, no_compile):

@@ -68,8 +68,12 @@ def test_real_pretrained_checkpoint_matches_transformers(minilm_path, test_data)
   out = model.apply({"params": params}, batch["input_ids"], attention_mask=batch["attention_mask"],
                     token_type_ids=batch["token_type_ids"])
   assert len(out.hidden_states) == 7
+  # Every real token within TOL. Padding positions carry no meaning (nothing reads them) and their values,
+  # larger by the layer, differ by up to ~1.3e-4 between XLA's and PyTorch's float32 sums on some CPUs.
+  real = batch["attention_mask"].astype(bool)
   for ours, theirs in zip(out.hidden_states, ref.hidden_states):
-    assert _max_diff(ours, theirs) < TOL
+    assert np.max(np.abs(np.asarray(ours)[real] - theirs.numpy()[real])) < TOL
+    assert _max_diff(ours, theirs) < 10 * TOL
   assert _max_diff(out.pooled, ref.pooler_output) < TOL
 
 

@@ -139,15 +139,6 @@ def test_disabled_writer_writes_nothing(tmp_path):
   assert not (tmp_path / "w").exists()
 
 
-def test_step_timer_skips_the_first_call():
-  times = iter([100.0, 102.0, 103.0])  # the 100 s before the first call are compile time
-  timer = metrics.StepTimer(clock=lambda: next(times))
-  assert timer.update(1, 500) is None
-  assert timer.update(5, 400) == metrics.Throughput(tokens_per_s=200.0, step_seconds=0.5)
-  assert timer.update(7, 200) == metrics.Throughput(tokens_per_s=200.0, step_seconds=0.5)
-  assert timer.average() == metrics.Throughput(tokens_per_s=200.0, step_seconds=0.5)
-
-
 def test_progress(capsys):
   with metrics.Progress(10, initial_step=2) as bar:
     bar.update(5, loss=1.23456, tokens_per_s=12345.0)

@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from distilbert_jax import checkpoint, evaluate, finetune, train, validation
+from distilbert_jax import checkpoint, evaluate, finetune, train, trainer, validation
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.py"
@@ -46,8 +46,8 @@ def no_compile(monkeypatch):
   """Fails the test if a command gets as far as building the train step (the first compile)."""
   def refuse(*args, **kwargs):
     raise AssertionError("reached the compile: the bad input should have been refused before")
-  monkeypatch.setattr(train, "compile_step", refuse)
-  monkeypatch.setattr(train, "state_functions", refuse)
+  monkeypatch.setattr(train, "build_step", refuse)
+  monkeypatch.setattr(trainer, "state_functions", refuse)
 
 
 def _assert_refused(code, capsys, phrase):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import distilbert_jax
-from distilbert_jax import checkpoint, masking, sharding, train
+from distilbert_jax import checkpoint, masking, sharding, train, trainer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "configs"))
@@ -49,7 +49,7 @@ def _batch(vocab=211):
 def _one_step(config, mesh_shape, models, batch):
   teacher, tp, student, sp = models
   mesh = sharding.make_mesh(mesh_shape, devices=jax.devices()[:int(np.prod(mesh_shape))])
-  fns = train.compile_step(config, mesh, student, teacher, jax.eval_shape(lambda: sp), mask_token_id=4)
+  fns = train.build_step(config, mesh, student, teacher, jax.eval_shape(lambda: sp), mask_token_id=4)
   counts = np.random.default_rng(1).integers(0, 100, 211)
   probs = jax.device_put(masking.token_probs(counts, [0, 1, 2, 3, 4]), fns.replicated)
   state = fns.init(sp)
@@ -86,7 +86,7 @@ def test_one_step_is_the_same_on_every_mesh(restrict, grad_accum, chunk, shapes)
 def _compiled_step_text(config, mesh_shape, models, batch) -> str:
   teacher, tp, student, sp = models
   mesh = sharding.make_mesh(mesh_shape)
-  fns = train.compile_step(config, mesh, student, teacher, jax.eval_shape(lambda: sp), mask_token_id=4)
+  fns = train.build_step(config, mesh, student, teacher, jax.eval_shape(lambda: sp), mask_token_id=4)
   spec = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)  # noqa: E731
   abstract_batch = {k: spec(v, sharding.batch_sharding(mesh)) for k, v in batch.items()}
   abstract_teacher = jax.tree.map(spec, tp, fns.teacher_sharding)
@@ -247,7 +247,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_teache
   c.data.cache_dir, c.data.corpus_dir = str(data_cache), str(test_data / "corpus")
   c.train.steps, c.train.ckpt_every = 12, 2
   c.optim.lr, c.optim.clip, c.optim.warmup_frac = 1e30, 1e30, 0.0
-  with pytest.raises(train.NonFiniteLossError, match="became .* at step") as info:
+  with pytest.raises(trainer.NonFiniteLossError, match="became .* at step") as info:
     train.run(c, tmp_path)
   assert "last good checkpoint" in str(info.value)
   ckpts = checkpoint.RunCheckpoints(tmp_path)
@@ -357,9 +357,9 @@ def test_compute_options_may_change_on_resume_but_not_the_model():
   assert not checkpoint._same_model(cfg.to_dict(), faster.replace(num_labels=2).to_dict())  # pylint: disable=protected-access
 
 
-def test_config_model_options_reach_the_student_and_teacher(tiny_teacher):
+def test_config_compute_options_reach_the_student_and_teacher(tiny_teacher):
   c = tiny.get_config(str(tiny_teacher))
-  c.model.update(remat=True, remat_policy="dots_saveable", attention="dot_product")
+  c.compute.update(remat=True, remat_policy="dots_saveable", attention="dot_product")
   teacher, _, student, _ = train.build_models(c)
   assert (student.cfg.remat, student.cfg.remat_policy, student.cfg.attention) == (True, "dots_saveable", "dot_product")
   assert teacher.cfg.attention == "dot_product" and not teacher.cfg.remat

@@ -5,7 +5,7 @@
   .venv/bin/python tools/bench.py --config bert-base --batch 32 --seq 512 --dtype bfloat16   # on a GPU
   .venv/bin/python tools/bench.py --config tiny --batch 8 --seq 32 --rounds 1 --steps 1     # smoke test
 
-JAX runs the project's own step: `train.build_models`, `train.compile_step` (`train_step` jitted over a
+JAX runs the project's own step: `train.build_models`, `train.build_step` (`train_step` jitted over a
 mesh of every visible device, state donated) exactly as `train.run` does. PyTorch runs the equivalent
 step of the reference distiller (research_projects/distillation/distiller.py): a transformers
 `BertForMaskedLM` teacher in eval mode under `torch.no_grad()`, a `DistilBertForMaskedLM` student in train
@@ -143,7 +143,7 @@ def make_config(args, tmp: pathlib.Path):
   config.optim.grad_accum = 1
   config.train.steps = 10_000  # only the learning-rate schedule reads it
   if args.dtype:
-    config.model.dtype = args.dtype
+    config.compute.dtype = args.dtype
   return config
 
 
@@ -231,7 +231,7 @@ class TorchStep:
     self.teacher.eval().requires_grad_(False)
     self.probs_V = torch.as_tensor(probs_V, dtype=torch.float32, device=device)
     optim = config.optim
-    # As train.make_optimizer: decay matrices and embeddings (2-D), never biases or LayerNorm (1-D) (decay_mask);
+    # As trainer.make_optimizer: decay matrices and embeddings (2-D), never biases or LayerNorm (1-D) (decay_mask);
     # head_lr_scale on the MLM head (its projection weight is tied to, and named as, the word embeddings).
     by_group = {}
     for name, p in student.named_parameters():
@@ -352,7 +352,7 @@ def build(args, tmp: pathlib.Path) -> Setup:
 
 def _jax_step(setup: Setup, config, student, teacher):
   """The real compiled step from a fresh state, as `run(batch indices) -> last metrics`, synchronised."""
-  fns = train.compile_step(config, setup.mesh, student, teacher, jax.eval_shape(lambda p: p, setup.student_params),
+  fns = train.build_step(config, setup.mesh, student, teacher, jax.eval_shape(lambda p: p, setup.student_params),
                            MASK)
   teacher_params = jax.device_put(setup.teacher_params, fns.teacher_sharding)
   probs_V = jax.device_put(jnp.asarray(setup.probs_V), fns.replicated)
@@ -433,11 +433,11 @@ def bench_variant(setup: Setup, restrict: bool) -> dict:
   config.loss.restrict_ce_to_mask = restrict
   heads = _heads(args, config)
   ce = "masked positions only" if restrict else "every non-pad position"
-  print(f"\n== L_ce over {ce}, {config.model.dtype} ==", flush=True)
+  print(f"\n== L_ce over {ce}, {config.compute.dtype} ==", flush=True)
   checked = check(setup, config, heads)
   print_check(checked)
 
-  bf16 = config.model.dtype == "bfloat16"
+  bf16 = config.compute.dtype == "bfloat16"
   jax_run = _jax_step(setup, config, setup.student, setup.teacher)
   torch.manual_seed(args.seed)
   dev = setup.device
@@ -484,7 +484,7 @@ def bench_variant(setup: Setup, restrict: bool) -> dict:
 
   flops_per_token = metrics.distillation_flops_per_token(setup.student.cfg, setup.teacher.cfg, args.seq,
                                                          **logit_fractions(config))
-  peak = metrics.peak_flops_per_device(dtype=config.model.dtype)
+  peak = metrics.peak_flops_per_device(dtype=config.compute.dtype)
   padded_per_step = args.batch * args.seq
   figures = {}
   for name in sides:
@@ -507,7 +507,7 @@ def bench_variant(setup: Setup, restrict: bool) -> dict:
             / (figures[name]["tokens_per_s"] / figures[name]["devices"]) for name in sides if name != "JAX"}
   return dict(restrict_ce_to_mask=restrict, check=checked, sides=figures, ratios=ratios, kept=len(kept),
               undisturbed=len(undisturbed), dropped=dropped, warmup_s=warmup_s, flops_per_token=flops_per_token,
-              peak=peak, dtype=config.model.dtype)
+              peak=peak, dtype=config.compute.dtype)
 
 
 def _cpu_seconds() -> float:

@@ -8,7 +8,7 @@ The process gets 8 fake CPU devices (XLA's --xla_force_host_platform_device_coun
 a mesh of N devices uses the first N. Models come from their configurations alone (`aot.abstract_models`),
 so no weights are read and nothing is downloaded.
 
-`memory`: for each N, the real train step (`train.compile_step`, configs/distilbert_base.py: teacher
+`memory`: for each N, the real train step (`train.build_step`, configs/distilbert_base.py: teacher
 bert-base-uncased, 6-layer bf16 student, AdamW, grad_accum 8) is built on a (data 1, fsdp N, tensor 1) mesh,
 lowered with abstract arguments and compiled for the CPU; nothing runs. Two per-device figures: the bytes
 of one shard of every leaf of the sharded abstract state (`NamedSharding.shard_shape`), split into student
@@ -102,7 +102,7 @@ def unpinned(config):
 def _compile_memory(config, teacher, student, n: int, batch: int, seq: int, pinned: bool) -> dict:
   mesh = mesh_of((1, n, 1), n)
   config = config if pinned else unpinned(config)
-  fns = train.compile_step(config, mesh, student, teacher, aot.abstract_params(student), aot.MASK_TOKEN_ID)
+  fns = train.build_step(config, mesh, student, teacher, aot.abstract_params(student), aot.MASK_TOKEN_ID)
   teacher_params = aot.abstract_params(teacher, fns.teacher_sharding)
   token_probs_V = jax.ShapeDtypeStruct((student.cfg.vocab_size,), jnp.float32, sharding=fns.replicated)
   start = time.perf_counter()
@@ -122,7 +122,7 @@ def memory(args):
   batch, seq = args.batch, args.seq
   millions = lambda m: model_lib.count_params(aot.abstract_params(m)) / 1e6  # noqa: E731
   print(f"configs/distilbert_base.py: teacher {config.teacher} ({millions(teacher):.1f}M), student "
-        f"{student.cfg.num_layers} × {student.cfg.hidden_size} ({millions(student):.1f}M), {config.model.dtype} "
+        f"{student.cfg.num_layers} × {student.cfg.hidden_size} ({millions(student):.1f}M), {config.compute.dtype} "
         f"compute, grad_accum {config.optim.grad_accum}; global batch {batch} × {seq}")
   print(versions())
   sizes = [int(n) for n in args.sizes.split(",")]
@@ -171,7 +171,7 @@ def timing(args):
   batch, seq = args.batch or config.data.batch_size, args.seq or config.data.max_len
   host, probs_V, t_params, s_params = _random_inputs(teacher, student, batch, seq)
   print(f"configs/{args.config}.py: teacher {teacher.cfg.num_layers} × {teacher.cfg.hidden_size}, student "
-        f"{student.cfg.num_layers} × {student.cfg.hidden_size}, {config.model.dtype}, global batch {batch} × {seq}, "
+        f"{student.cfg.num_layers} × {student.cfg.hidden_size}, {config.compute.dtype}, global batch {batch} × {seq}, "
         f"grad_accum {config.optim.grad_accum}, random parameters")
   print(versions())
 
@@ -183,7 +183,7 @@ def timing(args):
   runs = {}
   for name, (n, shape, pinned) in variants.items():
     mesh = mesh_of(shape, n)
-    fns = train.compile_step(config if pinned else unpinned(config), mesh, student, teacher,
+    fns = train.build_step(config if pinned else unpinned(config), mesh, student, teacher,
                              aot.abstract_params(student), aot.MASK_TOKEN_ID)
     state = fns.init(s_params)
     teacher_on = jax.device_put(t_params, fns.teacher_sharding) if teacher is not None else None

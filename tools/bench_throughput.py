@@ -6,11 +6,11 @@
   .venv/bin/python tools/bench_throughput.py --part dtype       # (d) float32 vs bfloat16 compute
   .venv/bin/python tools/bench_throughput.py --part all --batch 4 --seq 32 --rounds 1 --repeats 1  # smoke test
 
-Every figure times the REAL distillation step (`train.compile_step`: masking, teacher forward, student
+Every figure times the REAL distillation step (`train.build_step`: masking, teacher forward, student
 forward and backward, the losses, AdamW) of the demo (`configs/demo.py`): teacher all-MiniLM-L6-v2 (6 × 384)
 -> student of teacher layers (0, 2, 4), 32 × 128 per step, L_ce at the masked positions only. The teacher
 is not adapted first (its fresh masked-LM head changes no timing). Models come from `train.build_models`
-and each variant replaces fields of their `EncoderConfig`s, the way `config.model.*` keys would.
+and each variant replaces fields of their `EncoderConfig`s, the way `config.compute.*` keys would.
 
 Timing: each variant's step is compiled once (ahead of time, so its `memory_analysis()` is read from the
 very program that runs; compilation is never timed); then every round runs `--repeats` steps of each
@@ -123,7 +123,7 @@ class Bench:
   def variant(self, student_kw: dict, teacher_kw: dict, batch: dict) -> "Variant":
     student = model_lib.Encoder(self.student.cfg.replace(**student_kw))
     teacher = model_lib.Encoder(self.teacher.cfg.replace(**teacher_kw))
-    fns = train.compile_step(self.config, self.mesh, student, teacher, self.abstract_params, self.mask_id)
+    fns = train.build_step(self.config, self.mesh, student, teacher, self.abstract_params, self.mask_id)
     state = fns.init(self.student_params)
     teacher_params = jax.device_put(self.teacher_params, fns.teacher_sharding)
     global_batch = sharding.global_batch(batch, self.mesh)
@@ -312,12 +312,12 @@ def part_remat_tpu(args):
   batch, seq = config.data.batch_size, config.data.max_len
   print(f"\n## (b') student remat compiled for {topo.name} ({len(devices)} x {devices[0].device_kind}, mesh "
         f"{dict(mesh.shape)}): {args.tpu_config}, global batch {batch} x {seq}, grad_accum {config.optim.grad_accum}, "
-        f"{config.model.dtype}; per device")
+        f"{config.compute.dtype}; per device")
   print(f"{'variant':40} {'temp GiB':>9} {'vs off':>7} {'peak GiB':>9} {'traced/formula FLOPs':>21} {'compile s':>9}")
   ref = None
   for policy in (None,) + tuple(model_lib.REMAT_POLICIES):
-    config.model.remat = policy is not None
-    config.model.remat_policy = policy or "full"
+    config.compute.remat = policy is not None
+    config.compute.remat_policy = policy or "full"
     teacher, student = aot.abstract_models(config)
     result = aot.compile_step(config, mesh, teacher, student, batch, seq, topo.chip.hbm_gib * aot.GiB)
     name = "remat off" if policy is None else f"remat {policy}"

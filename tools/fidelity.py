@@ -39,7 +39,7 @@ import time
 import ml_collections
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from distilbert_jax import checkpoint, data, evaluate, finetune, train  # noqa: E402
+from distilbert_jax import checkpoint, data, evaluate, finetune, train, trainer  # noqa: E402
 
 STAGES = ("teacher", "students", "mlm", "finetune", "speed", "report")
 DESCRIPTIONS = {
@@ -253,7 +253,7 @@ def student_workdir(out: pathlib.Path, variant: str, seed: int) -> pathlib.Path:
 def students_stage(cfg, out: pathlib.Path, teacher: str, run_missing: bool = True) -> dict:
   base = _distill_base(cfg)
   if run_missing:
-    base.data.tokenizer = base.data.tokenizer or train.load_pretrained(teacher)[0].cfg.tokenizer
+    base.data.tokenizer = base.data.tokenizer or checkpoint.load_config(teacher).tokenizer
   results = {}
   for variant in cfg.variants:
     for seed in cfg.seeds:
@@ -292,7 +292,7 @@ def models_of(cfg, out: pathlib.Path, teacher: str) -> dict[str, str]:
 def _eval_corpora(cfg, teacher: str) -> tuple[str, dict[str, list[str]]]:
   """(tokenizer, {corpus: sources}): the distillation's held-out split and the out-of-domain text."""
   base = _distill_base(cfg)
-  tokenizer = train.load_pretrained(teacher)[0].cfg.tokenizer
+  tokenizer = checkpoint.load_config(teacher).tokenizer
   base.data.tokenizer = tokenizer
   return tokenizer, {"in_domain": [str(train.prepare_data(base, tokenizer))],
                      "out_of_domain": [str(kjv_corpus(cfg))]}
@@ -341,7 +341,7 @@ def _finetune_config(cfg, model: str, domain: str, seed: int, *, export: bool, t
   c.train.keep = 1
   c.train.progress = False
   c.train.export = export
-  c.model_options.dtype = cfg.distill.model.dtype
+  c.compute.dtype = cfg.distill.compute.dtype
   if teacher:
     c.distill.teacher = teacher
     c.distill.alpha = f.distill_alpha
@@ -506,7 +506,7 @@ def write_report(cfg, results: dict, out: pathlib.Path, command: str) -> str:
            f"Machine: {speed.get('device', '?')} ({speed.get('platform', '?')}). Budget for every student: "
            f"{d.train.steps} steps of {d.data.batch_size} × {d.data.max_len} tokens "
            f"({d.train.steps * d.data.batch_size * d.data.max_len / 1e6:.1f}M token slots, packed rows), "
-           f"compute {d.model.dtype}. Seeds: {', '.join(map(str, cfg.seeds))} (distillation and, for the students, "
+           f"compute {d.compute.dtype}. Seeds: {', '.join(map(str, cfg.seeds))} (distillation and, for the students, "
            f"fine-tuning); teacher fine-tuning seeds: {', '.join(map(str, cfg.finetune.teacher_seeds))}. "
            "Figures: mean ± standard deviation over seeds.", ""]
   lines += _teacher_lines(results["teacher"])
@@ -629,7 +629,7 @@ def main():
     except KeyboardInterrupt:
       print("stopped (preemption signal or Ctrl-C); run the same command again to resume", flush=True)
       sys.exit(1)
-    except train.USER_ERRORS as e:
+    except trainer.USER_ERRORS as e:
       print(f"error: {e}", file=sys.stderr)
       sys.exit(2)
 
