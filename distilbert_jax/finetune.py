@@ -511,7 +511,8 @@ def _format(scores: dict[str, float]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-  return trainer.cli(run, "a configs/finetune*.py file", user_errors=(tasks.TaskError,), argv=argv)
+  return trainer.cli(run, "a configs/finetune*.py file", user_errors=(tasks.TaskError,), argv=argv,
+                     cache_dir=lambda config: config.cache_dir)
 
 
 if __name__ == "__main__":

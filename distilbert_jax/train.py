@@ -582,7 +582,7 @@ def validate_run(config, workdir: pathlib.Path):
 
 
 def main(argv: list[str] | None = None) -> int:
-  return trainer.cli(run, "a configs/*.py file", argv=argv)
+  return trainer.cli(run, "a configs/*.py file", argv=argv, cache_dir=lambda config: config.data.cache_dir)
 
 
 if __name__ == "__main__":

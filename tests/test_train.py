@@ -232,6 +232,24 @@ def test_sigterm_saves_and_resumes(reference_run, tmp_path, tiny_teacher, data_c
     assert np.array_equal(a, b)
 
 
+@pytest.mark.slow  # two command-line runs
+def test_a_second_run_loads_its_compiled_steps_from_the_cache(tmp_path, tiny_teacher, test_data):
+  """The CLI keeps compiled programs under cache_dir/jax_compilation_cache: a second run of the same
+  configuration in a fresh workdir compiles nothing the first did not (the cache gains no entry)."""
+  cache = tmp_path / "cache"
+  env = {k: v for k, v in _env().items() if not k.startswith("JAX_COMPILATION_CACHE")}
+  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # also cache the tiny config's quick compiles
+  extra = ("--config.train.steps=3", "--config.train.speed_batches=()")
+  entries = []
+  for name in ("first", "second"):
+    done = subprocess.run(_cli(tmp_path / name, tiny_teacher, cache, test_data, *extra), env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    entries.append(sorted(p.name for p in (cache / "jax_compilation_cache").iterdir()))
+  assert len(entries[0]) >= 3  # at least the state's init, the train step and the held-out scoring
+  assert entries[1] == entries[0]
+
+
 @pytest.mark.slow  # the command-line reference run
 def test_workdir_of_another_model_is_refused(reference_run, tiny_teacher, data_cache, test_data):
   ref_dir, extra = reference_run

@@ -68,17 +68,6 @@ def _write_json(path: pathlib.Path, value) -> None:
   tmp.replace(path)  # a result file is whole or absent
 
 
-def enable_compilation_cache(cache_dir: str) -> None:
-  """JAX's persistent compilation cache: the seeds of one variant (same programs) compile once. A cache the
-  caller already set (the tests') is kept."""
-  import jax
-  if jax.config.jax_compilation_cache_dir:
-    return
-  folder = pathlib.Path(cache_dir).expanduser() / "jax_compilation_cache"
-  jax.config.update("jax_compilation_cache_dir", str(folder))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-
-
 # ------------------------------------------------------------------------------------------------ data
 
 def kjv_corpus(cfg) -> pathlib.Path:
@@ -584,7 +573,7 @@ def plot(cfg, results: dict, path: pathlib.Path) -> None:
 def run_study(cfg, out: pathlib.Path, *, teacher: str = "", stages=STAGES, command: str = "") -> dict:
   """Runs (or resumes) the stages; returns everything gathered so far."""
   out.mkdir(parents=True, exist_ok=True)
-  enable_compilation_cache(cfg.cache_dir)
+  trainer.enable_compilation_cache(cfg.cache_dir)  # the seeds of one variant compile once
   results = {"config": cfg.to_dict()}
   if "teacher" in stages or teacher:
     results["teacher"] = teacher_stage(cfg, out, teacher)
