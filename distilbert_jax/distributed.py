@@ -189,3 +189,14 @@ def initialize(config=None, env: Mapping[str, str] | None = None) -> bool:
   log.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
            jax.local_device_count(), jax.device_count())
   return True
+
+
+def barrier(name: str):
+  """Waits until every process reaches the barrier `name` (returns at once with one process).
+
+  For steps where process 0 writes something the others then read, e.g. the tokenized corpus
+  (`data.prepare_tokenized(..., sync=barrier)`).
+  """
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
