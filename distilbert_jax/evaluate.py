@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import hashlib
 import json
 import logging
 import math
@@ -138,14 +137,14 @@ def speed_report(models: dict, batch_sizes: tuple[int, ...], seq_len: int, *, re
 
 
 def _dataset(sources: list[str], tokenizer: str, *, max_len: int, cache_dir: pathlib.Path):
-  """(held-out dataset, token counts for the masking probabilities) from a preprocessed folder or text."""
+  """(dataset, token counts for the masking probabilities): a preprocessed folder's held-out split, or the
+  whole of the text sources, tokenized once into the cache by `data.prepare_tokenized` (training's own path,
+  with nothing held out: the same settings give the same folder as a training run's)."""
   if len(sources) == 1 and (pathlib.Path(sources[0]) / "meta.json").exists():
     folder = pathlib.Path(sources[0])
     return data.TokenizedDataset(folder, "heldout"), data.TokenizedDataset(folder, "train").counts()
-  key = hashlib.sha256(json.dumps([sources, tokenizer, max_len]).encode()).hexdigest()[:12]
-  folder = cache_dir / "eval" / f"{max_len}-{key}"
-  texts = (doc for src in sources for doc in data.iter_texts(src, unit="document"))
-  data.preprocess(texts, tokenizer, folder, max_len=max_len, held_out_fraction=0.0, source=json.dumps(sources))
+  folder = data.prepare_tokenized(sources, tokenizer, cache_dir, max_len=max_len, held_out_fraction=0.0,
+                                  flag="--data")
   ds = data.TokenizedDataset(folder, "train")  # the whole evaluation text
   return ds, ds.counts()
 
@@ -187,7 +186,7 @@ def evaluate_models(models: dict, sources: list[str], *, tokenizer: str | None =
     report[name] = {"parameters": model_lib.count_params(params)}
     for masking_name in maskings:
       probs_V = masking.token_probs(counts, special_list, smoothing=MASKINGS[masking_name])
-      score = mlm_score(model, params, data.eval_batches(ds, batch_size, max_len), probs_V,
+      score = mlm_score(model, params, data.heldout_batches(ds, batch_size, max_len), probs_V,
                         mask_token_id=specials["mask"], seed=seed, max_batches=max_batches)
       prefix = "" if masking_name == "rare" else f"{masking_name}_"
       report[name].update({f"{prefix}mlm_accuracy": score.accuracy, f"{prefix}mlm_loss": score.loss,

@@ -149,29 +149,21 @@ def encode_split(task_data: tasks.TaskData, tokenizer, max_len: int) -> TaskArra
   return TaskArrays(inputs=inputs, labels=task_data.labels, task=task_data.task)
 
 
-class _TakeRows:
-  """grain map_with_index transform: global batch index -> this process's rows of that batch."""
+class _TakeRows(data.LocalBatches):
+  """This process's rows of each global batch of task arrays (rows and process share: `data.LocalBatches`)."""
 
-  def __init__(self, arrays: TaskArrays, batch_size: int, seed: int, shuffle: bool, process_index: int,
-               process_count: int):
-    self.arrays, self.batch_size, self.seed, self.shuffle = arrays, batch_size, seed, shuffle
-    self.local = batch_size // process_count
-    self.first = process_index * self.local
-    n = len(arrays)
-    self.steps_per_epoch = n // batch_size if shuffle else -(-n // batch_size)
+  def __init__(self, arrays: TaskArrays, plan: data.BatchPlan, process_index: int, process_count: int):
+    super().__init__(plan, process_index=process_index, process_count=process_count)
+    self.arrays = arrays
 
-  def __call__(self, index: int, _) -> dict[str, np.ndarray]:
-    epoch, step = divmod(index, self.steps_per_epoch)
-    n = len(self.arrays)
-    order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
-    rows = order[step * self.batch_size:(step + 1) * self.batch_size][self.first:self.first + self.local]
-    valid = np.ones(self.local, np.int32)
-    if len(rows) < self.local:  # the last evaluation batch: fill with copies of row 0, weighted out
-      valid[len(rows):] = 0
-      rows = np.concatenate([rows, np.zeros(self.local - len(rows), rows.dtype)])
-    batch = {k: v[rows] for k, v in self.arrays.inputs.items()}
-    batch["labels"] = self.arrays.labels[rows]
-    batch["valid"] = valid
+  def load(self, rows_b: np.ndarray, length: int) -> dict[str, np.ndarray]:
+    del length  # every row is already encoded to the same length
+    # The last evaluation batch's filler rows (-1) become copies of row 0, weighted out by `valid`.
+    valid_b = (rows_b >= 0).astype(np.int32)
+    rows_b = np.maximum(rows_b, 0)
+    batch = {k: v[rows_b] for k, v in self.arrays.inputs.items()}
+    batch["labels"] = self.arrays.labels[rows_b]
+    batch["valid"] = valid_b
     return batch
 
 
@@ -186,12 +178,14 @@ def example_batches(arrays: TaskArrays, *, batch_size: int, seed: int, shuffle: 
   """
   if batch_size <= 0 or batch_size % process_count:
     raise ValueError(f"batch size {batch_size} must be a positive multiple of the process count {process_count}")
-  take = _TakeRows(arrays, batch_size, seed, shuffle, process_index, process_count)
-  if take.steps_per_epoch == 0:
+  max_len = arrays.inputs["input_ids"].shape[1]
+  plan = data.BatchPlan(np.full(len(arrays), max_len), strategy="pad", batch_size=batch_size, max_len=max_len,
+                        seed=seed, shuffle=shuffle, drop_remainder=shuffle, order_salt=())
+  if plan.steps_per_epoch == 0:
     raise validation.ConfigError(f"{len(arrays)} training examples make no full batch of {batch_size}: "
                                  "lower --config.train.batch_size")
-  ds = grain.MapDataset.range(take.steps_per_epoch).repeat(num_epochs).map_with_index(take)
-  return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)))
+  take = _TakeRows(arrays, plan, process_index, process_count)
+  return iter(take.dataset(num_epochs).to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)))
 
 
 # ------------------------------------------------------------------------------------------------ models

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import json
 import logging
 import math
 import os
@@ -320,29 +318,15 @@ def _sources(config) -> list[str]:
 
 
 def prepare_data(config, tokenizer_path: str) -> pathlib.Path:
-  """Tokenizes the sources once into the cache (reused by every later run with the same settings)."""
-  sources = _sources(config)
-  settings = dict(sources=sources, tokenizer=tokenizer_path, max_len=config.data.max_len, min_len=config.data.min_len,
-                  held_out=config.data.held_out_fraction, seed=config.seed)
-  digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-  out = pathlib.Path(config.data.cache_dir).expanduser() / "tokenized" / f"{config.data.max_len}-{digest}"
-  def tokenize():
-    texts = (doc for source in sources for doc in data.iter_texts(source, text_field=config.data.text_field,
-                                                                    unit="document"))
-    try:
-      data.preprocess(texts, tokenizer_path, out, max_len=config.data.max_len, min_len=config.data.min_len,
-                      held_out_fraction=config.data.held_out_fraction, seed=config.seed, source=json.dumps(sources))
-    except data.EmptyCorpusError as e:
-      raise ConfigError(f"--config.data.sources: {e}: give more text") from None
-
-  if not (out / "meta.json").is_file():  # a resumed run whose corpus has moved still runs from the cache
-    validation.check_local_sources(sources)  # every process, before any waits for process 0
-  if jax.process_index() == 0:
-    tokenize()
-  distributed.sync_processes("preprocess")
-  if not (out / "meta.json").is_file():  # a host whose cache_dir is not shared with process 0's: its own copy
-    tokenize()
-  return out
+  """Tokenizes the sources once into the cache (reused by every later run with the same settings): the folder
+  of `data.prepare_tokenized`, written by process 0 (and by any host that does not share its cache)."""
+  try:
+    return data.prepare_tokenized(_sources(config), tokenizer_path, config.data.cache_dir, max_len=config.data.max_len,
+                                  min_len=config.data.min_len, held_out_fraction=config.data.held_out_fraction,
+                                  seed=config.seed, text_field=config.data.text_field,
+                                  process_index=jax.process_index(), sync=distributed.barrier)
+  except data.EmptyCorpusError as e:
+    raise ConfigError(f"--config.data.sources: {e}: give more text") from None
 
 
 # ------------------------------------------------------------------------------------------------ the run
@@ -467,7 +451,7 @@ def logit_fractions(config, distilling: bool) -> dict:
 def _heldout_score(config, data_dir, probs_V, specials, model, params) -> evaluate.MlmScore:
   heldout = data.TokenizedDataset(data_dir, "heldout")
   # Process 0 scores the whole global batch with host parameters: the same score for any process count.
-  batches = data.eval_batches(heldout, config.data.batch_size, config.data.max_len)
+  batches = data.heldout_batches(heldout, config.data.batch_size, config.data.max_len)
   return evaluate.mlm_score(model, params, batches, np.asarray(probs_V), mask_token_id=specials["mask"],
                             seed=config.seed, mlm_prob=config.mlm.prob, scheme=config.mlm.scheme,
                             max_batches=config.data.eval_batches)

@@ -394,7 +394,7 @@ def finish_run(workdir: pathlib.Path, model: model_lib.Encoder, params, tokenize
       (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
   ckpts.close()
   # No process returns before the export exists (adapt_teacher's caller then loads it).
-  distributed.sync_processes("export")
+  distributed.barrier("export")
   return summary
 
 

@@ -432,9 +432,9 @@ def test_batching_bad_arguments(train_ds):
     data.make_batches(train_ds, batch_size=len(train_ds) + 1, max_len=MAX_LEN, seed=0, strategy="pad")
 
 
-def test_eval_batches_cover_every_example_once_in_order(dataset_dir):
+def test_heldout_batches_cover_every_example_once_in_order(dataset_dir):
   ds = data.TokenizedDataset(dataset_dir, "heldout")
-  batches = list(data.eval_batches(ds, BATCH, MAX_LEN))
+  batches = list(data.heldout_batches(ds, BATCH, MAX_LEN))
   assert len(batches) == -(-len(ds) // BATCH)
   for b in batches:
     assert set(b) == {"input_ids", "attention_mask", "valid"}
@@ -455,3 +455,102 @@ def test_pad_fraction():
   assert data.pad_fraction(iter([{"attention_mask": mask}]), 10) == pytest.approx(0.25)
   with pytest.raises(ValueError):
     data.pad_fraction([], 1)
+
+
+# ----------------------------------------------------------------------------------------- prepare_tokenized
+
+@pytest.fixture
+def small_corpus(tmp_path, test_data):
+  """Four Moby-Dick chapters in a folder of their own (a source that a test may move away)."""
+  folder = tmp_path / "corpus"
+  folder.mkdir()
+  for f in sorted((test_data / "corpus" / "moby-dick").glob("chapter_*.txt"))[:4]:
+    shutil.copy(f, folder / f.name)
+  return folder
+
+
+def _count_tokenizing(monkeypatch) -> list:
+  """A list that gains an entry each time a corpus is tokenized (`data.tokenize_documents` starts)."""
+  calls = []
+  original = data.tokenize_documents
+
+  def counted(*args, **kwargs):
+    calls.append(1)
+    return original(*args, **kwargs)
+
+  monkeypatch.setattr(data, "tokenize_documents", counted)
+  return calls
+
+
+def test_prepare_tokenized_writes_once_then_reuses_the_cache(small_corpus, minilm_path, tmp_path, monkeypatch):
+  calls = _count_tokenizing(monkeypatch)
+  sources, tokenizer, cache = [str(small_corpus)], str(minilm_path), tmp_path / "cache"
+  settings = dict(max_len=MAX_LEN, held_out_fraction=0.25, seed=1)
+  folder = data.prepare_tokenized(sources, tokenizer, cache, progress=False, **settings)
+  assert folder == data.tokenized_folder(cache, sources, tokenizer, **settings)
+  assert folder.parent == cache / "tokenized" and folder.name.startswith(f"{MAX_LEN}-")
+  assert len(calls) == 1
+  written = {f.name: f.stat().st_mtime_ns for f in folder.iterdir()}
+
+  shutil.rmtree(small_corpus)  # a resumed run whose corpus has moved still runs from the cache
+  assert data.prepare_tokenized(sources, tokenizer, cache, progress=False, **settings) == folder
+  assert len(calls) == 1
+  assert {f.name: f.stat().st_mtime_ns for f in folder.iterdir()} == written
+
+
+def test_prepare_tokenized_holds_what_preprocess_writes(small_corpus, minilm_path, tmp_path):
+  folder = data.prepare_tokenized([str(small_corpus)], str(minilm_path), tmp_path / "cache", max_len=MAX_LEN,
+                                  held_out_fraction=0.25, seed=1, progress=False)
+  direct = tmp_path / "direct"
+  data.preprocess(data.iter_texts(small_corpus, unit="document"), minilm_path, direct, max_len=MAX_LEN,
+                  held_out_fraction=0.25, seed=1, progress=False)
+  for name in ("train_ids.bin", "train_offsets.npy", "heldout_ids.bin", "heldout_offsets.npy", "counts.npy"):
+    assert (folder / name).read_bytes() == (direct / name).read_bytes(), name
+  assert data.load_meta(folder)["splits"] == data.load_meta(direct)["splits"]
+
+
+def test_tokenized_folder_is_keyed_by_every_setting():
+  kw = dict(max_len=128, min_len=12, held_out_fraction=0.05, seed=0)
+  folder = data.tokenized_folder("/c", ["corpus/a.txt", "hf:wikitext"], "bert-base-uncased", **kw)
+  # The name folders got before training and evaluation shared this function: old caches stay valid.
+  assert str(folder) == "/c/tokenized/128-b2284ecb53d4"
+  changed = [dict(kw, max_len=64), dict(kw, min_len=8), dict(kw, held_out_fraction=0.1), dict(kw, seed=1),
+             dict(kw, text_field="body")]
+  names = {data.tokenized_folder("/c", ["corpus/a.txt", "hf:wikitext"], "bert-base-uncased", **c) for c in changed}
+  names |= {data.tokenized_folder("/c", ["corpus/a.txt"], "bert-base-uncased", **kw),
+            data.tokenized_folder("/c", ["corpus/a.txt", "hf:wikitext"], "roberta-base", **kw)}
+  assert len(names) == 7 and folder not in names
+
+
+def test_prepare_tokenized_across_processes(small_corpus, minilm_path, tmp_path, monkeypatch):
+  """Process 0 tokenizes before the barrier; another process only waits there, then reads the shared folder,
+  or, on a host whose cache is not shared, finds nothing and tokenizes its own copy."""
+  calls = _count_tokenizing(monkeypatch)
+  sources, tokenizer = [str(small_corpus)], str(minilm_path)
+  barriers = []
+
+  def barrier_while_process_0_tokenizes(name):
+    barriers.append(name)
+    assert not calls  # process 1 has tokenized nothing before the barrier
+    data.prepare_tokenized(sources, tokenizer, tmp_path / "shared", max_len=MAX_LEN, progress=False)
+
+  folder = data.prepare_tokenized(sources, tokenizer, tmp_path / "shared", max_len=MAX_LEN, process_index=1,
+                                  sync=barrier_while_process_0_tokenizes, progress=False)
+  assert barriers == ["preprocess"] and len(calls) == 1 and (folder / "meta.json").is_file()
+
+  def barrier_elsewhere(name):
+    barriers.append(name)
+    assert len(calls) == 1
+
+  own = data.prepare_tokenized(sources, tokenizer, tmp_path / "own", max_len=MAX_LEN, process_index=1,
+                               sync=barrier_elsewhere, progress=False)
+  assert barriers == ["preprocess"] * 2 and len(calls) == 2
+  assert (own / "train_ids.bin").read_bytes() == (folder / "train_ids.bin").read_bytes()
+
+
+def test_prepare_tokenized_refuses_a_missing_source_before_tokenizing(tmp_path, minilm_path):
+  from distilbert_jax import validation
+  with pytest.raises(validation.ConfigError, match="--data: .*no-such-folder"):
+    data.prepare_tokenized([str(tmp_path / "no-such-folder")], str(minilm_path), tmp_path / "cache", max_len=MAX_LEN,
+                           flag="--data")
+  assert not (tmp_path / "cache").exists()

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import distilbert_jax
-from distilbert_jax import checkpoint, evaluate, masking
+from distilbert_jax import checkpoint, data, evaluate, masking, train
 
 
 def _models(tiny_teacher):
@@ -75,6 +75,23 @@ def test_command_line_side_by_side(tmp_path, tiny_teacher, test_data, capsys):
   again = json.loads((tmp_path / "again.json").read_text())
   assert again["student"]["mlm_accuracy"] == report["student"]["mlm_accuracy"]
   assert again["teacher"]["mlm_loss"] == report["teacher"]["mlm_loss"]
+
+
+def test_evaluation_text_shares_the_training_cache(tmp_path, minilm_path, test_data, monkeypatch):
+  """Text given to evaluation is tokenized by training's own path: a training run's folder with the same
+  settings (nothing held out) is the evaluation's, found without tokenizing again."""
+  texts = [str(f) for f in sorted((test_data / "corpus" / "sotu").glob("*.txt"))[-2:]]
+  config = train.default_config()
+  config.data.sources, config.data.cache_dir = tuple(texts), str(tmp_path / "cache")
+  config.data.max_len, config.data.held_out_fraction, config.seed = 64, 0.0, 0
+  folder = train.prepare_data(config, str(minilm_path))
+  tokenized = []
+  monkeypatch.setattr(data, "tokenize_documents", lambda *a, **kw: tokenized.append(1))
+  ds, counts_V = evaluate._dataset(texts, str(minilm_path), max_len=64, cache_dir=tmp_path / "cache")
+  assert ds.data_dir == folder and ds.split == "train" and len(ds) > 0 and not tokenized
+  np.testing.assert_array_equal(counts_V, data.TokenizedDataset(folder).counts())
+  heldout, _ = evaluate._dataset([str(folder)], str(minilm_path), max_len=64, cache_dir=tmp_path / "elsewhere")
+  assert heldout.data_dir == folder and heldout.split == "heldout"  # a preprocessed folder: its held-out split
 
 
 def test_vocabulary_mismatch_is_refused(tmp_path, tiny_teacher, test_data, capsys):

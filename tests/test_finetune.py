@@ -114,6 +114,35 @@ def test_distillation_during_finetuning(tmp_path, tiny_teacher, test_data):
   assert summary["step"] == 3
 
 
+def test_example_batches_rows_by_hand():
+  """Training: a permutation per (seed, epoch), the incomplete last batch dropped; evaluation: stored order, the
+  last batch filled with copies of row 0 whose `valid` is 0; each process takes its block of every global batch."""
+  n, length = 5, 3
+  ids = np.arange(n * length, dtype=np.int32).reshape(n, length)
+  arrays = finetune.TaskArrays(inputs={"input_ids": ids, "attention_mask": np.ones_like(ids),
+                                       "token_type_ids": np.zeros_like(ids)},
+                               labels=np.arange(n, dtype=np.int32) * 10, task=None)
+
+  def batches(**kw):
+    out = list(finetune.example_batches(arrays, seed=7, **kw))
+    for b in out:
+      assert set(b) == {"input_ids", "attention_mask", "token_type_ids", "labels", "valid"}
+      np.testing.assert_array_equal(b["input_ids"], ids[b["labels"] // 10])
+    return [b["labels"].tolist() for b in out], [b["valid"].tolist() for b in out]
+
+  # np.random.default_rng([7, 0]).permutation(5) = [2 0 4 1 3], ([7, 1]) = [3 0 2 1 4].
+  assert batches(batch_size=2, num_epochs=2) == ([[20, 0], [40, 10], [30, 0], [20, 10]], [[1, 1]] * 4)
+  assert batches(batch_size=2, num_epochs=2, process_index=0, process_count=2) == ([[20], [40], [30], [20]],
+                                                                                  [[1]] * 4)
+  assert batches(batch_size=2, num_epochs=2, process_index=1, process_count=2) == ([[0], [10], [0], [10]], [[1]] * 4)
+  assert batches(batch_size=4, shuffle=False, num_epochs=1) == ([[0, 10, 20, 30], [40, 0, 0, 0]],
+                                                                [[1, 1, 1, 1], [1, 0, 0, 0]])
+  assert batches(batch_size=4, shuffle=False, num_epochs=1, process_index=0, process_count=2) == (
+      [[0, 10], [40, 0]], [[1, 1], [1, 0]])
+  assert batches(batch_size=4, shuffle=False, num_epochs=1, process_index=1, process_count=2) == (
+      [[20, 30], [0, 0]], [[1, 1], [0, 0]])
+
+
 def test_soft_loss_matches_torch_kl():
   import torch
   rng = np.random.default_rng(0)

@@ -367,6 +367,15 @@ def test_preemption_during_teacher_adaptation_stops_and_resumes(tmp_path, tiny_t
   assert teacher_steps == [2, 4]  # log_every 2: resumed at 3, not restarted
 
 
+def test_a_corpus_without_examples_is_a_one_line_config_error(tmp_path, minilm_path):
+  (tmp_path / "short.txt").write_text("Call me Ishmael.\n")
+  config = train.default_config()
+  config.data.sources, config.data.cache_dir = (str(tmp_path / "short.txt"),), str(tmp_path / "cache")
+  with pytest.raises(train.ConfigError, match=r"^--config.data.sources: no training examples: .*: give more text$"):
+    train.prepare_data(config, str(minilm_path))
+  assert not list((tmp_path / "cache" / "tokenized").iterdir())  # nothing that looks like a finished folder
+
+
 def test_compute_options_may_change_on_resume_but_not_the_model():
   cfg = distilbert_jax.EncoderConfig.bert(num_layers=2)
   faster = cfg.replace(dtype="bfloat16", remat=True, remat_policy="dots_saveable", attention="dot_product")
