@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from distilbert_jax import checkpoint, data, hf, losses, masking, validation
+from distilbert_jax import checkpoint, data, hf, losses, masking, trainer, validation
 from distilbert_jax import model as model_lib
 
 
@@ -282,6 +282,7 @@ def main(argv=None) -> int:
   try:
     args = parser.parse_args(argv)
     check_args(args)
+    trainer.enable_compilation_cache(args.cache_dir)
     models = {"student" if args.teacher else "model": checkpoint.load_any(args.model, args.step)}
     if args.teacher:
       models["teacher"] = checkpoint.load_any(args.teacher)
