@@ -294,11 +294,10 @@ def test_gathered_rows_are_the_masked_rows_of_all_rows(heads, batch):
   np.testing.assert_array_equal(gathered.soft_N, gathered.mlm_N)
 
 
-def _vocab(params, rows, h, chunk_size=0, ht_NxD=None, teacher=True):
-  """vocab_losses with the test heads; the teacher's rows default to ``rows.take`` of the teacher's states."""
+def _vocab(params, rows, h, chunk_size=0, teacher=True):
+  """vocab_losses with the test heads, the teacher's states taken at the same rows."""
   t_head = functools.partial(_head, h["teacher"]) if teacher else None
-  if teacher and ht_NxD is None:
-    ht_NxD = rows.take(h["ht_NxD"].reshape(B, L, D))
+  ht_NxD = rows.take(h["ht_NxD"].reshape(B, L, D)) if teacher else None
   return losses.vocab_losses(functools.partial(_head, params), t_head, rows, ht_NxD, temperature=TEMPERATURE,
                              chunk_size=chunk_size, with_mse=True)
 
