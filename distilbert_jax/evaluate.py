@@ -47,16 +47,17 @@ class MlmScore:
 @functools.partial(jax.jit, static_argnames=("model", "mask_token_id", "vocab_size", "mlm_prob", "scheme"))
 def _score_batch(model: model_lib.Encoder, params, key, ids_BxL, mask_BxL, token_probs_V, *, mask_token_id,
                  vocab_size, mlm_prob, scheme):
+  """(number right, number masked, summed cross-entropy in nats) over one batch's masked positions."""
   masked = masking.mask_tokens(key, ids_BxL, mask_BxL, token_probs_V, mask_token_id=mask_token_id,
                                vocab_size=vocab_size, mlm_prob=mlm_prob, scheme=scheme)
   out = model.apply({"params": params}, masked.input_ids, attention_mask=mask_BxL, compute_logits=False)
-  k = ids_BxL.size if scheme == "bernoulli" else losses.num_gather_slots(*ids_BxL.shape, mlm_prob)
-  h_KxD, w_K, index_K = losses.gather_positions(out.last_hidden_state, masked.mlm_weights, k)
-  logits_KxV = model.apply({"params": params}, h_KxD, method=model_lib.Encoder.mlm_logits)
-  targets_K = masked.targets.reshape(-1)[index_K]
-  correct, count = losses.mlm_accuracy(logits_KxV, targets_K, w_K)
-  nll = losses.mlm_loss(logits_KxV, targets_K, w_K) * jnp.maximum(jnp.sum(w_K), 1.0)
-  return correct, count, nll
+  # The training step's selection of the masked rows, and its masked-LM loss and correct count on them.
+  rows = losses.select_rows(out.last_hidden_state, mask_BxL, masked.mlm_weights, masked.targets,
+                            slots=losses.masked_slots(*ids_BxL.shape, mlm_prob, scheme))
+  head = functools.partial(model.apply, {"params": params}, method=model_lib.Encoder.mlm_logits)
+  terms = losses.vocab_losses(head, None, rows)
+  count = jnp.sum(rows.mlm_N > 0, dtype=jnp.int32)
+  return terms["mlm_correct"], count, terms["mlm"] * jnp.maximum(jnp.sum(rows.mlm_N), 1.0)
 
 
 def mlm_score(model: model_lib.Encoder, params, batches, token_probs_V, *, mask_token_id: int,

@@ -22,7 +22,6 @@ import pathlib
 import sys
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -34,8 +33,6 @@ from distilbert_jax import model as model_lib
 from distilbert_jax import student as student_lib
 
 log = logging.getLogger("distilbert_jax.train")
-# Logical axes of (N, D) hidden-state rows gathered from the batch (as model.ACTIVATION_AXES without length).
-ROW_AXES = ("batch", "act_embed")
 
 
 # ------------------------------------------------------------------------------------------------ config
@@ -82,9 +79,9 @@ def default_config() -> ml_collections.ConfigDict:
                                          word_keep=0.1, word_rand=0.1))
   c.loss = ml_collections.ConfigDict(dict(alpha_ce=5.0, alpha_mlm=2.0, alpha_cos=1.0, alpha_mse=0.0,
                                           temperature=2.0, restrict_ce_to_mask=False))
-  # Soft targets at every position (restrict_ce_to_mask off): > 0 computes the vocabulary losses this many
-  # rows of the micro-batch's B·L (all devices together) at a time, recomputing each chunk's logits in the
-  # backward pass (losses.chunked_soft_losses). distilbert_base on a v5e-8 with 2048: peak 8.3 -> 4.2 GiB
+  # > 0: the vocabulary losses (losses.vocab_losses) take this many of the selected rows (all B·L of the
+  # micro-batch, or the gathered masked ones with restrict_ce_to_mask; all devices together) at a time,
+  # recomputing each chunk's logits in the backward pass. distilbert_base on a v5e-8 with 2048: peak 8.3 -> 4.2 GiB
   # per device for 14% more matmul FLOPs, so it is off (0) unless memory is what limits the batch.
   c.loss.chunk_size = 0
   c.optim = ml_collections.ConfigDict(dict(lr=5e-4, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.0,
@@ -186,81 +183,49 @@ def check_pair(teacher_cfg: model_lib.EncoderConfig, student_cfg: model_lib.Enco
 # ------------------------------------------------------------------------------------------------ step
 
 def _loss_terms(student, student_params, teacher, teacher_params, masked, attention_mask, extra, dropout_rng,
-                loss_cfg) -> tuple[jax.Array, dict]:
-  """The weighted loss of one micro-batch and its terms; differentiable in `student_params`."""
-  mask_BxL = attention_mask
-  s_out = student.apply({"params": student_params}, masked.input_ids, attention_mask=mask_BxL,
-                        deterministic=False, rngs={"dropout": dropout_rng}, compute_logits=False, **extra)
-  hs_BxLxD = s_out.last_hidden_state
-  B, L = masked.input_ids.shape
-  pad_N = mask_BxL.reshape(-1).astype(jnp.float32)
-  mlm_N = masked.mlm_weights.reshape(-1)
-  targets_N = masked.targets.reshape(-1)
+                loss: losses.LossConfig) -> tuple[jax.Array, dict]:
+  """The weighted loss of one micro-batch and its terms; differentiable in `student_params`.
+
+  The vocabulary losses (L_mlm, L_ce, L_mse) run on the rows `loss` selects: every token when soft targets are
+  wanted everywhere, else only the masked ones. L_cos compares the hidden states at every non-pad token.
+  """
+  hs_BxLxD = student.apply({"params": student_params}, masked.input_ids, attention_mask=attention_mask,
+                           deterministic=False, rngs={"dropout": dropout_rng}, compute_logits=False,
+                           **extra).last_hidden_state
   s_head = functools.partial(student.apply, {"params": student_params}, method=model_lib.Encoder.mlm_logits)
-
-  if teacher is not None:
-    t_out = teacher.apply({"params": teacher_params}, masked.input_ids, attention_mask=mask_BxL,
-                          compute_logits=False, **extra)
-    ht_BxLxD = jax.lax.stop_gradient(t_out.last_hidden_state)
-    t_head = lambda h: jax.lax.stop_gradient(  # noqa: E731
-        teacher.apply({"params": teacher_params}, h, method=model_lib.Encoder.mlm_logits))
-
-  terms = {}
-  soft = teacher is not None and (loss_cfg["alpha_ce"] > 0 or loss_cfg["alpha_mse"] > 0)
-  if soft and not loss_cfg["restrict_ce_to_mask"] and loss_cfg.get("chunk_size", 0) > 0:
-    # Soft targets at every non-pad position, a chunk of rows at a time: never all (B·L, V) logits at once.
-    lean = losses.chunked_soft_losses(
-        s_head, t_head, hs_BxLxD.reshape(B * L, -1), ht_BxLxD.reshape(B * L, -1), pad_N, targets_N, mlm_N,
-        temperature=loss_cfg["temperature"], chunk_size=loss_cfg["chunk_size"],
-        with_mse=bool(loss_cfg["alpha_mse"]))
-    correct = lean.pop("mlm_correct")
-    terms.update(lean)
-  elif soft and not loss_cfg["restrict_ce_to_mask"]:
-    # Soft targets at every non-pad position: both vocabulary projections at all B·L positions.
-    s_NxV = s_head(hs_BxLxD).reshape(B * L, -1)
-    t_NxV = t_head(ht_BxLxD).reshape(B * L, -1)
-    terms["mlm"] = losses.mlm_loss(s_NxV, targets_N, mlm_N)
-    correct, _ = losses.mlm_accuracy(s_NxV, targets_N, mlm_N)
-    terms["ce"] = losses.ce_loss(s_NxV, t_NxV, pad_N, loss_cfg["temperature"])
-    if loss_cfg["alpha_mse"]:
-      terms["mse"] = losses.mse_loss(s_NxV, t_NxV, pad_N)
-  else:
-    # Only the masked positions need the vocabulary: gather a static number of slots, project those. The
-    # slots are spread over the data-parallel devices like the batch rows (K rounded up to a multiple of
-    # their number; extra slots weigh 0), so each device projects its own share, not all K.
-    k = B * L if loss_cfg["_bernoulli"] else losses.num_gather_slots(B, L, loss_cfg["_mlm_prob"])
-    k = -(-k // loss_cfg["_row_shards"]) * loss_cfg["_row_shards"]
-    hs_KxD, w_K, index_K = losses.gather_positions(hs_BxLxD, masked.mlm_weights, k)
-    hs_KxD = nn.with_logical_constraint(hs_KxD, ROW_AXES)
-    s_KxV = s_head(hs_KxD)
-    targets_K = targets_N[index_K]
-    terms["mlm"] = losses.mlm_loss(s_KxV, targets_K, w_K)
-    correct, _ = losses.mlm_accuracy(s_KxV, targets_K, w_K)
-    if soft:
-      t_KxV = t_head(nn.with_logical_constraint(ht_BxLxD.reshape(B * L, -1)[index_K], ROW_AXES))
-      terms["ce"] = losses.ce_loss(s_KxV, t_KxV, w_K, loss_cfg["temperature"])
-      if loss_cfg["alpha_mse"]:
-        terms["mse"] = losses.mse_loss(s_KxV, t_KxV, w_K)
-  if teacher is not None:
-    terms["cos"] = losses.cosine_loss(hs_BxLxD.reshape(B * L, -1), ht_BxLxD.reshape(B * L, -1), pad_N)
-    total = sum(loss_cfg[f"alpha_{name}"] * value for name, value in terms.items())
-  else:
-    total = terms["mlm"]
-  terms["mlm_accuracy"] = correct / jnp.maximum(jnp.sum(mlm_N), 1.0)
+  distilling = teacher is not None
+  if distilling:
+    ht_BxLxD = jax.lax.stop_gradient(teacher.apply({"params": teacher_params}, masked.input_ids,
+                                                   attention_mask=attention_mask, compute_logits=False,
+                                                   **extra).last_hidden_state)
+  B, L = masked.input_ids.shape
+  rows = losses.select_rows(hs_BxLxD, attention_mask, masked.mlm_weights, masked.targets,
+                            slots=loss.slots(B, L, distilling), row_shards=loss.row_shards)
+  t_head = ht_NxD = None
+  if loss.soft(distilling):
+    t_head = functools.partial(teacher.apply, {"params": teacher_params}, method=model_lib.Encoder.mlm_logits)
+    ht_NxD = rows.take(ht_BxLxD)
+  terms = losses.vocab_losses(s_head, t_head, rows, ht_NxD, temperature=loss.temperature,
+                              chunk_size=loss.chunk_size, with_mse=loss.alpha_mse > 0)
+  correct = terms.pop("mlm_correct")
+  if distilling:
+    terms["cos"] = losses.cosine_loss(hs_BxLxD.reshape(B * L, -1), ht_BxLxD.reshape(B * L, -1),
+                                      attention_mask.reshape(-1).astype(jnp.float32))
+  total = loss.total(terms, distilling)
+  terms["mlm_accuracy"] = correct / jnp.maximum(jnp.sum(masked.mlm_weights), 1.0)
   return total, terms
 
 
 def train_step(state: trainer.TrainState, teacher_params, batch: dict, token_probs_V: jax.Array, *, student, teacher,
-               tx, schedule, mask_token_id: int, mlm: dict, loss: dict, grad_accum: int,
-               row_shards: int = 1) -> tuple[trainer.TrainState, dict]:
+               tx, schedule, mask_token_id: int, mlm: dict, loss: losses.LossConfig,
+               grad_accum: int) -> tuple[trainer.TrainState, dict]:
   """One optimizer update from one global batch: pure, `(state, batch) -> (state, metrics)`.
 
   Masking covers the whole batch (exactly 15% of its non-pad tokens) and is keyed by (state.rng, step), as
   is dropout, so a resumed run repeats the same randomness. With `grad_accum` > 1, the batch is split into
-  micro-batches whose gradients are averaged before the update. `row_shards`: the number of devices the
-  batch rows are split over (with `restrict_ce_to_mask`, the gathered positions are split alike).
+  micro-batches whose gradients are averaged before the update. `mlm`: `config.mlm` (the masking); `loss`:
+  the loss, built from `config.loss`, `config.mlm` and the mesh (`LossConfig.from_config`).
   """
-  loss_cfg = dict(loss, _bernoulli=mlm["scheme"] == "bernoulli", _mlm_prob=mlm["prob"], _row_shards=row_shards)
   step_key = jax.random.fold_in(state.rng, state.step)
   mask_key, dropout_key = jax.random.split(step_key)
   masked = masking.mask_tokens(
@@ -274,7 +239,7 @@ def train_step(state: trainer.TrainState, teacher_params, batch: dict, token_pro
 
   def loss_fn(params, m, key):
     return _loss_terms(student, params, teacher, teacher_params, m["masked"], m["attention_mask"], m["extra"], key,
-                       loss_cfg)
+                       loss)
 
   state, out = trainer.apply_gradients(state, loss_fn, micro_batch, tx=tx, schedule=schedule, grad_accum=grad_accum,
                                key=dropout_key)
@@ -291,8 +256,10 @@ def build_step(config, mesh, student, teacher, abstract_student_params, mask_tok
   if teacher is not None:
     abstract_teacher = jax.eval_shape(lambda: model_lib.init_params(teacher, jax.random.key(0)))
   step_fn = functools.partial(train_step, student=student, teacher=teacher, tx=tx, schedule=schedule,
-                              mask_token_id=mask_token_id, mlm=config.mlm.to_dict(), loss=config.loss.to_dict(),
-                              grad_accum=config.optim.grad_accum, row_shards=sharding.data_parallel_size(mesh))
+                              mask_token_id=mask_token_id, mlm=config.mlm.to_dict(),
+                              loss=losses.LossConfig.from_config(config.loss.to_dict(), config.mlm.to_dict(),
+                                                                 row_shards=sharding.data_parallel_size(mesh)),
+                              grad_accum=config.optim.grad_accum)
   return trainer.jit_step(step_fn, mesh, dict(config.mesh.rules), student, abstract_student_params, tx, config.seed,
                           teacher=teacher, abstract_teacher_params=abstract_teacher, num_extra=1)
 

@@ -8,10 +8,11 @@ The default shapes are what one chip of a v5e-8 holds of a 64-sequence micro-bat
 and width. The rows here are one device's, so --chunk-sizes are too: `config.loss.chunk_size` counts the
 rows of all devices together (2048 on a v5e-8 is 256 here).
 
-Both variants compute what `train._loss_terms` does on its not-restricted path: α_ce · L_ce over the non-pad
-rows plus α_mlm · L_mlm over the masked rows (and α_mse · L_mse with --mse), with the gradient with respect
-to the student's head parameters and hidden states. "full" projects every row at once (`losses.ce_loss` and
-friends on (N, V) logits); "chunked" is `losses.chunked_soft_losses`. The heads are the model's own
+Both variants compute what `train._loss_terms` does on its not-restricted path: every row of the batch
+(`losses.select_rows`), then α_ce · L_ce over the non-pad rows plus α_mlm · L_mlm over the masked rows (and
+α_mse · L_mse with --mse) from `losses.vocab_losses`, with the gradient with respect to the student's head
+parameters and hidden states. "full" is `vocab_losses` in one chunk (every row projected at once, (N, V)
+logits); "chunked" is the same function with `chunk_size` rows at a time. The heads are the model's own
 `Encoder.mlm_logits` (DistilBERT's for the student, BERT's for the teacher) with random parameters.
 
 For each variant the script lowers and compiles the jitted loss-and-gradient on the CPU, prints
@@ -65,12 +66,13 @@ def _head(family: str, dim: int, vocab: int, seed: int):
 
 
 def _inputs(args):
-  n = args.batch * args.seq
   rng = np.random.default_rng(0)
-  pad_N = (rng.random(n) >= args.pad_fraction).astype(np.float32)
-  return dict(hs_NxD=rng.standard_normal((n, args.dim)).astype(np.float32),
-              ht_NxD=rng.standard_normal((n, args.dim)).astype(np.float32), pad_N=pad_N,
-              mlm_N=pad_N * (rng.random(n) < 0.15), targets_N=rng.integers(0, args.vocab, n).astype(np.int32))
+  shape = (args.batch, args.seq)
+  pad_BxL = (rng.random(shape) >= args.pad_fraction).astype(np.float32)
+  return dict(hs_BxLxD=rng.standard_normal((*shape, args.dim)).astype(np.float32),
+              ht_BxLxD=rng.standard_normal((*shape, args.dim)).astype(np.float32), pad_BxL=pad_BxL,
+              mlm_BxL=pad_BxL * (rng.random(shape) < 0.15),
+              targets_BxL=rng.integers(0, args.vocab, shape).astype(np.int32))
 
 
 def _total(terms) -> jax.Array:
@@ -78,25 +80,17 @@ def _total(terms) -> jax.Array:
 
 
 def make_loss(chunk_size: int, with_mse: bool, s_apply, t_apply):
-  """Jitted (student_params, teacher_params, hs_NxD, batch) -> ((total, (ce, mlm, correct)), gradients).
+  """Jitted (student_params, teacher_params, hs_BxLxD, batch) -> ((total, (ce, mlm, correct)), gradients).
 
-  As `train._loss_terms` on its not-restricted path; chunk_size 0: full logits.
+  As `train._loss_terms` on its not-restricted path; chunk_size 0: one chunk, full logits.
   """
 
-  def loss(student_params, teacher_params, hs_NxD, batch):
-    s_head = lambda h: s_apply({"params": student_params}, h)  # noqa: E731
-    t_head = lambda h: jax.lax.stop_gradient(t_apply({"params": teacher_params}, h))  # noqa: E731
-    if chunk_size:
-      terms = losses.chunked_soft_losses(s_head, t_head, hs_NxD, batch["ht_NxD"], batch["pad_N"], batch["targets_N"],
-                                         batch["mlm_N"], temperature=TEMPERATURE, chunk_size=chunk_size,
-                                         with_mse=with_mse)
-    else:
-      s_NxV, t_NxV = s_head(hs_NxD), t_head(batch["ht_NxD"])
-      terms = dict(ce=losses.ce_loss(s_NxV, t_NxV, batch["pad_N"], TEMPERATURE),
-                   mlm=losses.mlm_loss(s_NxV, batch["targets_N"], batch["mlm_N"]),
-                   mlm_correct=losses.mlm_accuracy(s_NxV, batch["targets_N"], batch["mlm_N"])[0])
-      if with_mse:
-        terms["mse"] = losses.mse_loss(s_NxV, t_NxV, batch["pad_N"])
+  def loss(student_params, teacher_params, hs_BxLxD, batch):
+    s_head = functools.partial(s_apply, {"params": student_params})
+    t_head = functools.partial(t_apply, {"params": teacher_params})
+    rows = losses.select_rows(hs_BxLxD, batch["pad_BxL"], batch["mlm_BxL"], batch["targets_BxL"])
+    terms = losses.vocab_losses(s_head, t_head, rows, rows.take(batch["ht_BxLxD"]), temperature=TEMPERATURE,
+                                chunk_size=chunk_size, with_mse=with_mse)
     return _total(terms), (terms["ce"], terms["mlm"], terms["mlm_correct"])
 
   return jax.jit(jax.value_and_grad(loss, argnums=(0, 2), has_aux=True))
@@ -111,8 +105,8 @@ def main(argv=None):
   s_apply, s_params = _head("distilbert", args.dim, args.vocab, seed=1)
   t_apply, t_params = _head("bert", args.dim, args.vocab, seed=2)
   batch = _inputs(args)
-  hs_NxD = batch.pop("hs_NxD")
-  n = hs_NxD.shape[0]
+  hs_BxLxD = batch.pop("hs_BxLxD")
+  n = args.batch * args.seq
   print(f"rows N = {args.batch} x {args.seq} = {n}, D = {args.dim}, V = {args.vocab}, "
         f"L_mse {'on' if args.mse else 'off'}; one (N, V) float32 array = {_size(n * args.vocab * 4)}")
   print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} cores, {platform.machine()})")
@@ -121,14 +115,14 @@ def main(argv=None):
   compiled, memory, compile_s = {}, {}, {}
   for name, chunk_size in variants:
     start = time.perf_counter()
-    compiled[name] = make_loss(chunk_size, args.mse, s_apply, t_apply).lower(s_params, t_params, hs_NxD,
+    compiled[name] = make_loss(chunk_size, args.mse, s_apply, t_apply).lower(s_params, t_params, hs_BxLxD,
                                                                              batch).compile()
     compile_s[name] = time.perf_counter() - start
     memory[name] = compiled[name].memory_analysis().temp_size_in_bytes
 
   seconds = {name: [] for name in compiled}
   if args.rounds:
-    call = lambda name: jax.block_until_ready(compiled[name](s_params, t_params, hs_NxD, batch))  # noqa: E731
+    call = lambda name: jax.block_until_ready(compiled[name](s_params, t_params, hs_BxLxD, batch))  # noqa: E731
     (want_total, want_terms), want_grads = call("full")
     for name in list(compiled)[1:]:  # warm-up, and the figures must compare equal computations
       (total, terms), grads = call(name)
