@@ -73,7 +73,7 @@ def test_remat_policies_give_the_same_gradients(params, policy):
   g1 = grad(params, CFG)
   g2 = grad(params, cfg)
   for x, y in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
-    np.testing.assert_allclose(x, y, atol=1e-5)
+    np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-5)  # float32 sums of values up to ~60
   # The policy reaches jax.checkpoint: one rematerialised call per layer, with the policy asked for.
   def remats(c):
     return [pol for name, pol in _primitives(jax.make_jaxpr(lambda p: loss(p, c))(params).jaxpr)
