@@ -1,4 +1,5 @@
-"""Distillation (and plain masked-LM) training: the train state, the pure train step and the loop.
+"""Distillation (and plain masked-LM) training: its config, its models, the pure train step and the run (the
+state, the loop, checkpoints and the command line come from `trainer.py`).
 
   python -m distilbert_jax.train --config configs/demo.py --workdir runs/demo [--config.key=value ...]
 
@@ -9,7 +10,8 @@ With `config.teacher` set, the student learns from the teacher with the DistilBE
 One batch, from disk to the update: `data.make_batches` yields token ids of this process's rows →
 `sharding.global_batch` makes global arrays split over the (data, fsdp) mesh axes → `train_step` masks them
 (`masking.mask_tokens`, keyed by the step), runs the teacher (no gradient) and the student, computes the
-losses (`losses.py`) and applies AdamW (optax) → the new state stays on the devices, donated in place.
+losses (`losses.select_rows` + `losses.vocab_losses`, and L_cos) and applies AdamW (`trainer.apply_gradients`)
+→ the new state stays on the devices, donated in place.
 """
 from __future__ import annotations
 
@@ -241,8 +243,8 @@ def train_step(state: trainer.TrainState, teacher_params, batch: dict, token_pro
     return _loss_terms(student, params, teacher, teacher_params, m["masked"], m["attention_mask"], m["extra"], key,
                        loss)
 
-  state, out = trainer.apply_gradients(state, loss_fn, micro_batch, tx=tx, schedule=schedule, grad_accum=grad_accum,
-                               key=dropout_key)
+  state, out = trainer.apply_gradients(state, loss_fn, micro_batch, tx=tx, schedule=schedule,
+                                       grad_accum=grad_accum, key=dropout_key)
   out["tokens"] = jnp.sum(batch["attention_mask"]).astype(jnp.float32)
   return state, out
 
