@@ -192,11 +192,9 @@ def model_config(path: str) -> model_lib.EncoderConfig:
     else:
       raise validation.ConfigError(f"{path!r} is neither a local folder nor a known hub model "
                                    f"({', '.join(KNOWN_MODELS)}): give a folder holding its config.json")
-  if not (folder / checkpoint.CONFIG_FILE).is_file() and not checkpoint.is_run_dir(folder):
-    raise validation.ConfigError(f"{folder} has no {checkpoint.CONFIG_FILE}")
   try:
     return checkpoint.load_config(folder)
-  except hf.ConversionError as e:
+  except (hf.ConversionError, FileNotFoundError) as e:  # no config.json, a workdir with no checkpoint yet, ...
     raise validation.ConfigError(str(e)) from None
 
 

@@ -97,8 +97,7 @@ def load_model(folder: str | os.PathLike, sharding=None) -> tuple[model_lib.Enco
   if not is_model_dir(folder):
     raise FileNotFoundError(f"{folder} is not a converted model (expected {CONFIG_FILE} and {PARAMS_DIR}/): "
                             "create one with `python tools/convert.py hf2jax`")
-  cfg = model_lib.EncoderConfig.from_dict(json.loads((folder / CONFIG_FILE).read_text()))
-  model = model_lib.Encoder(cfg)
+  model = model_lib.Encoder(load_config(folder))
   abstract = jax.eval_shape(lambda: model_lib.init_params(model, jax.random.key(0)))
   if sharding is not None:
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, sharding)
@@ -307,11 +306,14 @@ def load_any(path: str | os.PathLike, step: int | None = None, **overrides) -> t
 
   `overrides`: EncoderConfig fields given to the model (compute fields such as dtype and attention; on a
   Hugging Face folder also fields applied before its weights are read)."""
-  if is_model_dir(path) or is_run_dir(path):
-    model, params = load_model(path) if is_model_dir(path) else load_run(path, step)[:2]
-    return model_lib.Encoder(model.cfg.replace(**overrides)), params
-  from distilbert_jax import hf  # hf imports nothing of checkpoint: no cycle, and torch-free
-  return hf.load_hf(path, **overrides)
+  if is_model_dir(path):
+    model, params = load_model(path)
+  elif is_run_dir(path):
+    model, params, _ = load_run(path, step)
+  else:
+    from distilbert_jax import hf  # hf imports nothing of checkpoint: no cycle, and torch-free
+    return hf.load_hf(path, **overrides)
+  return model_lib.Encoder(model.cfg.replace(**overrides)), params
 
 
 def load_config(path: str | os.PathLike) -> model_lib.EncoderConfig:

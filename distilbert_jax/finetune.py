@@ -176,8 +176,7 @@ def example_batches(arrays: TaskArrays, *, batch_size: int, seed: int, shuffle: 
   with filler rows whose `valid` is 0. Keys: input_ids, attention_mask, token_type_ids (B, L) int32,
   labels (B,), valid (B,) int32.
   """
-  if batch_size <= 0 or batch_size % process_count:
-    raise ValueError(f"batch size {batch_size} must be a positive multiple of the process count {process_count}")
+  data.check_processes(batch_size, process_index, process_count)
   max_len = arrays.inputs["input_ids"].shape[1]
   plan = data.BatchPlan(np.full(len(arrays), max_len), strategy="pad", batch_size=batch_size, max_len=max_len,
                         seed=seed, shuffle=shuffle, drop_remainder=shuffle, order_salt=())

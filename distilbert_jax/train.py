@@ -158,16 +158,19 @@ def build_models(config) -> tuple[model_lib.Encoder | None, Any, model_lib.Encod
   if config.teacher:
     teacher, teacher_params = checkpoint.load_any(config.teacher, dtype=config.compute.dtype,
                                                   attention=config.compute.attention)
-  cfg = student_config(config, teacher.cfg if teacher is not None else None)
   init = config.student.init
+  read_config = checkpoint.load_config
+  if init not in ("teacher", "random"):
+    # Read once; its config is the weights' own (a Hugging Face folder tells whether it has a pooler only by
+    # its weights), checked against the teacher by `student_config` like any other.
+    loaded, student_params = checkpoint.load_any(init, **dict(config.compute), **dict(config.student.overrides))
+    read_config = lambda _: loaded.cfg  # noqa: E731
+  cfg = student_config(config, teacher.cfg if teacher is not None else None, read_config)
   if init == "teacher":
     _, student_params = student_lib.student_from_teacher(teacher, teacher_params, _student_layers(config, teacher.cfg),
                                                          copy_head=config.student.copy_head, seed=config.seed)
   elif init == "random":
     student_params = jax.device_get(model_lib.init_params(model_lib.Encoder(cfg), jax.random.key(config.seed)))
-  else:  # the weights' own config (a Hugging Face folder tells whether it has a pooler only by its weights)
-    loaded, student_params = checkpoint.load_any(init, **dict(config.compute), **dict(config.student.overrides))
-    cfg = loaded.cfg
   return teacher, teacher_params, model_lib.Encoder(cfg), student_params
 
 
