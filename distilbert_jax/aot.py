@@ -306,8 +306,8 @@ def check_shapes(config, mesh, teacher, student, batch: int, seq: int):
     raise validation.ConfigError(f"global batch {batch} must be a multiple of data-parallel size {dp} × grad_accum "
                                  f"{accum}: change --batch or --config.data.batch_size")
   for model in filter(None, (teacher, student)):
-    if not 0 < seq <= model.cfg.max_position_embeddings:
-      raise validation.ConfigError(f"sequence length {seq} must lie in 1..{model.cfg.max_position_embeddings} (the "
+    if not 0 < seq <= model.cfg.max_length:
+      raise validation.ConfigError(f"sequence length {seq} must lie in 1..{model.cfg.max_length} (the "
                                    "model's positions)")
 
 

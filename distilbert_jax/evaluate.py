@@ -167,9 +167,9 @@ def evaluate_models(models: dict, sources: list[str], *, tokenizer: str | None =
   if unknown:
     raise validation.ConfigError(f"unknown masking {sorted(unknown)}; valid: {', '.join(MASKINGS)}")
   for name, (model, _) in models.items():
-    if max_len > model.cfg.max_position_embeddings:
-      raise validation.ConfigError(f"--max-len {max_len} exceeds the {model.cfg.max_position_embeddings} positions "
-                                   f"of the {name}: pass --max-len {model.cfg.max_position_embeddings} or less")
+    if max_len > model.cfg.max_length:
+      raise validation.ConfigError(f"--max-len {max_len} exceeds the {model.cfg.max_length} positions "
+                                   f"of the {name}: pass --max-len {model.cfg.max_length} or less")
   try:
     ds, counts = _dataset(sources, tokenizer, max_len=max_len, cache_dir=pathlib.Path(cache_dir).expanduser())
   except data.EmptyCorpusError:

@@ -1,4 +1,5 @@
-"""Hugging Face I/O: `load_hf` and `save_hf` for BERT and DistilBERT masked-LM checkpoints.
+"""Hugging Face I/O: `load_hf` and `save_hf` for BERT, DistilBERT, RoBERTa (and XLM-R) and XLM/FlauBERT
+checkpoints.
 
 The mapping between our parameter tree and Hugging Face keys is one table per family. Each row names our
 parameter path, the Hugging Face key (relative to the base model, or `^`-anchored for head keys that live
@@ -30,8 +31,16 @@ SUPPORTED_ARCHITECTURES = {
     "BertForSequenceClassification": "bert",
     "DistilBertForMaskedLM": "distilbert", "DistilBertModel": "distilbert",
     "DistilBertForSequenceClassification": "distilbert",
+    "RobertaForMaskedLM": "roberta", "RobertaModel": "roberta",
+    "XLMRobertaForMaskedLM": "roberta", "XLMRobertaModel": "roberta",
+    "FlaubertWithLMHeadModel": "flaubert", "FlaubertModel": "flaubert",
 }
-_PREFIX = {"bert": "bert.", "distilbert": "distilbert."}
+# A folder holding one of these has a tokenizer (WordPiece, byte-level BPE, XLM's Moses + BPE).
+TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "vocab.json")
+_PREFIX = {"bert": "bert.", "distilbert": "distilbert.", "roberta": "roberta.", "flaubert": "transformer."}
+# transformers' model_type -> our family (XLM-R is RoBERTa with another vocabulary).
+_MODEL_TYPES = {"bert": "bert", "distilbert": "distilbert", "roberta": "roberta", "xlm-roberta": "roberta",
+                "flaubert": "flaubert"}
 
 
 class ConversionError(ValueError):
@@ -86,14 +95,15 @@ def _embedding_rows(with_type: bool):
   return rows + _norm_rows("embeddings/layer_norm", "embeddings.LayerNorm")
 
 
+_BERT_LAYER = _layer_rows({
+    "query": "encoder.layer.{i}.attention.self.query", "key": "encoder.layer.{i}.attention.self.key",
+    "value": "encoder.layer.{i}.attention.self.value", "out": "encoder.layer.{i}.attention.output.dense",
+    "attention_norm": "encoder.layer.{i}.attention.output.LayerNorm",
+    "wi": "encoder.layer.{i}.intermediate.dense", "wo": "encoder.layer.{i}.output.dense",
+    "mlp_norm": "encoder.layer.{i}.output.LayerNorm"})
 BERT_TABLE = {
     "embeddings": _embedding_rows(with_type=True),
-    "layer": _layer_rows({
-        "query": "encoder.layer.{i}.attention.self.query", "key": "encoder.layer.{i}.attention.self.key",
-        "value": "encoder.layer.{i}.attention.self.value", "out": "encoder.layer.{i}.attention.output.dense",
-        "attention_norm": "encoder.layer.{i}.attention.output.LayerNorm",
-        "wi": "encoder.layer.{i}.intermediate.dense", "wo": "encoder.layer.{i}.output.dense",
-        "mlp_norm": "encoder.layer.{i}.output.LayerNorm"}),
+    "layer": _BERT_LAYER,
     "pooler": _dense_rows("pooler", "pooler.dense"),
     "classifier": _dense_rows("classifier", "^classifier"),
     "head": (_dense_rows("mlm_head/transform", "^cls.predictions.transform.dense")
@@ -115,25 +125,61 @@ DISTILBERT_TABLE = {
              + _norm_rows("mlm_head/transform_norm", "^vocab_layer_norm")
              + [("mlm_head/bias", "^vocab_projector.bias", COPY)]),
 }
-TABLES = {"bert": BERT_TABLE, "distilbert": DISTILBERT_TABLE}
+# RoBERTa names its encoder as BERT does; its MLM head is `lm_head` (RobertaLMHead) and only RobertaModel
+# has a pooler (RobertaForMaskedLM has none).
+ROBERTA_TABLE = {
+    "embeddings": _embedding_rows(with_type=True),
+    "layer": _BERT_LAYER,
+    "pooler": _dense_rows("pooler", "pooler.dense"),
+    "head": (_dense_rows("mlm_head/transform", "^lm_head.dense")
+             + _norm_rows("mlm_head/transform_norm", "^lm_head.layer_norm")
+             + [("mlm_head/bias", "^lm_head.bias", COPY)]),
+}
+# XLM/FlauBERT: flat lists per block kind; token types share the word table; the head (FlaubertPredLayer) is
+# the tied projection and its bias. layer_norm1/2 sit after (post-norm) or before (pre-norm) their blocks.
+FLAUBERT_TABLE = {
+    "embeddings": [("embeddings/word_embeddings/embedding", "embeddings.weight", COPY),
+                   ("embeddings/position_embeddings/embedding", "position_embeddings.weight", COPY),
+                   *_norm_rows("embeddings/layer_norm", "layer_norm_emb")],
+    "languages": [("embeddings/language_embeddings/embedding", "lang_embeddings.weight", COPY)],
+    "layer": _layer_rows({
+        "query": "attentions.{i}.q_lin", "key": "attentions.{i}.k_lin", "value": "attentions.{i}.v_lin",
+        "out": "attentions.{i}.out_lin", "attention_norm": "layer_norm1.{i}", "wi": "ffns.{i}.lin1",
+        "wo": "ffns.{i}.lin2", "mlp_norm": "layer_norm2.{i}"}),
+    "head": [("mlm_head/bias", "^pred_layer.proj.bias", COPY)],
+}
+TABLES = {"bert": BERT_TABLE, "distilbert": DISTILBERT_TABLE, "roberta": ROBERTA_TABLE, "flaubert": FLAUBERT_TABLE}
+# The tied decoder of each family (not loaded: checked against the word embeddings, `_check_tied`).
+TIED_DECODERS = ("cls.predictions.decoder.weight", "vocab_projector.weight", "lm_head.decoder.weight",
+                 "pred_layer.proj.weight")
 
 # Keys a checkpoint may hold that we deliberately do not load: tied decoders (checked against their
 # source below), next-sentence prediction, and non-persistent buffers older checkpoints still wrote.
 IGNORED_KEYS = re.compile(r"^(cls\.predictions\.decoder\.(weight|bias)|vocab_projector\.weight|cls\.seq_relationship\..*"
-                      r"|(bert\.|distilbert\.)?embeddings\.(position_ids|token_type_ids))$")
+                          r"|lm_head\.decoder\.(weight|bias)|pred_layer\.proj\.weight"
+                          r"|(bert\.|distilbert\.|roberta\.)?embeddings\.(position_ids|token_type_ids)"
+                          r"|(transformer\.)?position_ids)$")
 
 
 def mapping(cfg: model_lib.EncoderConfig, *, head: bool = True, pooler: bool | None = None,
             classifier: bool | None = None, base_prefix: str = "") -> list[tuple[tuple[str, ...], str, Hook]]:
   """Every (our parameter path, Hugging Face key, hook) of a model with this config."""
   table = TABLES[cfg.family]
+
+  def part(name: str, what: str):
+    if name not in table:
+      raise ConversionError(f"a {cfg.family} checkpoint has no {what}: this model cannot be written as {cfg.family}")
+    return table[name]
+
   rows = list(table["embeddings"])
   for i in range(cfg.num_layers):
     rows += [(ours.format(i=i), theirs.format(i=i), hook) for ours, theirs, hook in table["layer"]]
+  if cfg.num_languages:
+    rows += part("languages", "language embeddings")
   if cfg.use_pooler if pooler is None else pooler:
-    rows += table["pooler"]
+    rows += part("pooler", "pooler")
   if bool(cfg.num_labels) if classifier is None else classifier:
-    rows += table["classifier"]
+    rows += part("classifier", "sequence classifier in this project")
   if head:
     rows += table["head"]
   out = []
@@ -145,31 +191,62 @@ def mapping(cfg: model_lib.EncoderConfig, *, head: bool = True, pooler: bool | N
 
 # ----------------------------------------------------------------------------------------------- configs
 
+def _refuse(field, value, fix):
+  raise ConversionError(f"config field {field}={value!r} is not supported: {fix}")
+
+
+def _bert_like_fields(hf_cfg) -> dict:
+  """BERT's and RoBERTa's shared config fields; refuses what neither implements."""
+  if getattr(hf_cfg, "position_embedding_type", "absolute") != "absolute":
+    _refuse("position_embedding_type", hf_cfg.position_embedding_type, "only 'absolute' positions are implemented")
+  if getattr(hf_cfg, "is_decoder", False) or getattr(hf_cfg, "add_cross_attention", False):
+    _refuse("is_decoder", True, "only bidirectional encoders are implemented")
+  return dict(
+      classifier_dropout_rate=(hf_cfg.classifier_dropout if getattr(hf_cfg, "classifier_dropout", None)
+                               is not None else hf_cfg.hidden_dropout_prob),
+      hidden_size=hf_cfg.hidden_size, num_layers=hf_cfg.num_hidden_layers,
+      num_heads=hf_cfg.num_attention_heads, intermediate_size=hf_cfg.intermediate_size,
+      type_vocab_size=hf_cfg.type_vocab_size, hidden_act=hf_cfg.hidden_act,
+      layer_norm_eps=hf_cfg.layer_norm_eps, dropout_rate=hf_cfg.hidden_dropout_prob,
+      attention_dropout_rate=hf_cfg.attention_probs_dropout_prob)
+
+
+def _flaubert_fields(hf_cfg) -> dict:
+  """XLM/FlauBERT's config fields; refuses the options this encoder does not implement."""
+  for field, fix in (("sinusoidal_embeddings", "only learned position embeddings are implemented"),
+                     ("causal", "only bidirectional encoders are implemented"),
+                     ("asm", "only the full softmax output layer is implemented (no adaptive softmax)")):
+    if getattr(hf_cfg, field, False):
+      _refuse(field, True, fix)
+  if not getattr(hf_cfg, "is_encoder", True):
+    _refuse("is_encoder", False, "only encoders are implemented")
+  if getattr(hf_cfg, "layerdrop", 0.0):
+    # Layerdrop skips layers at random in training only: the forward pass (a teacher's) is unaffected.
+    log.warning("config layerdrop=%s: training here never drops layers (inference is unaffected)", hf_cfg.layerdrop)
+  return dict(
+      hidden_size=hf_cfg.emb_dim, num_layers=hf_cfg.n_layers, num_heads=hf_cfg.n_heads,
+      intermediate_size=4 * hf_cfg.emb_dim, hidden_act="gelu" if hf_cfg.gelu_activation else "relu",
+      layer_norm_eps=hf_cfg.layer_norm_eps, dropout_rate=hf_cfg.dropout,
+      attention_dropout_rate=hf_cfg.attention_dropout, pre_norm=bool(getattr(hf_cfg, "pre_norm", False)),
+      num_languages=hf_cfg.n_langs if hf_cfg.use_lang_emb and hf_cfg.n_langs > 1 else 0)
+
+
 def config_from_hf(hf_cfg, family: str) -> model_lib.EncoderConfig:
   """Our config from a transformers config object; refuses fields we cannot honour."""
-  def refuse(field, value, fix):
-    raise ConversionError(f"config field {field}={value!r} is not supported: {fix}")
-
   if not getattr(hf_cfg, "tie_word_embeddings", True):
-    refuse("tie_word_embeddings", False, "this project ties the MLM decoder to the word embeddings")
+    _refuse("tie_word_embeddings", False, "this project ties the MLM decoder to the word embeddings")
   common = dict(vocab_size=hf_cfg.vocab_size, max_position_embeddings=hf_cfg.max_position_embeddings,
-                initializer_range=hf_cfg.initializer_range, pad_token_id=hf_cfg.pad_token_id or 0)
+                initializer_range=getattr(hf_cfg, "initializer_range", getattr(hf_cfg, "init_std", 0.02)),
+                pad_token_id=hf_cfg.pad_token_id or 0)
   try:
     if family == "bert":
-      if getattr(hf_cfg, "position_embedding_type", "absolute") != "absolute":
-        refuse("position_embedding_type", hf_cfg.position_embedding_type, "only 'absolute' positions are implemented")
-      if getattr(hf_cfg, "is_decoder", False) or getattr(hf_cfg, "add_cross_attention", False):
-        refuse("is_decoder", True, "only bidirectional encoders are implemented")
-      return model_lib.EncoderConfig.bert(
-          classifier_dropout_rate=(hf_cfg.classifier_dropout if getattr(hf_cfg, "classifier_dropout", None)
-                                   is not None else hf_cfg.hidden_dropout_prob),
-          hidden_size=hf_cfg.hidden_size, num_layers=hf_cfg.num_hidden_layers,
-          num_heads=hf_cfg.num_attention_heads, intermediate_size=hf_cfg.intermediate_size,
-          type_vocab_size=hf_cfg.type_vocab_size, hidden_act=hf_cfg.hidden_act,
-          layer_norm_eps=hf_cfg.layer_norm_eps, dropout_rate=hf_cfg.hidden_dropout_prob,
-          attention_dropout_rate=hf_cfg.attention_probs_dropout_prob, **common)
+      return model_lib.EncoderConfig.bert(**_bert_like_fields(hf_cfg), **common)
+    if family == "roberta":
+      return model_lib.EncoderConfig.roberta(**_bert_like_fields(hf_cfg), **common)
+    if family == "flaubert":
+      return model_lib.EncoderConfig.flaubert(**_flaubert_fields(hf_cfg), **common)
     if getattr(hf_cfg, "sinusoidal_pos_embds", False):
-      refuse("sinusoidal_pos_embds", True, "only learned position embeddings are implemented")
+      _refuse("sinusoidal_pos_embds", True, "only learned position embeddings are implemented")
     return model_lib.EncoderConfig.distilbert(
         pooler_activation="relu", classifier_dropout_rate=hf_cfg.seq_classif_dropout, hidden_size=hf_cfg.dim,
         num_layers=hf_cfg.n_layers, num_heads=hf_cfg.n_heads,
@@ -181,22 +258,68 @@ def config_from_hf(hf_cfg, family: str) -> model_lib.EncoderConfig:
     raise ConversionError(f"config.json cannot be honoured: {e}") from e
 
 
+# What each family's Hugging Face model computes, as our config fields: a model that differs in one of them
+# cannot be written as that family (`_config_to_hf` names the field).
+_FAMILY_SWITCHES = {
+    "bert": dict(positions_skip_padding=False, token_types_in_word_table=False, num_languages=0, pre_norm=False,
+                 zero_padding=False, mlm_transform=True),
+    "roberta": dict(positions_skip_padding=True, token_types_in_word_table=False, num_languages=0, pre_norm=False,
+                    zero_padding=False, mlm_transform=True, mlm_head_act="gelu"),
+    "flaubert": dict(positions_skip_padding=False, token_types_in_word_table=True, type_vocab_size=0,
+                     use_pooler=False, zero_padding=True, mlm_transform=False),
+}
+_FAMILY_SWITCHES["distilbert"] = dict(_FAMILY_SWITCHES["bert"], type_vocab_size=0, layer_norm_eps=1e-12)
+
+
+def _check_family_switches(cfg: model_lib.EncoderConfig):
+  wanted = dict(_FAMILY_SWITCHES[cfg.family])
+  if cfg.mlm_transform:  # BERT's and DistilBERT's heads use hidden_act, RoBERTa's always exact GELU
+    wanted.setdefault("mlm_head_act", cfg.hidden_act)
+  for field, value in wanted.items():
+    ours = getattr(cfg, field)
+    if field == "mlm_head_act":
+      ours = ours or cfg.hidden_act
+    if ours != value:
+      raise ConversionError(f"transformers' {cfg.family} model has {field}={value!r} but this model has {ours!r}: "
+                            "it cannot be written in that family")
+
+
 def _config_to_hf(cfg: model_lib.EncoderConfig, architecture: str):
   import transformers
-  if cfg.family == "bert":
-    if not cfg.type_vocab_size:
-      raise ConversionError("transformers' BERT always has token-type embeddings but this model has none: "
-                            "export it with family='distilbert'")
-    return transformers.BertConfig(
+  if cfg.family in ("bert", "roberta") and not cfg.type_vocab_size:
+    raise ConversionError(f"transformers' {cfg.family} always has token-type embeddings but this model has none: "
+                          "export it with family='distilbert'")
+  if cfg.family == "distilbert" and cfg.layer_norm_eps != 1e-12:
+    raise ConversionError(f"DistilBERT fixes LayerNorm eps at 1e-12 but this model uses {cfg.layer_norm_eps}: "
+                          "export it as BERT (family='bert') instead")
+  _check_family_switches(cfg)
+  if cfg.family in ("bert", "roberta"):
+    make = transformers.BertConfig
+    extra = {}
+    if cfg.family == "roberta":
+      make = transformers.XLMRobertaConfig if architecture.startswith("XLMRoberta") else transformers.RobertaConfig
+      extra = dict(bos_token_id=0, eos_token_id=2)
+    return make(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
         num_attention_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size,
         max_position_embeddings=cfg.max_position_embeddings, type_vocab_size=cfg.type_vocab_size,
         hidden_act=cfg.hidden_act, layer_norm_eps=cfg.layer_norm_eps, hidden_dropout_prob=cfg.dropout_rate,
         attention_probs_dropout_prob=cfg.attention_dropout_rate, initializer_range=cfg.initializer_range,
-        classifier_dropout=cfg.classifier_dropout_rate, pad_token_id=cfg.pad_token_id, architectures=[architecture])
-  if cfg.layer_norm_eps != 1e-12:
-    raise ConversionError(f"DistilBERT fixes LayerNorm eps at 1e-12 but this model uses {cfg.layer_norm_eps}: "
-                          "export it as BERT (family='bert') instead")
+        classifier_dropout=cfg.classifier_dropout_rate, pad_token_id=cfg.pad_token_id, architectures=[architecture],
+        **extra)
+  if cfg.family == "flaubert":
+    if cfg.intermediate_size != 4 * cfg.hidden_size:
+      raise ConversionError(f"XLM/FlauBERT's feed-forward width is always 4 × hidden_size = {4 * cfg.hidden_size} "
+                            f"but this model's is {cfg.intermediate_size}: it cannot be written as FlauBERT")
+    if cfg.hidden_act not in ("gelu", "relu"):
+      raise ConversionError(f"FlauBERT uses exact GELU or ReLU but this model uses {cfg.hidden_act!r}")
+    return transformers.FlaubertConfig(
+        vocab_size=cfg.vocab_size, emb_dim=cfg.hidden_size, n_layers=cfg.num_layers, n_heads=cfg.num_heads,
+        dropout=cfg.dropout_rate, attention_dropout=cfg.attention_dropout_rate,
+        gelu_activation=cfg.hidden_act == "gelu", max_position_embeddings=cfg.max_position_embeddings,
+        layer_norm_eps=cfg.layer_norm_eps, init_std=cfg.initializer_range, pre_norm=cfg.pre_norm,
+        n_langs=max(cfg.num_languages, 1), use_lang_emb=cfg.num_languages > 1, pad_token_id=cfg.pad_token_id,
+        architectures=[architecture])
   return transformers.DistilBertConfig(
       vocab_size=cfg.vocab_size, dim=cfg.hidden_size, n_layers=cfg.num_layers, n_heads=cfg.num_heads,
       hidden_dim=cfg.intermediate_size, max_position_embeddings=cfg.max_position_embeddings,
@@ -281,7 +404,7 @@ def _read_hf_config(folder: pathlib.Path):
   except Exception as e:
     raise ConversionError(f"{folder}/config.json could not be read ({e}): is this a transformers checkpoint?") from e
   archs = list(getattr(hf_cfg, "architectures", None) or [])
-  family = {"bert": "bert", "distilbert": "distilbert"}.get(hf_cfg.model_type)
+  family = _MODEL_TYPES.get(hf_cfg.model_type)
   unsupported = [a for a in archs if a not in SUPPORTED_ARCHITECTURES]
   if family is None or unsupported:
     raise ConversionError(
@@ -294,12 +417,13 @@ def _encoder_config(folder: pathlib.Path, hf_cfg, family: str, archs: list[str],
                     tensor_names: set[str] | None) -> model_lib.EncoderConfig:
   """Our config of a checkpoint: config.json, plus the tensor names (prefix-free) for whether it has a pooler
   (None: unknown, BERT gets one)."""
-  pooler_key = "pooler.dense.weight" if family == "bert" else "pre_classifier.weight"
+  pooler_key = {"bert": "pooler.dense.weight", "roberta": "pooler.dense.weight",
+                "distilbert": "pre_classifier.weight"}.get(family)
   has_pooler = pooler_key in tensor_names if tensor_names is not None else family == "bert"
   classifies = any(a.endswith("ForSequenceClassification") for a in archs)
   return config_from_hf(hf_cfg, family).replace(
       use_pooler=has_pooler, num_labels=hf_cfg.num_labels if classifies else 0,
-      tokenizer=str(folder) if (folder / "vocab.txt").exists() or (folder / "tokenizer.json").exists() else None)
+      tokenizer=str(folder) if any((folder / name).exists() for name in TOKENIZER_FILES) else None)
 
 
 def _tensor_names(folder: pathlib.Path, family: str) -> set[str] | None:
@@ -327,10 +451,10 @@ def read_config(path: str | os.PathLike, **config_overrides) -> model_lib.Encode
 
 def load_hf(path: str | os.PathLike, *, dtype: str = "float32", param_dtype: str = "float32", seed: int = 0,
             **config_overrides) -> tuple[model_lib.Encoder, dict]:
-  """Reads a Hugging Face BERT or DistilBERT checkpoint folder into (model, params).
+  """Reads a Hugging Face BERT, DistilBERT, RoBERTa (XLM-R) or XLM/FlauBERT checkpoint folder into (model, params).
 
-  `path` holds `config.json` and `model.safetensors` (or `pytorch_model.bin`) of a BertForMaskedLM,
-  BertForPreTraining, BertModel, DistilBertForMaskedLM or DistilBertModel. A hub name (`bert-base-uncased`)
+  `path` holds `config.json` and `model.safetensors` (or `pytorch_model.bin`) of one of
+  `SUPPORTED_ARCHITECTURES`. A hub name (`bert-base-uncased`)
   works too where the hub is reachable: it is resolved with `huggingface_hub.snapshot_download`.
   A checkpoint without an MLM head gets a freshly initialised one (from `seed`) and a warning naming it.
   `dtype` is the compute dtype, `param_dtype` the dtype the parameters are stored in.
@@ -378,8 +502,8 @@ def _expected_hf_shape(expected: np.ndarray, hook: Hook, cfg) -> tuple[int, ...]
 
 def _check_tied(state: dict[str, np.ndarray], folder):
   """Refuses a checkpoint whose stored decoder differs from the word embeddings (we always tie)."""
-  emb = state.get("embeddings.word_embeddings.weight")
-  for key in ("cls.predictions.decoder.weight", "vocab_projector.weight"):
+  emb = state.get("embeddings.word_embeddings.weight", state.get("embeddings.weight"))
+  for key in TIED_DECODERS:
     if key in state and emb is not None and not np.array_equal(state[key], emb):
       raise ConversionError(f"{folder}: {key} differs from the word embeddings, but this project ties them; "
                             "such an untied checkpoint cannot be converted exactly")
@@ -408,25 +532,28 @@ def save_hf(model: model_lib.Encoder, params, path: str | os.PathLike, tokenizer
             architecture: str | None = None, overwrite: bool = True) -> pathlib.Path:
   """Writes a Hugging Face folder: config.json, model.safetensors and the tokenizer files.
 
-  `architecture` defaults to `BertForMaskedLM` / `DistilBertForMaskedLM` (BERT's pooler is left out: the
-  masked-LM model has none), or to `...ForSequenceClassification` for a model with a classification head
-  (`num_labels` > 0; 1 is written as regression); `BertModel` / `DistilBertModel` write the encoder (and
-  BERT's pooler) without a head.
+  `architecture` defaults to the family's masked-LM model: `BertForMaskedLM`, `DistilBertForMaskedLM`,
+  `RobertaForMaskedLM` (the pooler is left out: these have none) or `FlaubertWithLMHeadModel`; or to
+  `...ForSequenceClassification` for a BERT or DistilBERT with a classification head (`num_labels` > 0; 1 is
+  written as regression). `BertModel`, `DistilBertModel`, `RobertaModel`, `FlaubertModel` write the encoder
+  (and the pooler, where the model has one) without a head; `XLMRoberta...` write a RoBERTa as XLM-R.
   `tokenizer` is a transformers tokenizer or a folder; by default the one the model was loaded with.
   Tied weights are not written, as transformers does.
   """
   import safetensors.numpy
   cfg = model.cfg
   family_archs = [a for a, f in SUPPORTED_ARCHITECTURES.items() if f == cfg.family and a != "BertForPreTraining"]
-  architecture = architecture or family_archs[2 if cfg.num_labels else 0]
+  if architecture is None:
+    classifiers = [a for a in family_archs if a.endswith("ForSequenceClassification")]
+    architecture = classifiers[0] if cfg.num_labels and classifiers else family_archs[0]
   if architecture not in family_archs:
     raise ConversionError(f"architecture {architecture!r} does not fit a {cfg.family} model: use one of {family_archs}")
-  with_head = architecture.endswith("ForMaskedLM")
+  with_head = architecture.endswith(("ForMaskedLM", "WithLMHeadModel"))
   classifies = architecture.endswith("ForSequenceClassification")
   if classifies and not cfg.num_labels:
     raise ConversionError(f"{architecture} needs a classification head but this model has none (num_labels=0)")
   # The pooler is written where the Hugging Face model has one: BertModel, and both sequence classifiers.
-  pooler = cfg.use_pooler and (classifies or architecture == "BertModel")
+  pooler = cfg.use_pooler and (classifies or architecture in ("BertModel", "RobertaModel", "XLMRobertaModel"))
   out = pathlib.Path(path)
   if out.exists() and any(out.iterdir()) and not overwrite:
     raise ConversionError(f"{out} is not empty: choose an empty folder or pass overwrite=True (--overwrite)")

@@ -1,8 +1,14 @@
-"""One Transformer encoder, configured as BERT or DistilBERT, with a masked-LM head.
+"""One Transformer encoder, configured as BERT, DistilBERT, RoBERTa or XLM/FlauBERT, with a masked-LM head.
 
-BERT and DistilBERT share the same post-LayerNorm layer; they differ only in configuration: BERT has
-token-type embeddings and a pooler, DistilBERT has neither and fewer layers. Hugging Face key names do not
-live here (see `hf.py`); this module knows nothing of files.
+The families share one layer and one embedding block; configuration switches pick what differs:
+- BERT: token-type embeddings and a pooler. DistilBERT: neither, fewer layers.
+- RoBERTa: one token type, position ids counted from `pad_token_id + 1` over the non-pad tokens
+  (`positions_skip_padding`), an MLM head whose activation is always exact GELU (`mlm_head_act`).
+- XLM/FlauBERT: post-norm or pre-norm layers (`pre_norm`), token-type ids looked up in the word table and
+  added only when given (`token_types_in_word_table`), optional language embeddings (`num_languages`), the
+  residual stream zeroed at padding after the embeddings and after every layer (`zero_padding`), and an MLM
+  head that is only the tied projection plus a bias (`mlm_transform=False`).
+Hugging Face key names do not live here (see `hf.py`); this module knows nothing of files.
 
 Every parameter carries logical axis names (`vocab`, `embed`, `heads`, `kv`, `mlp`, ...), and the residual
 stream is pinned to `ACTIVATION_AXES` after the embeddings and after every layer; `sharding.py` maps the
@@ -35,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-FAMILIES = ("bert", "distilbert")
+FAMILIES = ("bert", "distilbert", "roberta", "flaubert")
 ACTIVATIONS = {
     "gelu": functools.partial(jax.nn.gelu, approximate=False),  # exact (erf) GELU, as BERT and DistilBERT
     "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
@@ -64,7 +70,8 @@ log = logging.getLogger(__name__)
 class EncoderConfig:
   """Hyperparameters of the encoder. Defaults are BERT-base.
 
-  `family` only decides the Hugging Face naming and the defaults of `type_vocab_size` and `use_pooler`.
+  `family` only decides the Hugging Face naming and the defaults of the constructors (`bert`, `distilbert`,
+  `roberta`, `flaubert`); what the model computes is decided by the fields alone.
   `dtype` is the compute dtype (bfloat16 on TPUs), `param_dtype` the storage dtype of the parameters.
   `attention`, `remat` and `remat_policy` change how the model computes, not what (module docstring).
   """
@@ -92,14 +99,29 @@ class EncoderConfig:
   remat_policy: str = "full"  # with remat: what each layer saves (REMAT_POLICIES); ignored without remat
   attention: str = "einsum"  # "einsum", "dot_product" or "cudnn" (ATTENTIONS, module docstring)
   tokenizer: str | None = None  # folder or hub name of the tokenizer that goes with the vocabulary
+  # Family switches (module docstring); the defaults are BERT's.
+  positions_skip_padding: bool = False  # RoBERTa: position ids count non-pad tokens from pad_token_id + 1
+  token_types_in_word_table: bool = False  # XLM: given token-type ids index the word embeddings
+  num_languages: int = 0  # > 0: language embeddings, and every call must give language_ids (XLM)
+  pre_norm: bool = False  # LayerNorm before attention and MLP (pre-norm FlauBERT); else after the residual sum
+  zero_padding: bool = False  # XLM: the residual stream is multiplied by the padding mask after every block
+  mlm_transform: bool = True  # the MLM head's dense + activation + LayerNorm before the tied projection
+  mlm_head_act: str | None = None  # the MLM transform's activation; None: hidden_act (RoBERTa: always "gelu")
 
   def __post_init__(self):
     if self.family not in FAMILIES:
       raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
     if self.hidden_size % self.num_heads:
       raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
-    if self.hidden_act not in ACTIVATIONS:
-      raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; use one of {sorted(ACTIVATIONS)}")
+    for name in ("hidden_act", "mlm_head_act"):
+      if getattr(self, name) not in ACTIVATIONS and not (name == "mlm_head_act" and self.mlm_head_act is None):
+        raise ValueError(f"{name} {getattr(self, name)!r} is not supported; use one of {sorted(ACTIVATIONS)}")
+    if self.num_languages == 1:
+      raise ValueError("num_languages=1 gives every token the same language embedding: use 0 (no language "
+                       "embeddings) or the number of languages")
+    if self.positions_skip_padding and self.max_position_embeddings <= self.first_position:
+      raise ValueError(f"positions_skip_padding starts positions at pad_token_id + 1 = {self.first_position}, "
+                       f"beyond max_position_embeddings={self.max_position_embeddings}")
     if self.pooler_activation not in POOLER_ACTIVATIONS:
       raise ValueError(f"pooler_activation must be one of {sorted(POOLER_ACTIVATIONS)}, got {self.pooler_activation!r}")
     if self.num_labels and not self.use_pooler:
@@ -123,9 +145,35 @@ class EncoderConfig:
   def distilbert(cls, **kw) -> "EncoderConfig":
     return cls(**{"family": "distilbert", "num_layers": 6, "type_vocab_size": 0, "use_pooler": False, **kw})
 
+  @classmethod
+  def roberta(cls, **kw) -> "EncoderConfig":
+    """RoBERTa-base's shape and switches (DistilRoBERTa: `num_layers=6`)."""
+    return cls(**{"family": "roberta", "vocab_size": 50265, "max_position_embeddings": 514, "type_vocab_size": 1,
+                  "use_pooler": False, "layer_norm_eps": 1e-5, "pad_token_id": 1, "positions_skip_padding": True,
+                  "mlm_head_act": "gelu", **kw})
+
+  @classmethod
+  def flaubert(cls, **kw) -> "EncoderConfig":
+    """XLM/FlauBERT switches with flaubert_small_cased's shape (6 layers, width 512, 8 heads, pre-norm, eps
+    1e-6); the feed-forward width is always 4 × hidden_size, as in XLM."""
+    kw = {"family": "flaubert", "vocab_size": 68729, "hidden_size": 512, "num_layers": 6, "num_heads": 8,
+          "type_vocab_size": 0, "use_pooler": False, "layer_norm_eps": 1e-6, "pad_token_id": 2, "pre_norm": True,
+          "token_types_in_word_table": True, "zero_padding": True, "mlm_transform": False, **kw}
+    return cls(**{"intermediate_size": 4 * kw["hidden_size"], **kw})
+
   @property
   def head_size(self) -> int:
     return self.hidden_size // self.num_heads
+
+  @property
+  def first_position(self) -> int:
+    """The position id of a sequence's first token: 0, or pad_token_id + 1 with positions_skip_padding."""
+    return self.pad_token_id + 1 if self.positions_skip_padding else 0
+
+  @property
+  def max_length(self) -> int:
+    """The longest sequence the learned positions cover."""
+    return self.max_position_embeddings - self.first_position
 
   def replace(self, **kw) -> "EncoderConfig":
     return dataclasses.replace(self, **kw)
@@ -212,13 +260,24 @@ class Embeddings(nn.Module):
     if cfg.type_vocab_size:
       self.token_type_embeddings = embed(
           cfg.type_vocab_size, cfg.hidden_size, embedding_init=_init(cfg, ("token_type", "embed")))
+    if cfg.num_languages:
+      self.language_embeddings = embed(
+          cfg.num_languages, cfg.hidden_size, embedding_init=_init(cfg, ("language", "embed")))
     self.layer_norm = _layer_norm(cfg)
     self.dropout = nn.Dropout(cfg.dropout_rate)
 
-  def __call__(self, ids_BxL, type_ids_BxL, position_ids_BxL, deterministic):
+  def __call__(self, ids_BxL, type_ids_BxL, position_ids_BxL, language_ids_BxL, deterministic):
+    """type_ids_BxL and language_ids_BxL may be None: token types default to 0 in a separate table and are
+    left out when they index the word table (as transformers' XLM does)."""
+    cfg = self.cfg
     x_BxLxD = self.word_embeddings(ids_BxL) + self.position_embeddings(position_ids_BxL)
-    if self.cfg.type_vocab_size:
+    if cfg.num_languages:
+      x_BxLxD = x_BxLxD + self.language_embeddings(language_ids_BxL)
+    if cfg.type_vocab_size:
+      type_ids_BxL = jnp.zeros_like(ids_BxL) if type_ids_BxL is None else type_ids_BxL
       x_BxLxD = x_BxLxD + self.token_type_embeddings(type_ids_BxL)
+    elif cfg.token_types_in_word_table and type_ids_BxL is not None:
+      x_BxLxD = x_BxLxD + self.word_embeddings(type_ids_BxL)
     return self.dropout(self.layer_norm(x_BxLxD), deterministic=deterministic)
 
   def attend(self, x_NxD):
@@ -293,30 +352,35 @@ class Mlp(nn.Module):
 
 
 class Layer(nn.Module):
-  """Post-LayerNorm Transformer layer (BERT's `BertLayer`, DistilBERT's `TransformerBlock`)."""
+  """A Transformer layer: post-LayerNorm (BERT's `BertLayer`, DistilBERT's `TransformerBlock`, XLM) or, with
+  `pre_norm`, pre-LayerNorm (pre-norm FlauBERT: each block reads a normalised copy, the stream is not
+  normalised; there is no final LayerNorm)."""
   cfg: EncoderConfig
 
   @nn.compact
   def __call__(self, x_BxLxD, attend_Bx1xQxL, deterministic, output_attentions=False):
     cfg = self.cfg
-    attn_BxLxD, probs = SelfAttention(cfg, name="attention")(x_BxLxD, attend_Bx1xQxL, deterministic,
-                                                             output_attentions)
-    attn_BxLxD = nn.Dropout(cfg.dropout_rate)(attn_BxLxD, deterministic=deterministic)
-    x_BxLxD = _layer_norm(cfg, "attention_norm")(x_BxLxD + attn_BxLxD)
-    mlp_BxLxD = nn.Dropout(cfg.dropout_rate)(Mlp(cfg, name="mlp")(x_BxLxD), deterministic=deterministic)
-    x_BxLxD = _layer_norm(cfg, "mlp_norm")(x_BxLxD + mlp_BxLxD)
-    return x_BxLxD, probs
+    attention_norm, mlp_norm = _layer_norm(cfg, "attention_norm"), _layer_norm(cfg, "mlp_norm")
+    attn_BxLxD, probs = SelfAttention(cfg, name="attention")(
+        attention_norm(x_BxLxD) if cfg.pre_norm else x_BxLxD, attend_Bx1xQxL, deterministic, output_attentions)
+    x_BxLxD = x_BxLxD + nn.Dropout(cfg.dropout_rate)(attn_BxLxD, deterministic=deterministic)
+    if not cfg.pre_norm:
+      x_BxLxD = attention_norm(x_BxLxD)
+    mlp_BxLxD = Mlp(cfg, name="mlp")(mlp_norm(x_BxLxD) if cfg.pre_norm else x_BxLxD)
+    x_BxLxD = x_BxLxD + nn.Dropout(cfg.dropout_rate)(mlp_BxLxD, deterministic=deterministic)
+    return (x_BxLxD if cfg.pre_norm else mlp_norm(x_BxLxD)), probs
 
 
 class MlmHead(nn.Module):
-  """dense -> activation -> LayerNorm -> projection tied to the word embeddings + bias."""
+  """dense -> activation -> LayerNorm (with `mlm_transform`) -> projection tied to the word embeddings + bias."""
   cfg: EncoderConfig
 
   @nn.compact
   def __call__(self, h_NxD, embeddings: Embeddings):
     cfg = self.cfg
-    h_NxD = _dense(cfg, cfg.hidden_size, ("embed", "embed_out"), "transform")(h_NxD)
-    h_NxD = _layer_norm(cfg, "transform_norm")(ACTIVATIONS[cfg.hidden_act](h_NxD))
+    if cfg.mlm_transform:
+      h_NxD = _dense(cfg, cfg.hidden_size, ("embed", "embed_out"), "transform")(h_NxD)
+      h_NxD = _layer_norm(cfg, "transform_norm")(ACTIVATIONS[cfg.mlm_head_act or cfg.hidden_act](h_NxD))
     bias_V = self.param("bias", _zeros(("vocab",)), (cfg.vocab_size,), cfg.param_dtype)
     # Logits in float32: the losses take log-softmax over 30k classes.
     return embeddings.attend(h_NxD).astype(jnp.float32) + bias_V.astype(jnp.float32)
@@ -346,32 +410,41 @@ class Encoder(nn.Module):
     self.mlm_head = MlmHead(cfg)
 
   def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, *,
-               segment_ids=None, deterministic: bool = True, output_attentions: bool = False,
+               segment_ids=None, language_ids=None, deterministic: bool = True, output_attentions: bool = False,
                compute_logits: bool = True) -> EncoderOutput:
-    """input_ids, attention_mask (1 = attend, 0 = padding), token_type_ids, position_ids: (B, L) ints.
+    """input_ids, attention_mask (1 = attend, 0 = padding), token_type_ids, position_ids: (B, L) ints, as
+    transformers takes them (RoBERTa's positions start at pad_token_id + 1: `cfg.first_position`).
 
-    `segment_ids` (B, L), for packed rows holding several examples (1, 2, ... per example, 0 = padding):
-    a token attends only within its own example. Dropout is active when `deterministic=False` (pass
+    Left out, position ids are 0, 1, ... or, with `positions_skip_padding`, computed from the input ids as
+    transformers' RoBERTa does. `segment_ids` (B, L), for packed rows holding several examples (1, 2, ...
+    per example, 0 = padding): a token attends only within its own example. `language_ids` (B, L): required
+    when the model has language embeddings. Dropout is active when `deterministic=False` (pass
     `rngs={'dropout': key}` to `apply`). `output_attentions=True` returns the attention probabilities,
     which the explicit einsum path computes whatever `cfg.attention` says.
     """
     cfg = self.cfg
     ids_BxL = jnp.asarray(input_ids)
+    if cfg.num_languages and language_ids is None:
+      raise ValueError(f"this model has {cfg.num_languages} language embeddings: pass language_ids (B, L)")
     if attention_mask is None:
       attention_mask = jnp.ones_like(ids_BxL)
-    if token_type_ids is None:
-      token_type_ids = jnp.zeros_like(ids_BxL)
     if position_ids is None:
-      position_ids = jnp.broadcast_to(jnp.arange(ids_BxL.shape[-1]), ids_BxL.shape)
+      position_ids = default_position_ids(cfg, ids_BxL)
     mask_BxL = jnp.asarray(attention_mask)
     if segment_ids is None:
       attend_Bx1xQxL = (mask_BxL > 0)[:, None, None, :]  # Q = 1: every query sees the same keys
+      keep_BxL = mask_BxL > 0
     else:
       seg_BxL = jnp.asarray(segment_ids)
       attend_Bx1xQxL = ((seg_BxL[:, :, None] == seg_BxL[:, None, :]) & (seg_BxL[:, None, :] > 0))[:, None]
+      keep_BxL = seg_BxL > 0
 
-    pin = functools.partial(nn.with_logical_constraint, logical_axis_resources=ACTIVATION_AXES)
-    x_BxLxD = pin(self.embeddings(ids_BxL, token_type_ids, position_ids, deterministic))
+    def pin(x_BxLxD):
+      if cfg.zero_padding:  # XLM zeroes padding after every block; the stream then differs only at pads
+        x_BxLxD = x_BxLxD * keep_BxL[:, :, None].astype(x_BxLxD.dtype)
+      return nn.with_logical_constraint(x_BxLxD, ACTIVATION_AXES)
+
+    x_BxLxD = pin(self.embeddings(ids_BxL, token_type_ids, position_ids, language_ids, deterministic))
     hidden, attentions = [x_BxLxD], []
     for layer in self.layers:
       x_BxLxD, probs = layer(x_BxLxD, attend_Bx1xQxL, deterministic, output_attentions)
@@ -393,15 +466,30 @@ class Encoder(nn.Module):
     return self.mlm_head(h_xD, self.embeddings)
 
 
+def default_position_ids(cfg: EncoderConfig, ids_BxL: jax.Array) -> jax.Array:
+  """0, 1, ... per row; with `positions_skip_padding`, transformers' RoBERTa rule: the non-pad tokens count
+  from pad_token_id + 1 (skipping pads wherever they are), pad tokens get pad_token_id."""
+  if not cfg.positions_skip_padding:
+    return jnp.broadcast_to(jnp.arange(ids_BxL.shape[-1]), ids_BxL.shape)
+  real_BxL = (ids_BxL != cfg.pad_token_id).astype(jnp.int32)
+  return jnp.cumsum(real_BxL, axis=-1) * real_BxL + cfg.pad_token_id
+
+
+def _init_inputs(cfg: EncoderConfig, seq_len: int):
+  ids = jnp.zeros((1, seq_len), jnp.int32)
+  return (ids,), ({"language_ids": ids} if cfg.num_languages else {})
+
+
 def init_params(model: Encoder, rng: jax.Array, seq_len: int = 8):
   """Random parameters as a plain nested dict (logical-axis boxes removed)."""
-  ids = jnp.zeros((1, seq_len), jnp.int32)
-  return nn.meta.unbox(model.init(rng, ids)["params"])
+  args, kw = _init_inputs(model.cfg, seq_len)
+  return nn.meta.unbox(model.init(rng, *args, **kw)["params"])
 
 
 def logical_axes(model: Encoder):
   """The logical axis names of every parameter, as a tree of `PartitionSpec`s shaped like the params."""
-  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))["params"]
+  args, kw = _init_inputs(model.cfg, 8)
+  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), *args, **kw))["params"]
   return nn.get_partition_spec(boxed)
 
 

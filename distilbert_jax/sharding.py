@@ -37,7 +37,7 @@ Rule = str | tuple[str, ...] | None
 # dimension whole (Megatron-style tensor parallelism splits only inside attention and the MLP).
 DEFAULT_RULES: dict[str, Rule] = {
     "embed": "fsdp", "embed_out": "tensor", "vocab": "tensor", "heads": "tensor", "kv": None, "mlp": "tensor",
-    "position": None, "token_type": None, "labels": None,
+    "position": None, "token_type": None, "language": None, "labels": None,
     "batch": BATCH_AXES, "length": None, "act_embed": None,
 }
 

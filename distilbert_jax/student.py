@@ -1,9 +1,11 @@
 """Student initialisation from a teacher: model surgery on parameter trees (the reference's
 `extract_distilbert.py`).
 
-The student is DistilBERT-shaped (no token-type embeddings, no pooler). It takes the teacher's word and
-position embeddings, the embedding LayerNorm, the chosen layers in order and, unless told otherwise, the
-masked-LM head (transform, its LayerNorm and the output bias; the decoder is tied to the embeddings).
+A BERT teacher gives a DistilBERT student (no token-type embeddings, no pooler); a RoBERTa or XLM/FlauBERT
+teacher gives a student of its own family (DistilRoBERTa: RoBERTa with fewer layers, its one-row token-type
+table kept; FlauBERT: its language embeddings kept), and no pooler. The student takes the teacher's
+embeddings, the embedding LayerNorm, the chosen layers in order and, unless told otherwise, the masked-LM head
+(transform, its LayerNorm and the output bias; the decoder is tied to the embeddings).
 """
 from __future__ import annotations
 
@@ -25,7 +27,9 @@ def default_layers(num_teacher_layers: int) -> tuple[int, ...]:
 
 
 def student_config(teacher_cfg: model_lib.EncoderConfig, num_layers: int) -> model_lib.EncoderConfig:
-  return teacher_cfg.replace(family="distilbert", num_layers=num_layers, type_vocab_size=0, use_pooler=False)
+  if teacher_cfg.family == "bert":
+    return teacher_cfg.replace(family="distilbert", num_layers=num_layers, type_vocab_size=0, use_pooler=False)
+  return teacher_cfg.replace(num_layers=num_layers, use_pooler=False)
 
 
 def check_layers(layers: Sequence[int], num_teacher_layers: int):
@@ -55,9 +59,9 @@ def student_from_teacher(teacher: model_lib.Encoder, teacher_params, layers: Seq
 
   student = model_lib.Encoder(student_config(teacher.cfg, len(layers)))
   fresh = model_lib.init_params(student, jax.random.key(seed))
-  emb = teacher_params["embeddings"]
+  # Every embedding table the student has, which is the teacher's less BERT's token types.
   params = {
-      "embeddings": {k: emb[k] for k in ("word_embeddings", "position_embeddings", "layer_norm")},
+      "embeddings": {k: teacher_params["embeddings"][k] for k in fresh["embeddings"]},
       **{f"layer_{j}": teacher_params[f"layer_{i}"] for j, i in enumerate(layers)},
       "mlm_head": dict(teacher_params["mlm_head"]) if copy_head else
                   {**fresh["mlm_head"], "bias": teacher_params["mlm_head"]["bias"]},

@@ -187,6 +187,14 @@ def check_pair(teacher_cfg: model_lib.EncoderConfig, student_cfg: model_lib.Enco
 
 # ------------------------------------------------------------------------------------------------ step
 
+def _model_inputs(model, extra: dict) -> dict:
+  """A packed batch's segment and position ids for `model`: the batches count positions from 0 in each example,
+  a RoBERTa's start at pad_token_id + 1 (`first_position`)."""
+  if "position_ids" in extra and model.cfg.first_position:
+    return {**extra, "position_ids": extra["position_ids"] + model.cfg.first_position}
+  return extra
+
+
 def _loss_terms(student, student_params, teacher, teacher_params, masked, attention_mask, extra, dropout_rng,
                 loss: losses.LossConfig) -> tuple[jax.Array, dict]:
   """The weighted loss of one micro-batch and its terms; differentiable in `student_params`.
@@ -196,13 +204,13 @@ def _loss_terms(student, student_params, teacher, teacher_params, masked, attent
   """
   hs_BxLxD = student.apply({"params": student_params}, masked.input_ids, attention_mask=attention_mask,
                            deterministic=False, rngs={"dropout": dropout_rng}, compute_logits=False,
-                           **extra).last_hidden_state
+                           **_model_inputs(student, extra)).last_hidden_state
   s_head = functools.partial(student.apply, {"params": student_params}, method=model_lib.Encoder.mlm_logits)
   distilling = teacher is not None
   if distilling:
     ht_BxLxD = jax.lax.stop_gradient(teacher.apply({"params": teacher_params}, masked.input_ids,
                                                    attention_mask=attention_mask, compute_logits=False,
-                                                   **extra).last_hidden_state)
+                                                   **_model_inputs(teacher, extra)).last_hidden_state)
   B, L = masked.input_ids.shape
   rows = losses.select_rows(hs_BxLxD, attention_mask, masked.mlm_weights, masked.targets,
                             slots=loss.slots(B, L, distilling), row_shards=loss.row_shards)

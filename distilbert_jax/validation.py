@@ -192,8 +192,9 @@ def check_model_path(path: str | os.PathLike, flag: str):
 
 
 def check_max_len(max_len: int, models: dict, flag: str = "--config.data.max_len"):
-  """Refuses sequences longer than a model's learned positions ({"teacher": Encoder or None, ...})."""
+  """Refuses sequences longer than a model's learned positions ({"teacher": Encoder or None, ...}); a RoBERTa's
+  first pad_token_id + 1 positions are never used (`EncoderConfig.max_length`)."""
   for name, model in models.items():
-    if model is not None and max_len > model.cfg.max_position_embeddings:
-      raise ConfigError(f"{flag}={max_len} exceeds the {model.cfg.max_position_embeddings} positions of the "
-                        f"{name}: set {flag} to at most {model.cfg.max_position_embeddings}")
+    if model is not None and max_len > model.cfg.max_length:
+      raise ConfigError(f"{flag}={max_len} exceeds the {model.cfg.max_length} positions of the "
+                        f"{name}: set {flag} to at most {model.cfg.max_length}")

@@ -9,7 +9,7 @@ import transformers
 
 import distilbert_jax
 from distilbert_jax import hf
-from hf_helpers import BERT, DISTILBERT, random_batch, torch_forward, write_hf
+from hf_helpers import BERT, DISTILBERT, FLAUBERT, ROBERTA, random_batch, torch_forward, write_hf
 
 TOL = 1e-4
 
@@ -20,7 +20,28 @@ CONFIGS = [
     (DISTILBERT, dict(hidden=32, layers=2, heads=4, ffn=64, vocab=101), "mixed"),
     (DISTILBERT, dict(hidden=48, layers=3, heads=6, ffn=96, vocab=211), "left"),
     (DISTILBERT, dict(hidden=24, layers=1, heads=2, ffn=24, vocab=37), "none"),
+    (ROBERTA, dict(hidden=32, layers=2, heads=4, ffn=64, vocab=101, type_vocab=1, pad=1), "mixed"),
+    (ROBERTA, dict(hidden=48, layers=3, heads=3, ffn=80, vocab=257, type_vocab=1, pad=1), "left"),
+    (ROBERTA, dict(hidden=24, layers=1, heads=2, ffn=24, vocab=53, type_vocab=2, pad=5, positions=40), "none"),
+    # Post-norm XLM/FlauBERT against FlaubertWithLMHeadModel itself (pre-norm: test_pre_norm_flaubert_parity).
+    (FLAUBERT, dict(hidden=32, layers=2, heads=4, vocab=101, pad=2), "mixed"),
+    (FLAUBERT, dict(hidden=48, layers=3, heads=6, vocab=211, pad=2, langs=3, eps=1e-6), "left"),
+    (FLAUBERT, dict(hidden=24, layers=1, heads=2, vocab=37, pad=0, gelu=False), "none"),
 ]
+PAD_ID = {BERT: 0, DISTILBERT: 0}  # RoBERTa and FlauBERT: the config's `pad`
+
+
+def _family_inputs(rng, family, cfg_kw, ids):
+  """(token types, language ids) to feed both sides: BERT's and RoBERTa's token types index their own table,
+  FlauBERT's the word table; FlauBERT's language ids where it has several languages."""
+  types = langs = None
+  if family in (BERT, ROBERTA):
+    types = rng.integers(0, cfg_kw.get("type_vocab", 2), ids.shape)
+  elif family == FLAUBERT:
+    types = rng.integers(0, cfg_kw["vocab"], ids.shape)
+    if cfg_kw.get("langs", 1) > 1:
+      langs = rng.integers(0, cfg_kw["langs"], ids.shape)
+  return types, langs
 
 
 def _max_diff(a, b):
@@ -31,16 +52,91 @@ def _max_diff(a, b):
 def test_parity_with_transformers(tmp_path, family, cfg_kw, pads):
   folder, ref_model = write_hf(tmp_path, family, **cfg_kw)
   model, params = distilbert_jax.load_hf(folder)
+  assert model.cfg.family == family
   rng = np.random.default_rng(len(tmp_path.name))
-  ids, mask = random_batch(rng, cfg_kw["vocab"], pad_pattern=pads)
-  types = rng.integers(0, cfg_kw.get("type_vocab", 2), ids.shape) if family == BERT else None
-  ref = torch_forward(ref_model, ids, mask, types)
-  out = model.apply({"params": params}, ids, attention_mask=mask, token_type_ids=types, deterministic=True)
+  ids, mask = random_batch(rng, cfg_kw["vocab"], pad_pattern=pads, pad_id=PAD_ID.get(family, cfg_kw.get("pad")))
+  types, langs = _family_inputs(rng, family, cfg_kw, ids)
+  ref = torch_forward(ref_model, ids, mask, types, **({"langs": torch.tensor(langs)} if langs is not None else {}))
+  out = model.apply({"params": params}, ids, attention_mask=mask, token_type_ids=types, language_ids=langs,
+                    deterministic=True)
   assert out.logits.shape == (*ids.shape, cfg_kw["vocab"])
   assert len(out.hidden_states) == cfg_kw["layers"] + 1 == len(ref.hidden_states)
   assert _max_diff(out.logits, ref.logits) < TOL
   for ours, theirs in zip(out.hidden_states, ref.hidden_states):
     assert _max_diff(ours, theirs) < TOL
+
+
+@pytest.mark.parametrize("family,cfg_kw", [(ROBERTA, dict(type_vocab=1, pad=1)), (FLAUBERT, dict(pad=2))])
+def test_parity_without_token_types(tmp_path, family, cfg_kw):
+  """Left out, token types are 0 in RoBERTa's own table and absent in FlauBERT's (which would otherwise add
+  word 0's embedding), as in transformers."""
+  folder, ref_model = write_hf(tmp_path, family, **cfg_kw)
+  model, params = distilbert_jax.load_hf(folder)
+  ids, mask = random_batch(np.random.default_rng(4), 101, pad_id=cfg_kw["pad"])
+  ref = torch_forward(ref_model, ids, mask)
+  out = model.apply({"params": params}, ids, attention_mask=mask)
+  assert _max_diff(out.logits, ref.logits) < TOL
+
+
+def _pre_norm_reference(hf_model, ids, mask, langs=None, types=None):
+  """Pre-norm FlauBERT's forward pass assembled from transformers' own submodules, layer by layer, as
+  FlaubertModel.forward writes it for `pre_norm=True` (transformers 5.25 cannot run that branch: it indexes
+  an EncoderDecoderCache and raises). Returns (hidden states, logits)."""
+  tf = hf_model.transformer
+  ids, mask = torch.tensor(ids), torch.tensor(mask)
+  positions = torch.arange(ids.shape[1])[None].expand_as(ids)
+  with torch.no_grad():
+    x = tf.embeddings(ids) + tf.position_embeddings(positions)
+    if langs is not None:
+      x = x + tf.lang_embeddings(torch.tensor(langs))
+    if types is not None:
+      x = x + tf.embeddings(torch.tensor(types))
+    x = tf.layer_norm_emb(x) * mask[..., None].float()
+    hidden = [x]
+    for i in range(tf.n_layers):
+      x = x + tf.attentions[i](tf.layer_norm1[i](x), mask)[0]
+      x = x + tf.ffns[i](tf.layer_norm2[i](x))
+      x = x * mask[..., None].float()
+      hidden.append(x)
+    return hidden, hf_model.pred_layer(x)[0]
+
+
+@pytest.mark.parametrize("cfg_kw,pads", [
+    (dict(hidden=32, layers=2, heads=4, vocab=101, pad=2, eps=1e-6), "mixed"),
+    (dict(hidden=48, layers=3, heads=6, vocab=211, pad=2, langs=2), "left"),
+    (dict(hidden=24, layers=1, heads=2, vocab=37, pad=0, gelu=False, eps=1e-6), "none")])
+def test_pre_norm_flaubert_parity(tmp_path, cfg_kw, pads):
+  """Pre-norm FlauBERT (flaubert_small_cased's kind) against a reference built from transformers' submodules
+  (`_pre_norm_reference`), and against FlaubertWithLMHeadModel itself should a transformers version run it."""
+  folder, ref_model = write_hf(tmp_path, FLAUBERT, pre_norm=True, **cfg_kw)
+  model, params = distilbert_jax.load_hf(folder)
+  assert model.cfg.pre_norm and model.cfg.num_languages == (cfg_kw.get("langs", 1) if cfg_kw.get("langs", 1) > 1 else 0)
+  rng = np.random.default_rng(7)
+  ids, mask = random_batch(rng, cfg_kw["vocab"], pad_pattern=pads, pad_id=cfg_kw["pad"])
+  types, langs = _family_inputs(rng, FLAUBERT, cfg_kw, ids)
+  hidden, logits = _pre_norm_reference(ref_model, ids, mask, langs, types)
+  out = model.apply({"params": params}, ids, attention_mask=mask, token_type_ids=types, language_ids=langs)
+  assert len(out.hidden_states) == len(hidden) == cfg_kw["layers"] + 1
+  for ours, theirs in zip(out.hidden_states, hidden):
+    assert _max_diff(ours, theirs) < TOL
+  assert _max_diff(out.logits, logits) < TOL
+  try:
+    direct = torch_forward(ref_model, ids, mask, types, **({"langs": torch.tensor(langs)} if langs is not None else {}))
+  except TypeError as e:  # transformers 5.25: 'EncoderDecoderCache' object is not subscriptable
+    assert "not subscriptable" in str(e)
+  else:
+    assert _max_diff(out.logits, direct.logits) < TOL
+
+
+def test_roberta_positions_follow_transformers():
+  """Position ids skip pads wherever they are, counting from pad_token_id + 1; pads get pad_token_id."""
+  cfg = distilbert_jax.EncoderConfig.roberta(pad_token_id=1)
+  ids = np.array([[0, 5, 6, 2, 1, 1], [1, 1, 0, 7, 2, 1]])
+  want = transformers.models.roberta.modeling_roberta.RobertaEmbeddings.create_position_ids_from_input_ids(
+      torch.tensor(ids), padding_idx=1).numpy()
+  assert np.array_equal(distilbert_jax.model.default_position_ids(cfg, ids), want)
+  assert want[0].tolist() == [2, 3, 4, 5, 1, 1]
+  assert cfg.first_position == 2 and cfg.max_length == 512
 
 
 def test_attention_probabilities_match_eager_transformers(tmp_path):
@@ -81,17 +177,29 @@ def _hf_tensors(folder):
   return safetensors.numpy.load_file(str(folder / "model.safetensors"))
 
 
-@pytest.mark.parametrize("family,head", [(BERT, True), (BERT, False), (DISTILBERT, True), (DISTILBERT, False)])
-def test_round_trip_is_bit_exact(tmp_path, family, head):
-  src, _ = write_hf(tmp_path / "src", family, head=head)
+ARCHITECTURES = {(BERT, True): "BertForMaskedLM", (BERT, False): "BertModel",
+                 (DISTILBERT, True): "DistilBertForMaskedLM", (DISTILBERT, False): "DistilBertModel",
+                 (ROBERTA, True): "RobertaForMaskedLM", (ROBERTA, False): "RobertaModel",
+                 (FLAUBERT, True): "FlaubertWithLMHeadModel", (FLAUBERT, False): "FlaubertModel"}
+
+
+@pytest.mark.parametrize("family,head,cfg_kw", [
+    (BERT, True, {}), (BERT, False, {}), (DISTILBERT, True, {}), (DISTILBERT, False, {}),
+    (ROBERTA, True, dict(type_vocab=1)), (ROBERTA, False, dict(type_vocab=1)),
+    (FLAUBERT, True, dict(pad=2, pre_norm=True, eps=1e-6)), (FLAUBERT, False, dict(pad=2, langs=3)),
+    (FLAUBERT, True, dict(pad=2, gelu=False))])
+def test_round_trip_is_bit_exact(tmp_path, family, head, cfg_kw):
+  src, _ = write_hf(tmp_path / "src", family, head=head, **cfg_kw)
   model, params = distilbert_jax.load_hf(src)
-  arch = {(BERT, True): "BertForMaskedLM", (BERT, False): "BertModel", (DISTILBERT, True): "DistilBertForMaskedLM",
-          (DISTILBERT, False): "DistilBertModel"}[family, head]
+  arch = ARCHITECTURES[family, head]
   distilbert_jax.save_hf(model, params, tmp_path / "dst", architecture=arch)
   before, after = _hf_tensors(src), _hf_tensors(tmp_path / "dst")
   assert set(before) == set(after)
   for key in before:
     assert before[key].dtype == after[key].dtype and np.array_equal(before[key], after[key]), key
+  # The config comes back as the same model: every field our encoder reads.
+  again, _ = distilbert_jax.load_hf(tmp_path / "dst")
+  assert again.cfg.replace(tokenizer=None) == model.cfg.replace(tokenizer=None)
 
 
 def test_real_checkpoint_round_trip_is_bit_exact(tmp_path, minilm_path):
@@ -105,18 +213,24 @@ def test_real_checkpoint_round_trip_is_bit_exact(tmp_path, minilm_path):
   assert all(np.array_equal(before[k], after[k]) for k in after)
 
 
-@pytest.mark.parametrize("family", [BERT, DISTILBERT])
-def test_export_loads_in_transformers_with_same_logits(tmp_path, family):
-  cfg = (distilbert_jax.EncoderConfig.bert if family == BERT else distilbert_jax.EncoderConfig.distilbert)(
-      vocab_size=89, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=48, max_position_embeddings=32)
+@pytest.mark.parametrize("family,kw", [
+    (BERT, dict(intermediate_size=48)), (DISTILBERT, dict(intermediate_size=48)),
+    (ROBERTA, dict(intermediate_size=48, max_position_embeddings=34)),
+    (FLAUBERT, dict(pre_norm=False, layer_norm_eps=1e-5, num_languages=2))])
+def test_export_loads_in_transformers_with_same_logits(tmp_path, family, kw):
+  make = getattr(distilbert_jax.EncoderConfig, family)
+  cfg = make(**{"vocab_size": 89, "hidden_size": 32, "num_layers": 2, "num_heads": 4, "max_position_embeddings": 32,
+                **kw})
   model = distilbert_jax.Encoder(cfg)
   params = distilbert_jax.init_params(model, __import__("jax").random.key(3))
   distilbert_jax.save_hf(model, params, tmp_path)
   ref_model, info = transformers.AutoModelForMaskedLM.from_pretrained(str(tmp_path), output_loading_info=True)
   assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
-  ids, mask = random_batch(np.random.default_rng(0), 89)
-  ref = torch_forward(ref_model.eval(), ids, mask)
-  out = model.apply({"params": params}, ids, attention_mask=mask)
+  assert type(ref_model).__name__ == ARCHITECTURES[family, True]
+  ids, mask = random_batch(np.random.default_rng(0), 89, pad_id=cfg.pad_token_id)
+  langs = np.ones_like(ids) if cfg.num_languages else None
+  ref = torch_forward(ref_model.eval(), ids, mask, **({"langs": torch.tensor(langs)} if langs is not None else {}))
+  out = model.apply({"params": params}, ids, attention_mask=mask, language_ids=langs)
   assert _max_diff(out.logits, ref.logits) < TOL
 
 

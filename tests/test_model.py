@@ -115,8 +115,10 @@ def test_padding_does_not_change_unpadded_positions(params):
 
 @pytest.mark.parametrize("kw,message", [
     (dict(hidden_size=30, num_heads=4), "not divisible"), (dict(hidden_act="swish"), "hidden_act"),
-    (dict(family="roberta"), "family"), (dict(dtype="int8"), "dtype"), (dict(remat_policy="most"), "remat_policy"),
-    (dict(attention="flash"), "attention must be"), (dict(attention="cudnn"), "bfloat16 or float16")])
+    (dict(family="gpt2"), "family"), (dict(dtype="int8"), "dtype"), (dict(remat_policy="most"), "remat_policy"),
+    (dict(attention="flash"), "attention must be"), (dict(attention="cudnn"), "bfloat16 or float16"),
+    (dict(mlm_head_act="swish"), "mlm_head_act"), (dict(num_languages=1), "num_languages=1"),
+    (dict(positions_skip_padding=True, pad_token_id=600), "beyond max_position_embeddings")])
 def test_bad_config(kw, message):
   with pytest.raises(ValueError, match=message):
     CFG.replace(**kw)

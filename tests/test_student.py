@@ -70,3 +70,43 @@ def test_bad_layer_lists(layers, message):
 def test_default_layers_reference():
   assert student_lib.default_layers(12) == (0, 2, 4, 7, 9, 11)
   assert student_lib.default_layers(6) == (0, 2, 4)
+
+
+@pytest.mark.parametrize("family,kw", [
+    ("roberta", {}), ("flaubert", dict(pre_norm=True)), ("flaubert", dict(pre_norm=False, num_languages=3))])
+def test_roberta_and_flaubert_students_keep_their_family(tmp_path, family, kw):
+  """DistilRoBERTa = RoBERTa with every other layer (its one-row token-type table kept); a FlauBERT student is a
+  FlauBERT (language embeddings kept). Tensor by tensor, then exported and read back by transformers."""
+  import torch
+  import transformers
+  make = getattr(distilbert_jax.EncoderConfig, family)
+  cfg = make(vocab_size=61, hidden_size=16, num_layers=6, num_heads=2, max_position_embeddings=24,
+             **({"intermediate_size": 32} if family == "roberta" else {}), **kw)
+  teacher = distilbert_jax.Encoder(cfg)
+  tp = distilbert_jax.init_params(teacher, jax.random.key(1))
+  student, sp = distilbert_jax.student_from_teacher(teacher, tp)
+  assert student.cfg == cfg.replace(num_layers=3)
+  t, s = _flat(tp), _flat(sp)
+  wanted = {key: key for key in t if key.startswith(("embeddings/", "mlm_head/"))}
+  for j, i in enumerate([0, 2, 4]):
+    wanted.update({key.replace(f"layer_{i}/", f"layer_{j}/", 1): key for key in t if key.startswith(f"layer_{i}/")})
+  assert set(s) == set(wanted)
+  assert ("embeddings/token_type_embeddings/embedding" in s) == (family == "roberta")
+  assert ("embeddings/language_embeddings/embedding" in s) == bool(kw.get("num_languages"))
+  for s_key, t_key in wanted.items():
+    assert np.array_equal(s[s_key], t[t_key]), s_key
+
+  folder = distilbert_jax.save_hf(student, sp, tmp_path)
+  ref, info = transformers.AutoModelForMaskedLM.from_pretrained(str(folder), output_loading_info=True)
+  assert type(ref).__name__ == {"roberta": "RobertaForMaskedLM", "flaubert": "FlaubertWithLMHeadModel"}[family]
+  assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+  assert ref.config.num_hidden_layers == 3
+  ids = np.array([[0, 5, 9, 2, cfg.pad_token_id], [0, 7, 8, 6, 2]])
+  mask = (ids != cfg.pad_token_id).astype(np.int64)
+  langs = np.ones_like(ids) if cfg.num_languages else None
+  out = student.apply({"params": sp}, ids, attention_mask=mask, language_ids=langs)
+  if not cfg.pre_norm:  # transformers 5.25 cannot run a pre-norm FlauBERT (tests/test_hf.py)
+    with torch.no_grad():
+      theirs = ref.eval()(torch.tensor(ids), attention_mask=torch.tensor(mask),
+                          **({"langs": torch.tensor(langs)} if langs is not None else {})).logits.numpy()
+    assert np.abs(np.asarray(out.logits) - theirs).max() < 1e-4

@@ -333,8 +333,8 @@ def build(args, tmp: pathlib.Path) -> Setup:
   if args.attention:
     teacher = model_lib.Encoder(teacher.cfg.replace(attention=args.attention))
     student = model_lib.Encoder(student.cfg.replace(attention=args.attention))
-  if args.seq > student.cfg.max_position_embeddings:
-    raise SystemExit(f"--seq {args.seq} exceeds max_position_embeddings {student.cfg.max_position_embeddings}")
+  if args.seq > student.cfg.max_length:
+    raise SystemExit(f"--seq {args.seq} exceeds the {student.cfg.max_length} positions of the student")
   teacher_params, student_params = jax.device_get((teacher_params, student_params))
   folders = {"teacher": tmp / "teacher", "student": tmp / "student"}
   hf.save_hf(teacher, teacher_params, folders["teacher"])

@@ -146,8 +146,8 @@ def main(argv=None):
   logging.getLogger("distilbert_jax").setLevel(logging.ERROR)
 
   cfg = build_config(args)
-  if args.seq > cfg.max_position_embeddings:
-    sys.exit(f"--seq {args.seq} exceeds max_position_embeddings {cfg.max_position_embeddings}")
+  if args.seq > cfg.max_length:
+    sys.exit(f"--seq {args.seq} exceeds the {cfg.max_length} positions of the model")
   model32 = distilbert_jax.Encoder(cfg)
   params = distilbert_jax.init_params(model32, jax.random.key(args.seed))
 

@@ -63,7 +63,8 @@ def main(argv=None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --dst")
   sub.choices["hf2jax"].add_argument("--dtype", default="float32", help="parameter dtype stored (default float32)")
   sub.choices["jax2hf"].add_argument("--architecture", default=None,
-                                     help="BertForMaskedLM, BertModel, DistilBertForMaskedLM or DistilBertModel")
+                                     help="an architecture of the model's family (hf.SUPPORTED_ARCHITECTURES; "
+                                     "default: its masked-LM model)")
   sub.choices["jax2hf"].add_argument("--tokenizer", default=None, help="tokenizer folder to copy (default: the "
                                      "model's own)")
   sub.choices["jax2hf"].add_argument("--step", type=int, default=None, help="checkpoint step of a training "
