@@ -329,11 +329,15 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def special_ids(tokenizer) -> dict[str, int]:
-  ids = {name: getattr(tokenizer, f"{name}_token_id") for name in ("pad", "unk", "cls", "sep", "mask")}
-  missing = [name for name, i in ids.items() if i is None and name in ("pad", "cls", "sep")]
+  """pad, unk, cls, sep and mask ids; "cls" and "sep" are the ids the tokenizer itself puts around a text:
+  [CLS] ... [SEP] (BERT), <s> ... </s> (RoBERTa, and XLM/FlauBERT, whose `cls_token` is </s>, not <s>)."""
+  ids = {name: getattr(tokenizer, f"{name}_token_id") for name in ("pad", "unk", "mask")}
+  framing = tokenizer("", add_special_tokens=True)["input_ids"]
+  missing = [name for name in ("pad",) if ids[name] is None] + (["cls/sep"] if len(framing) != 2 else [])
   if missing:
-    raise ValueError(f"tokenizer has no {missing} token; a BERT-style tokenizer is needed")
-  return ids
+    raise ValueError(f"tokenizer has no {missing} token; one that frames a text as [CLS] text [SEP] or "
+                     "<s> text </s> and pads is needed")
+  return {"pad": ids["pad"], "unk": ids["unk"], "cls": framing[0], "sep": framing[1], "mask": ids["mask"]}
 
 
 def chunk_example(content_ids: np.ndarray, *, max_len: int, min_len: int, cls_id: int, sep_id: int,

@@ -70,6 +70,34 @@ def tiny_teacher(tmp_path_factory, minilm_path) -> pathlib.Path:
 
 
 @pytest.fixture(scope="session")
+def roberta_tokenizer(tmp_path_factory, test_data) -> pathlib.Path:
+  """A byte-level BPE tokenizer, RoBERTa's kind (1,000 ids; <s> <pad> </s> <unk> <mask> = 0..4), trained with
+  `tokenizers` on the State of the Union corpus and saved by transformers' RobertaTokenizerFast."""
+  import tokenizers
+  import transformers
+  folder = tmp_path_factory.mktemp("roberta_tokenizer")
+  bpe = tokenizers.ByteLevelBPETokenizer()
+  bpe.train([str(f) for f in sorted((test_data / "corpus" / "sotu").glob("*.txt"))], vocab_size=1000,
+            min_frequency=2, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"], show_progress=False)
+  bpe.save_model(str(folder))  # vocab.json + merges.txt, which from_pretrained reads (the constructor would not)
+  transformers.RobertaTokenizerFast.from_pretrained(str(folder)).save_pretrained(str(folder))
+  return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_roberta_teacher(tmp_path_factory, roberta_tokenizer) -> pathlib.Path:
+  """A random 4-layer RoBERTa with that tokenizer, as a Hugging Face folder (RobertaForMaskedLM)."""
+  import distilbert_jax
+  cfg = distilbert_jax.EncoderConfig.roberta(vocab_size=1000, hidden_size=64, num_layers=4, num_heads=4,
+                                             intermediate_size=128, max_position_embeddings=66)
+  model = distilbert_jax.Encoder(cfg)
+  folder = tmp_path_factory.mktemp("tiny_roberta_teacher")
+  distilbert_jax.save_hf(model, distilbert_jax.init_params(model, jax.random.key(0)), folder,
+                         tokenizer=roberta_tokenizer)
+  return folder
+
+
+@pytest.fixture(scope="session")
 def data_cache(tmp_path_factory) -> pathlib.Path:
   """One tokenized-corpus cache shared by the training tests."""
   return tmp_path_factory.mktemp("cache")

@@ -213,6 +213,25 @@ def test_long_document_is_chunked_with_specials(test_data, tokenizer):
   np.testing.assert_array_equal(joined, body[:len(joined)])
 
 
+def test_roberta_bpe_tokenizer_frames_examples_with_its_own_specials(test_data, roberta_tokenizer, tmp_path):
+  """Byte-level BPE (RoBERTa): examples are <s> text </s>, batches pad with <pad> = 1, and every special is
+  known to the masking (none of them is ever selected)."""
+  tok = data.load_tokenizer(roberta_tokenizer)
+  assert data.special_ids(tok) == {"pad": 1, "unk": 3, "cls": 0, "sep": 2, "mask": 4}
+  files = sorted((test_data / "corpus" / "moby-dick").glob("chapter_*.txt"))[:5]
+  data.preprocess(list(data.iter_texts(files, unit="document")), tok, tmp_path, max_len=64, held_out_fraction=0.0,
+                  seed=0, progress=False)
+  ds = data.TokenizedDataset(tmp_path, "train")
+  examples = _all_examples(ds)
+  assert len(examples) > 20 and all(e[0] == 0 and e[-1] == 2 and not np.isin(e[1:-1], [0, 1, 2, 4]).any()
+                                    for e in examples)
+  batch = _take(data.make_batches(ds, batch_size=8, max_len=64, seed=0, strategy="pad"), 1)[0]
+  assert (batch["input_ids"][batch["attention_mask"] == 0] == 1).all() and (batch["attention_mask"] == 0).any()
+  # Byte-level BPE loses nothing: an example decodes to words of the text.
+  text = " ".join(f.read_text() for f in files)
+  assert all(word in text for word in tok.decode(examples[0][1:-1]).split())
+
+
 # ---------------------------------------------------------------------------------------- preprocessing
 
 

@@ -235,3 +235,17 @@ def test_output_attentions_takes_the_explicit_path(params, fused_calls):
     np.testing.assert_allclose(a, a_ref, atol=1e-6)
   # Block-diagonal: no weight crosses from segment 1 to segment 2 of the first row.
   assert float(np.max(out.attentions[0][0, :, :5, 5:])) == 0.0
+
+
+def test_roberta_packed_row_matches_its_examples_alone():
+  """A packed row with RoBERTa's positions (each example from pad_token_id + 1) computes each example as if alone."""
+  cfg = distilbert_jax.EncoderConfig.roberta(vocab_size=50, hidden_size=16, num_layers=2, num_heads=2,
+                                             intermediate_size=32, max_position_embeddings=20)
+  model = distilbert_jax.Encoder(cfg)
+  params = distilbert_jax.init_params(model, jax.random.key(0))
+  a, b = np.array([0, 7, 8, 9, 2]), np.array([0, 11, 2])
+  packed = model.apply({"params": params}, np.concatenate([a, b])[None], segment_ids=np.array([[1] * 5 + [2] * 3]),
+                       position_ids=np.array([list(range(2, 7)) + list(range(2, 5))]))
+  for ids, rows in ((a, slice(0, 5)), (b, slice(5, 8))):
+    alone = model.apply({"params": params}, ids[None])
+    np.testing.assert_allclose(packed.logits[0, rows], alone.logits[0], atol=1e-5)

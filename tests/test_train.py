@@ -390,3 +390,35 @@ def test_config_compute_options_reach_the_student_and_teacher(tiny_teacher):
   teacher, _, student, _ = train.build_models(c)
   assert (student.cfg.remat, student.cfg.remat_policy, student.cfg.attention) == (True, "dots_saveable", "dot_product")
   assert teacher.cfg.attention == "dot_product" and not teacher.cfg.remat
+
+
+@pytest.mark.parametrize("family,strategy", [("roberta", "pack")])
+def test_a_few_distillation_steps_per_family(request, tmp_path, family, strategy, data_cache, test_data):
+  """A small random teacher of each family, its own tokenizer, real text: a student of the teacher's family
+  trains (finite, moving losses) and exports as that family's masked-LM model, which transformers loads."""
+  import transformers
+  teacher = request.getfixturevalue(f"tiny_{family}_teacher")
+  c = tiny.get_config(str(teacher))
+  c.data.cache_dir, c.data.corpus_dir = str(data_cache), str(test_data / "corpus")
+  c.data.strategy = strategy  # packed rows: RoBERTa's positions restart at pad_token_id + 1 in every example
+  c.student.layers = ()  # every other teacher layer
+  c.train.update(steps=4, ckpt_every=4, log_every=1)
+  c.data.eval_batches = 1
+  summary = train.run(c, tmp_path)
+  losses = _losses(tmp_path)
+  assert len(losses) == 4 and np.all(np.isfinite(losses)) and losses[-1] != losses[0]
+  assert 0 <= summary["student_heldout_mlm_accuracy"] <= 1
+  exported, info = transformers.AutoModelForMaskedLM.from_pretrained(str(tmp_path / "export"),
+                                                                     output_loading_info=True)
+  assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+  assert exported.config.model_type == family and exported.config.num_hidden_layers == 2
+  tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "export"))
+  assert tok("the Union")["input_ids"] == transformers.AutoTokenizer.from_pretrained(str(teacher))("the Union")["input_ids"]
+
+
+def test_packed_positions_start_where_each_model_counts():
+  roberta = distilbert_jax.Encoder(distilbert_jax.EncoderConfig.roberta(pad_token_id=1))
+  bert = distilbert_jax.Encoder(distilbert_jax.EncoderConfig.bert())
+  extra = {"segment_ids": np.array([[1, 1, 2]]), "position_ids": np.array([[0, 1, 0]])}
+  assert train._model_inputs(roberta, extra)["position_ids"].tolist() == [[2, 3, 2]]
+  assert train._model_inputs(bert, extra) is extra
