@@ -175,6 +175,10 @@ KNOWN_MODELS = {
     "bert-large-cased": lambda: model_lib.EncoderConfig.bert(**_BERT_LARGE, vocab_size=28996),
     "distilbert-base-uncased": lambda: model_lib.EncoderConfig.distilbert(),
     "distilbert-base-cased": lambda: model_lib.EncoderConfig.distilbert(vocab_size=28996),
+    "roberta-base": lambda: model_lib.EncoderConfig.roberta(),
+    "distilroberta-base": lambda: model_lib.EncoderConfig.roberta(num_layers=6),
+    # 6 layers, width 512, 8 heads, 68,729 words, pre-norm, eps 1e-6: EncoderConfig.flaubert's defaults.
+    "flaubert/flaubert_small_cased": lambda: model_lib.EncoderConfig.flaubert(),
 }
 
 
@@ -183,7 +187,7 @@ def model_config(path: str) -> model_lib.EncoderConfig:
   (`checkpoint.load_config`); hub names not in the local cache from `KNOWN_MODELS`."""
   folder = pathlib.Path(path).expanduser()
   if not folder.is_dir():
-    name = re.sub(r"^(google-bert|distilbert)/", "", str(path))
+    name = re.sub(r"^(google-bert|distilbert|FacebookAI)/", "", str(path))
     cached = _hub_cache_config(str(path))
     if cached is not None:
       folder = cached.parent

@@ -84,6 +84,12 @@ def test_abstract_models_match_build_models(tiny_teacher):
 def test_known_hub_teacher_needs_no_download():
   cfg = aot.model_config("bert-base-uncased")
   assert (cfg.num_layers, cfg.hidden_size, cfg.vocab_size, cfg.family) == (12, 768, 30522, "bert")
+  cfg = aot.model_config("FacebookAI/roberta-base")
+  assert (cfg.num_layers, cfg.vocab_size, cfg.family, cfg.max_length, cfg.layer_norm_eps) == (
+      12, 50265, "roberta", 512, 1e-5)
+  cfg = aot.model_config("flaubert/flaubert_small_cased")
+  assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.vocab_size, cfg.pre_norm, cfg.layer_norm_eps) == (
+      6, 512, 8, 68729, True, 1e-6)
   with pytest.raises(validation.ConfigError, match="config.json"):
     aot.model_config("someone/unknown-model")
 
