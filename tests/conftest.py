@@ -98,6 +98,46 @@ def tiny_roberta_teacher(tmp_path_factory, roberta_tokenizer) -> pathlib.Path:
 
 
 @pytest.fixture(scope="session")
+def flaubert_tokenizer(tmp_path_factory, test_data) -> pathlib.Path:
+  """A Moses + BPE tokenizer, XLM/FlauBERT's kind (1,000 ids; <s> </s> <pad> <unk> <special0..9> = 0..13, mask
+  <special1> = 5 as in FlauBERT), its merges trained with `tokenizers` on Moses-tokenized State of the Union text
+  (English: no French corpus ships with the test data) and loaded and saved by transformers' FlaubertTokenizer."""
+  import sacremoses
+  import tokenizers
+  import transformers
+  from tokenizers import models, pre_tokenizers, trainers
+  folder = tmp_path_factory.mktemp("flaubert_tokenizer")
+  moses = sacremoses.MosesTokenizer(lang="fr")
+  texts = [" ".join(moses.tokenize(f.read_text(), escape=False))
+           for f in sorted((test_data / "corpus" / "sotu").glob("*.txt"))[:60]]
+  specials = ["<s>", "</s>", "<pad>", "<unk>"] + [f"<special{i}>" for i in range(10)]
+  bpe = tokenizers.Tokenizer(models.BPE(unk_token="<unk>", end_of_word_suffix="</w>"))  # XLM's word-end mark
+  bpe.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+  bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=1000, min_frequency=2, special_tokens=specials,
+                                                     end_of_word_suffix="</w>", show_progress=False))
+  bpe.model.save(str(folder))
+  merges = (folder / "merges.txt").read_text().splitlines()
+  (folder / "merges.txt").write_text("".join(f"{m}\n" for m in merges if not m.startswith("#version")))
+  transformers.FlaubertTokenizer(vocab_file=str(folder / "vocab.json"),
+                                 merges_file=str(folder / "merges.txt")).save_pretrained(str(folder))
+  return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_flaubert_teacher(tmp_path_factory, flaubert_tokenizer) -> pathlib.Path:
+  """A random 4-layer pre-norm FlauBERT (flaubert_small_cased's kind) with that tokenizer, as a Hugging Face
+  folder (FlaubertWithLMHeadModel)."""
+  import distilbert_jax
+  cfg = distilbert_jax.EncoderConfig.flaubert(vocab_size=1000, hidden_size=64, num_layers=4, num_heads=4,
+                                              max_position_embeddings=64)
+  model = distilbert_jax.Encoder(cfg)
+  folder = tmp_path_factory.mktemp("tiny_flaubert_teacher")
+  distilbert_jax.save_hf(model, distilbert_jax.init_params(model, jax.random.key(0)), folder,
+                         tokenizer=flaubert_tokenizer)
+  return folder
+
+
+@pytest.fixture(scope="session")
 def data_cache(tmp_path_factory) -> pathlib.Path:
   """One tokenized-corpus cache shared by the training tests."""
   return tmp_path_factory.mktemp("cache")
