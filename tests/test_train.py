@@ -424,3 +424,17 @@ def test_packed_positions_start_where_each_model_counts():
   extra = {"segment_ids": np.array([[1, 1, 2]]), "position_ids": np.array([[0, 1, 0]])}
   assert train._model_inputs(roberta, extra)["position_ids"].tolist() == [[2, 3, 2]]
   assert train._model_inputs(bert, extra) is extra
+
+
+def test_family_configs_build_the_intended_students():
+  """configs/distilroberta_base.py: roberta-base's 12 layers -> a 6-layer RoBERTa; configs/flaubert_small.py: a
+  FlauBERT teacher -> a random student of flaubert_small_cased's shape (L_cos off: the widths differ)."""
+  import distilroberta_base
+  import flaubert_small
+  from distilbert_jax import aot
+  teacher, student = train.model_configs(distilroberta_base.get_config(), aot.model_config)
+  assert (teacher.family, teacher.num_layers, student.family, student.num_layers) == ("roberta", 12, "roberta", 6)
+  assert student.type_vocab_size == 1 and student.positions_skip_padding and not student.use_pooler
+  base = distilbert_jax.EncoderConfig.flaubert(hidden_size=768, num_layers=12, num_heads=12, pre_norm=False)
+  teacher, student = train.model_configs(flaubert_small.get_config(), lambda _: base)
+  assert student == aot.model_config("flaubert/flaubert_small_cased").replace(dtype="bfloat16")
