@@ -554,6 +554,7 @@ def save_hf(model: model_lib.Encoder, params, path: str | os.PathLike, tokenizer
     raise ConversionError(f"{architecture} needs a classification head but this model has none (num_labels=0)")
   # The pooler is written where the Hugging Face model has one: BertModel, and both sequence classifiers.
   pooler = cfg.use_pooler and (classifies or architecture in ("BertModel", "RobertaModel", "XLMRobertaModel"))
+  hf_cfg = _config_to_hf(cfg, architecture)  # refuses what the family cannot hold, before anything is written
   out = pathlib.Path(path)
   if out.exists() and any(out.iterdir()) and not overwrite:
     raise ConversionError(f"{out} is not empty: choose an empty folder or pass overwrite=True (--overwrite)")
@@ -565,7 +566,6 @@ def save_hf(model: model_lib.Encoder, params, path: str | os.PathLike, tokenizer
   for ours, key, hook in mapping(cfg, head=with_head, pooler=pooler, classifier=classifies, base_prefix=prefix):
     tensors[key] = np.ascontiguousarray(hook.to_hf(np.asarray(_get(params, ours)), cfg))
   safetensors.numpy.save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-  hf_cfg = _config_to_hf(cfg, architecture)
   if classifies:
     hf_cfg.num_labels = cfg.num_labels
     hf_cfg.problem_type = "regression" if cfg.num_labels == 1 else "single_label_classification"

@@ -138,6 +138,10 @@ def student_config(config, teacher_cfg: model_lib.EncoderConfig | None, read_con
   cfg = base.replace(**dict(config.compute), **dict(config.student.overrides))
   if teacher_cfg is not None:
     check_pair(teacher_cfg, cfg, config.loss)
+  for name, model_cfg in (("teacher", teacher_cfg), ("student", cfg)):
+    if model_cfg is not None and model_cfg.num_languages:
+      raise ConfigError(f"the {name} has {model_cfg.num_languages} language embeddings, which need a language id per "
+                        "token, but the data pipeline gives none: distil a one-language model (n_langs=1)")
   return cfg
 
 

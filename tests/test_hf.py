@@ -356,3 +356,32 @@ def test_jax_classifier_exports_with_the_same_logits(tmp_path, family):
   ref = torch_forward(ref_model.eval(), ids, mask)
   out = model.apply({"params": params}, ids, attention_mask=mask)
   assert _max_diff(out.class_logits, ref.logits) < TOL
+
+
+# ------------------------------------------------------------------------------------------- family refusals
+
+@pytest.mark.parametrize("make,kw,message", [
+    ("flaubert", dict(intermediate_size=100), "feed-forward width is always 4 × hidden_size = 64"),
+    ("roberta", dict(type_vocab_size=0), "always has token-type embeddings"),
+    ("roberta", dict(positions_skip_padding=False), "positions_skip_padding=True but this model has False"),
+    ("bert", dict(pre_norm=True), "pre_norm=False but this model has True"),
+    ("distilbert", dict(mlm_head_act="relu"), "mlm_head_act='gelu' but this model has 'relu'"),
+    ("bert", dict(num_languages=2), "num_languages=0 but this model has 2"),
+    ("flaubert", dict(use_pooler=True), "use_pooler=False but this model has True"),
+    ("flaubert", dict(hidden_act="gelu_new"), "exact GELU or ReLU"),
+])
+def test_export_refuses_what_the_family_cannot_hold(tmp_path, make, kw, message):
+  cfg = getattr(distilbert_jax.EncoderConfig, make)(vocab_size=30, hidden_size=16, num_layers=1, num_heads=2,
+                                                    intermediate_size=64, max_position_embeddings=16)
+  model = distilbert_jax.Encoder(cfg.replace(**kw))
+  params = distilbert_jax.init_params(model, __import__("jax").random.key(0))
+  with pytest.raises(hf.ConversionError, match=message):
+    distilbert_jax.save_hf(model, params, tmp_path)
+
+
+def test_several_languages_need_language_ids():
+  model = distilbert_jax.Encoder(distilbert_jax.EncoderConfig.flaubert(
+      vocab_size=30, hidden_size=16, num_layers=1, num_heads=2, num_languages=3))
+  params = distilbert_jax.init_params(model, __import__("jax").random.key(0))
+  with pytest.raises(ValueError, match="3 language embeddings: pass language_ids"):
+    model.apply({"params": params}, np.ones((1, 4), np.int32))

@@ -327,3 +327,47 @@ def test_train_refuses_a_workdir_of_another_model(tiny_teacher, data_cache, test
           f"--config.data.cache_dir={data_cache}", f"--config.data.corpus_dir={test_data / 'corpus'}"]
   _assert_refused(train.main(argv), capsys, "holds checkpoints of another model")
   assert _hashes(workdir_with_checkpoints) == before
+
+
+# ------------------------------------------------------------------------------------------------ families
+
+def _flaubert_folder(folder: pathlib.Path, cls_name="FlaubertWithLMHeadModel", config_json=None,
+                     **cfg_kw) -> pathlib.Path:
+  """A tiny FlauBERT (or XLM) checkpoint with one option this encoder cannot honour, set on the config or, where
+  transformers cannot build such a model, written into config.json (`config_json`)."""
+  import json
+  import transformers
+  make_cfg = transformers.XLMConfig if cls_name.startswith("XLM") else transformers.FlaubertConfig
+  cfg = make_cfg(emb_dim=16, n_layers=1, n_heads=2, vocab_size=40, max_position_embeddings=16, **cfg_kw)
+  getattr(transformers, cls_name)(cfg).save_pretrained(str(folder))
+  if config_json:
+    saved = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**saved, **config_json}))
+  return folder
+
+
+FAMILY_CASES = [  # (id, checkpoint options, phrase of the one line)
+    ("sinusoidal positions", dict(sinusoidal_embeddings=True), "sinusoidal_embeddings=True is not supported: only "
+                                                               "learned position embeddings"),
+    ("causal", dict(causal=True), "causal=True is not supported"),
+    # transformers 5.25 cannot build an adaptive-softmax FlauBERT (it lacks asm_div_value): config.json says it.
+    ("adaptive softmax", dict(config_json={"asm": True}), "asm=True is not supported"),
+    ("XLM architecture", dict(cls_name="XLMWithLMHeadModel"), "holds XLMWithLMHeadModel, which is not supported"),
+]
+
+
+@pytest.mark.parametrize("options, phrase", [c[1:] for c in FAMILY_CASES], ids=[c[0] for c in FAMILY_CASES])
+def test_convert_refuses_family_options(options, phrase, tmp_path, capsys, no_compile):
+  src = _flaubert_folder(tmp_path / "src", **options)
+  capsys.readouterr()  # transformers' progress bar while saving
+  _assert_refused(convert.main(["hf2jax", "--src", str(src), "--dst", str(tmp_path / "out")]), capsys, phrase)
+  assert not (tmp_path / "out").exists()
+
+
+def test_train_refuses_several_languages_without_language_ids(tmp_path, data_cache, test_data, capsys, no_compile):
+  teacher = _flaubert_folder(tmp_path / "teacher", n_langs=2, use_lang_emb=True)
+  capsys.readouterr()
+  argv = ["train", f"--config={TINY}:{teacher}", f"--workdir={tmp_path / 'run'}", f"--config.data.cache_dir={data_cache}",
+          f"--config.data.corpus_dir={test_data / 'corpus'}", "--config.data.max_len=16"]
+  _assert_refused(train.main(argv), capsys, "the teacher has 2 language embeddings, which need a language id per token")
+  assert not (tmp_path / "run" / "metrics.jsonl").exists()
