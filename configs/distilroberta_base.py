@@ -21,23 +21,12 @@ bf16 compute with float32 parameters.
 Mesh: all devices on the fsdp axis, (1, 8, 1) on a v5e-8 or v4-8. AOT compile for a v5e-8 without one:
   python -m distilbert_jax.aot --config configs/distilroberta_base.py --topology v5e-8 (needs libtpu, see README).
 """
-from distilbert_jax.train import default_config
+from distilbert_jax import trainer
 
 
 def get_config():
-  c = default_config()
+  c = trainer.sibling_config(__file__, "distilbert_base.py")  # its recipe, mesh and batch
   c.teacher = "roberta-base"
-  c.student.layers = (0, 2, 4, 7, 9, 11)
-  c.student.copy_head = True
-  c.compute.dtype = "bfloat16"
   c.data.sources = ("hf:Skylion007/openwebtext",)
-  c.data.max_len = 512
-  c.data.batch_size = 256
-  c.data.held_out_fraction = 0.001
-  c.data.eval_batches = 50
-  c.optim.grad_accum = 8
   c.train.steps = 26000
-  c.train.log_every = 50
-  c.train.ckpt_every = 500
-  c.mesh.shape = (1, -1, 1)
   return c

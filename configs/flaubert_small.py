@@ -20,27 +20,18 @@ then linear decay, clip 5.0, 2,048 sequences of up to 512 tokens per update, bf1
 parameters. Mesh: all devices on the fsdp axis, (1, 8, 1) on a v5e-8 or v4-8. AOT compile for a v5e-8 needs
 libtpu and the teacher's config.json (a local folder or the hub cache: its shape is not built in).
 """
-from distilbert_jax.train import default_config
+from distilbert_jax import trainer
 
 # flaubert_small_cased's shape (EncoderConfig.flaubert's defaults), for the student.
 SMALL = dict(hidden_size=512, num_layers=6, num_heads=8, intermediate_size=2048, pre_norm=True, layer_norm_eps=1e-6)
 
 
 def get_config(teacher: str = "flaubert/flaubert_base_cased"):
-  c = default_config()
+  c = trainer.sibling_config(__file__, "distilbert_base.py")  # its recipe, mesh and batch
   c.teacher = teacher
   c.student.init = "random"
+  c.student.layers = ()
   c.student.overrides.update(SMALL)
   c.loss.alpha_cos = 0.0
-  c.compute.dtype = "bfloat16"
   c.data.sources = ("hf:wikimedia/wikipedia:20231101.fr",)
-  c.data.max_len = 512
-  c.data.batch_size = 256
-  c.data.held_out_fraction = 0.001
-  c.data.eval_batches = 50
-  c.optim.grad_accum = 8
-  c.train.steps = 9500
-  c.train.log_every = 50
-  c.train.ckpt_every = 500
-  c.mesh.shape = (1, -1, 1)
   return c

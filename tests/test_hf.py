@@ -385,3 +385,21 @@ def test_several_languages_need_language_ids():
   params = distilbert_jax.init_params(model, __import__("jax").random.key(0))
   with pytest.raises(ValueError, match="3 language embeddings: pass language_ids"):
     model.apply({"params": params}, np.ones((1, 4), np.int32))
+
+
+def test_xlm_roberta_is_read_and_written_as_roberta(tmp_path):
+  """XLM-R computes what RoBERTa computes: it loads as the roberta family and writes back as XLM-R, bit-exact."""
+  torch.manual_seed(0)
+  cfg = transformers.XLMRobertaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                      vocab_size=101, max_position_embeddings=40, type_vocab_size=1)
+  ref_model = transformers.XLMRobertaForMaskedLM(cfg).eval()
+  ref_model.save_pretrained(str(tmp_path / "src"))
+  model, params = distilbert_jax.load_hf(tmp_path / "src")
+  assert model.cfg.family == "roberta"
+  ids, mask = random_batch(np.random.default_rng(5), 101, pad_id=1)
+  assert _max_diff(model.apply({"params": params}, ids, attention_mask=mask).logits,
+                   torch_forward(ref_model, ids, mask).logits) < TOL
+  distilbert_jax.save_hf(model, params, tmp_path / "dst", architecture="XLMRobertaForMaskedLM")
+  assert transformers.AutoConfig.from_pretrained(str(tmp_path / "dst")).model_type == "xlm-roberta"
+  before, after = _hf_tensors(tmp_path / "src"), _hf_tensors(tmp_path / "dst")
+  assert set(before) == set(after) and all(np.array_equal(before[k], after[k]) for k in before)
