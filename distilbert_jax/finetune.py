@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from distilbert_jax import checkpoint, data, distributed, metrics, sharding, tasks, trainer, validation
+from distilbert_jax import checkpoint, data, distributed, hf, metrics, sharding, tasks, trainer, validation
 from distilbert_jax import model as model_lib
 
 log = logging.getLogger("distilbert_jax.finetune")
@@ -407,6 +407,10 @@ def _load_inputs(config) -> _Inputs:
     raise tasks.TaskError(f"the train split has {num_labels} labels but the validation split "
                           f"{eval_data.num_labels}: set --config.num_labels")
   base, base_params = checkpoint.load_any(config.model)
+  if config.train.export and not hf.writes_classifier(base.cfg.family):
+    raise validation.ConfigError(f"--config.model {config.model} is a {base.cfg.family} model, whose sequence "
+                                 "classifier cannot be exported yet (BERT and DistilBERT only): fine-tune one of "
+                                 "those, or set --config.train.export=False")
   model, params, new = with_head(base, base_params, num_labels, replace=config.replace_head, seed=config.seed,
                                  **config.compute)
   del base_params

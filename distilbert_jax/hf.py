@@ -161,6 +161,11 @@ IGNORED_KEYS = re.compile(r"^(cls\.predictions\.decoder\.(weight|bias)|vocab_pro
                           r"|(transformer\.)?position_ids)$")
 
 
+def writes_classifier(family: str) -> bool:
+  """Whether a sequence classifier of `family` can be written (as transformers' ...ForSequenceClassification)."""
+  return "classifier" in TABLES[family]
+
+
 def mapping(cfg: model_lib.EncoderConfig, *, head: bool = True, pooler: bool | None = None,
             classifier: bool | None = None, base_prefix: str = "") -> list[tuple[tuple[str, ...], str, Hook]]:
   """Every (our parameter path, Hugging Face key, hook) of a model with this config."""

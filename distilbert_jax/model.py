@@ -416,7 +416,8 @@ class Encoder(nn.Module):
     transformers takes them (RoBERTa's positions start at pad_token_id + 1: `cfg.first_position`).
 
     Left out, position ids are 0, 1, ... or, with `positions_skip_padding`, computed from the input ids as
-    transformers' RoBERTa does. `segment_ids` (B, L), for packed rows holding several examples (1, 2, ...
+    transformers' RoBERTa does; the attention mask is all ones (transformers' XLM would derive it from the pad
+    tokens: give it). `segment_ids` (B, L), for packed rows holding several examples (1, 2, ...
     per example, 0 = padding): a token attends only within its own example. `language_ids` (B, L): required
     when the model has language embeddings. Dropout is active when `deterministic=False` (pass
     `rngs={'dropout': key}` to `apply`). `output_attentions=True` returns the attention probabilities,

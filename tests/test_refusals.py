@@ -371,3 +371,10 @@ def test_train_refuses_several_languages_without_language_ids(tmp_path, data_cac
           f"--config.data.corpus_dir={test_data / 'corpus'}", "--config.data.max_len=16"]
   _assert_refused(train.main(argv), capsys, "the teacher has 2 language embeddings, which need a language id per token")
   assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_finetune_refuses_a_classifier_it_cannot_export(tiny_roberta_teacher, test_data, tmp_path, capsys, no_compile):
+  argv = ["finetune", f"--config={ROOT / 'configs' / 'finetune.py'}", f"--workdir={tmp_path}",
+          f"--config.model={tiny_roberta_teacher}", "--config.task=sentiment:imdb",
+          f"--config.sentiment_dir={test_data / 'sentiment'}", "--config.max_len=48", "--config.train.batch_size=16"]
+  _assert_refused(finetune.main(argv), capsys, "is a roberta model, whose sequence classifier cannot be exported yet")
