@@ -323,8 +323,10 @@ def tokenizer_fingerprint(tokenizer) -> str:
     spec = json.loads(backend.to_str())
     spec.pop("truncation", None)
     spec.pop("padding", None)
-  else:
-    spec = sorted(tokenizer.get_vocab().items())
+  else:  # a Python tokenizer (XLM/FlauBERT's Moses + BPE): its class, vocabulary and merges decide the ids
+    merges = sorted(getattr(tokenizer, "bpe_ranks", {}).items(), key=lambda pair_rank: pair_rank[1])
+    spec = {"class": type(tokenizer).__name__, "vocab": sorted(tokenizer.get_vocab().items()),
+            "merges": [pair for pair, _ in merges], "lowercase": getattr(tokenizer, "do_lowercase", None)}
   return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 

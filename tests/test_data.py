@@ -247,6 +247,18 @@ def test_other_tokenizers_frame_examples_with_their_own_specials(request, test_d
   assert len(words) > 20 and all(w in text for w in words)
 
 
+def test_python_tokenizer_fingerprint_covers_its_merges(flaubert_tokenizer, tmp_path):
+  """FlauBERT's tokenizer is Python (no backend to hash): fewer merges with the same vocabulary give other ids,
+  so another fingerprint (the tokenized-corpus cache must not be shared)."""
+  shutil.copytree(flaubert_tokenizer, tmp_path / "tok")
+  merges = (tmp_path / "tok" / "merges.txt").read_text().splitlines()
+  (tmp_path / "tok" / "merges.txt").write_text("".join(f"{m}\n" for m in merges[:-50]))
+  ours, theirs = data.load_tokenizer(flaubert_tokenizer), data.load_tokenizer(tmp_path / "tok")
+  assert ours.get_vocab() == theirs.get_vocab()
+  assert data.tokenizer_fingerprint(ours) != data.tokenizer_fingerprint(theirs)
+  assert data.tokenizer_fingerprint(ours) == data.tokenizer_fingerprint(data.load_tokenizer(flaubert_tokenizer))
+
+
 # ---------------------------------------------------------------------------------------- preprocessing
 
 
