@@ -25,7 +25,7 @@ import logging
 import os
 import pathlib
 import sys
-from typing import Any
+from typing import Any, Callable
 
 import grain
 import jax
@@ -63,7 +63,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.validation_fraction = 0.1  # local files: held out for validation (deterministic by seed)
   c.max_len = 128
   c.tokenizer = ""  # default: the model's
-  c.replace_head = False  # a checkpoint whose classifier has another number of labels: start a new head
+  c.replace_head = False  # a checkpoint whose task head is of another kind or size: start a new head
+  # "sequence" (sentence classification / regression), "token" (tagging, e.g. NER) or "span" (extractive QA).
+  c.task_head = "sequence"
   # How the model computes (as distillation's config.compute): dtype, remat, remat_policy, attention.
   c.compute = ml_collections.ConfigDict(dict(dtype="float32", remat=False, remat_policy="full", attention="einsum"))
 
@@ -88,15 +90,34 @@ class HeadMismatchError(validation.ConfigError):
 
 # ------------------------------------------------------------------------------------------------ data
 
+IGNORE = -100  # a label that takes no part in the loss (a word's later word pieces, special tokens)
+
+
 @dataclasses.dataclass(frozen=True)
 class TaskArrays:
-  """One split encoded: int32 (N, L) `input_ids`, `attention_mask`, `token_type_ids`; `labels` (N,)."""
+  """One split encoded for the model: the rows it reads, the labels it learns and how its outputs are scored.
+
+  Attributes:
+    inputs: int32 (N, L) `input_ids`, `attention_mask`, `token_type_ids`.
+    labels: (N, P), the P labels of each row (`head_outputs`): class ids (float values for regression) or
+      IGNORE.
+    score: the task's metrics from the model's (N, P, C) outputs on these rows.
+    baseline: the same metrics of a trivial predictor, named by `baseline_name`, for reports.
+    num_examples: the examples these rows encode (a long QA context gives several rows); default: one a row.
+  """
   inputs: dict[str, np.ndarray]
   labels: np.ndarray
-  task: tasks.TaskSpec
+  score: Callable[[np.ndarray], dict[str, float]] | None = None
+  baseline: dict[str, float] = dataclasses.field(default_factory=dict)
+  baseline_name: str = "majority class"
+  num_examples: int | None = None
 
   def __len__(self) -> int:
     return len(self.labels)
+
+  @property
+  def examples(self) -> int:
+    return len(self) if self.num_examples is None else self.num_examples
 
 
 SENTIMENT_PACKAGE = "sentiment@5.0.2"
@@ -144,9 +165,21 @@ def validation_split(config) -> str:
   return tasks.task_spec(task).validation_splits[0]
 
 
-def encode_split(task_data: tasks.TaskData, tokenizer, max_len: int) -> TaskArrays:
+def encode_split(task_data: tasks.TaskData, tokenizer, max_len: int,
+                 train_labels: np.ndarray | None = None) -> TaskArrays:
+  """A sequence task's split, one label per row; `train_labels` give the majority-class baseline."""
   inputs = tasks.encode(tokenizer, task_data.texts_a, task_data.texts_b, max_len)
-  return TaskArrays(inputs=inputs, labels=task_data.labels, task=task_data.task)
+  spec = task_data.task
+
+  def score(outputs_NxPxC: np.ndarray) -> dict[str, float]:
+    predictions = outputs_NxPxC[:, 0, 0] if spec.is_regression else outputs_NxPxC[:, 0]
+    return tasks.compute_metrics(spec, predictions, task_data.labels)
+
+  baseline = {}
+  if train_labels is not None and not spec.is_regression:  # a constant has no correlation: no regression baseline
+    majority = int(np.bincount(train_labels, minlength=spec.num_labels).argmax())
+    baseline = tasks.compute_metrics(spec, np.full(len(task_data.labels), majority), task_data.labels)
+  return TaskArrays(inputs=inputs, labels=task_data.labels[:, None], score=score, baseline=baseline)
 
 
 class _TakeRows(data.LocalBatches):
@@ -174,7 +207,7 @@ def example_batches(arrays: TaskArrays, *, batch_size: int, seed: int, shuffle: 
   Training (`shuffle`): each epoch a new permutation (seeded by (seed, epoch)), the incomplete last batch
   dropped. Evaluation (`shuffle=False`, one epoch): every example once in order, the last batch completed
   with filler rows whose `valid` is 0. Keys: input_ids, attention_mask, token_type_ids (B, L) int32,
-  labels (B,), valid (B,) int32.
+  labels (B, P), valid (B,) int32.
   """
   data.check_processes(batch_size, process_index, process_count)
   max_len = arrays.inputs["input_ids"].shape[1]
@@ -195,29 +228,44 @@ def _pooler_activation(cfg: model_lib.EncoderConfig) -> str:
   return "relu" if cfg.family == "distilbert" else "tanh"
 
 
-def with_head(model: model_lib.Encoder, params, num_labels: int, *, replace: bool = False, seed: int = 0,
-              **options) -> tuple[model_lib.Encoder, dict, list[str]]:
-  """The model with a task head of `num_labels` outputs: (model, params, names of new random subtrees).
+def _describe_head(cfg: model_lib.EncoderConfig) -> str:
+  if not cfg.num_labels:
+    return "no task head"
+  if cfg.task_head == "span":
+    return "a question-answering (span) head"
+  if cfg.task_head == "token":
+    return f"a token-classification head of {cfg.num_labels} tags"
+  return "a regression output" if cfg.num_labels == 1 else f"a sequence-classification head of {cfg.num_labels} classes"
 
-  A pretrained pooler is kept (BERT's pooler is trained by next-sentence prediction); a classifier of the
-  right size is kept (continuing a fine-tune, or a Hugging Face *ForSequenceClassification folder).
+
+def with_head(model: model_lib.Encoder, params, num_labels: int, *, head: str = "sequence",
+              label_names: tuple[str, ...] = (), replace: bool = False, seed: int = 0,
+              **options) -> tuple[model_lib.Encoder, dict, list[str]]:
+  """The model with a `head` task head (model.TASK_HEADS) of `num_labels` outputs: (model, params, names of
+  new random subtrees).
+
+  A sequence head sits on the pooler, and a pretrained pooler is kept (BERT's pooler is trained by
+  next-sentence prediction); token and span heads read every token and drop the pooler. A head of the same
+  kind and size is kept (continuing a fine-tune, or a Hugging Face *For...Classification / QA folder).
 
   Raises:
-    HeadMismatchError: the checkpoint's classifier has another number of labels and `replace` is off.
+    HeadMismatchError: the checkpoint has another task head and `replace` is off.
   """
   cfg = model.cfg
-  if cfg.num_labels and cfg.num_labels != num_labels and not replace:
-    kind = lambda n: "a regression output" if n == 1 else f"{n} classes"  # noqa: E731
+  wanted = model_lib.EncoderConfig(task_head=head, num_labels=num_labels, use_pooler=True)
+  same = cfg.num_labels == num_labels and cfg.task_head == head
+  if cfg.num_labels and not same and not replace:
     raise HeadMismatchError(
-        f"the checkpoint's task head has {kind(cfg.num_labels)} but the task has {kind(num_labels)}: pass "
+        f"the checkpoint has {_describe_head(cfg)} but the task needs {_describe_head(wanted)}: pass "
         "--config.replace_head=True to train a new head on this encoder, or use a checkpoint fine-tuned for "
         "this task")
-  new_cfg = cfg.replace(num_labels=num_labels, use_pooler=True, pooler_activation=_pooler_activation(cfg),
-                        **options)
+  pooled = head == "sequence"
+  new_cfg = cfg.replace(num_labels=num_labels, task_head=head, label_names=tuple(label_names), use_pooler=pooled,
+                        pooler_activation=_pooler_activation(cfg), **options)
   new_model = model_lib.Encoder(new_cfg)
   fresh = jax.device_get(model_lib.init_params(new_model, jax.random.key(seed)))
-  kept = dict(params)
-  if cfg.num_labels != num_labels:
+  kept = {k: v for k, v in params.items() if k != "pooler" or pooled}
+  if not same:
     kept.pop("classifier", None)
   new = sorted(set(fresh) - set(kept))
   merged = {k: kept.get(k, v) for k, v in fresh.items()}
@@ -233,17 +281,28 @@ def _paired_leaves(a, b):
   return [(path, x, y) for (path, x), y in zip(flat_a, flat_b)]
 
 
-def load_teacher(config, num_labels: int) -> tuple[model_lib.Encoder, Any]:
+def load_teacher(config, num_labels: int, head: str = "sequence") -> tuple[model_lib.Encoder, Any]:
   teacher, params = checkpoint.load_any(config.distill.teacher)
-  if teacher.cfg.num_labels != num_labels:
-    have = teacher.cfg.num_labels or "no"
-    raise HeadMismatchError(f"the distillation teacher {config.distill.teacher} has {have} task output(s) but "
-                            f"the task has {num_labels}: give a teacher fine-tuned on this task")
+  if (teacher.cfg.num_labels, teacher.cfg.task_head if teacher.cfg.num_labels else head) != (num_labels, head):
+    wanted = model_lib.EncoderConfig(task_head=head, num_labels=num_labels)
+    raise HeadMismatchError(f"the distillation teacher {config.distill.teacher} has {_describe_head(teacher.cfg)} "
+                            f"but the task needs {_describe_head(wanted)}: give a teacher fine-tuned on this task")
   return model_lib.Encoder(teacher.cfg.replace(dtype=config.compute.dtype,
                                                attention=config.compute.attention)), params
 
 
 # ------------------------------------------------------------------------------------------------ step
+
+def head_outputs(out: model_lib.EncoderOutput) -> jax.Array:
+  """The task head's outputs as (B, P, C), P rows of C scores per example, one label per row:
+  sequence P = 1, C = num_labels; token P = L, C = num_labels; span P = 2 (start, end), C = L (positions
+  are the classes)."""
+  if out.class_logits is not None:
+    return out.class_logits[:, None, :]
+  if out.token_logits is not None:
+    return out.token_logits
+  return jnp.stack([out.start_logits, out.end_logits], axis=1)
+
 
 def task_loss(logits_BxC: jax.Array, labels_B: jax.Array, weights_B: jax.Array, regression: bool) -> jax.Array:
   """Mean cross-entropy (classification) or squared error (regression, one output) over weighted rows."""
@@ -270,26 +329,38 @@ def soft_loss(s_BxC: jax.Array, t_BxC: jax.Array, weights_B: jax.Array, regressi
 
 
 def _forward(model, params, batch, **kw) -> jax.Array:
-  return model.apply({"params": params}, batch["input_ids"], attention_mask=batch["attention_mask"],
-                     token_type_ids=batch["token_type_ids"], compute_logits=False, **kw).class_logits
+  """(B, P, C) float32 task outputs (`head_outputs`)."""
+  return head_outputs(model.apply({"params": params}, batch["input_ids"], attention_mask=batch["attention_mask"],
+                                  token_type_ids=batch["token_type_ids"], compute_logits=False, **kw))
 
 
 def finetune_step(state: trainer.TrainState, teacher_params, batch: dict, *, model, teacher, tx, schedule,
                   regression: bool, alpha: float, temperature: float, grad_accum: int):
-  """One optimizer update: pure, `(state, batch) -> (state, metrics)`; dropout keyed by (rng, step)."""
+  """One optimizer update: pure, `(state, batch) -> (state, metrics)`; dropout keyed by (rng, step).
+
+  Every head's outputs are rows of scores with one label each (`head_outputs`), so one loss serves them all:
+  the (B, P, C) outputs are taken as B·P rows, weighted by the example's `valid` and the label's not being
+  IGNORE."""
 
   def loss_fn(params, micro, dropout_key):
-    logits_BxC = _forward(model, params, micro, deterministic=False, rngs={"dropout": dropout_key})
-    w_B = micro["valid"]
-    terms = {"task": task_loss(logits_BxC, micro["labels"], w_B, regression)}
+    out_BxPxC = _forward(model, params, micro, deterministic=False, rngs={"dropout": dropout_key})
+    rows = lambda x: x.reshape(-1, x.shape[-1])  # noqa: E731  (B, P, C) -> (B·P, C)
+    labels_N = micro["labels"].reshape(-1)
+    w_BxP = jnp.broadcast_to(micro["valid"][:, None], micro["labels"].shape)
+    if not regression:
+      w_BxP = w_BxP * (micro["labels"] != IGNORE)
+      labels_N = jnp.maximum(labels_N, 0)  # IGNORE rows weigh nothing; any valid class id will do
+    w_N = w_BxP.reshape(-1)
+    logits_NxC = rows(out_BxPxC)
+    terms = {"task": task_loss(logits_NxC, labels_N, w_N, regression)}
     total = terms["task"]
     if teacher is not None:
-      t_BxC = jax.lax.stop_gradient(_forward(teacher, teacher_params, micro))
-      terms["distill"] = soft_loss(logits_BxC, t_BxC, w_B, regression, temperature)
+      t_NxC = rows(jax.lax.stop_gradient(_forward(teacher, teacher_params, micro)))
+      terms["distill"] = soft_loss(logits_NxC, t_NxC, w_N, regression, temperature)
       total = alpha * terms["distill"] + (1.0 - alpha) * terms["task"]
     if not regression:
-      hit_B = (jnp.argmax(logits_BxC, -1) == micro["labels"]).astype(jnp.float32) * w_B
-      terms["accuracy"] = jnp.sum(hit_B) / jnp.maximum(jnp.sum(w_B), 1.0)
+      hit_N = (jnp.argmax(logits_NxC, -1) == labels_N).astype(jnp.float32) * w_N
+      terms["accuracy"] = jnp.sum(hit_N) / jnp.maximum(jnp.sum(w_N), 1.0)
     return total, terms
 
   state, out = trainer.apply_gradients(state, loss_fn, batch, tx=tx, schedule=schedule, grad_accum=grad_accum)
@@ -298,7 +369,7 @@ def finetune_step(state: trainer.TrainState, teacher_params, batch: dict, *, mod
 
 
 def predict(model, params, batch) -> jax.Array:
-  """(B, num_labels) float32 logits (regression: (B, 1) values), no dropout."""
+  """(B, P, C) float32 task outputs (`head_outputs`; sequence regression: (B, 1, 1) values), no dropout."""
   return _forward(model, params, batch, deterministic=True)
 
 
@@ -315,26 +386,14 @@ def _num_steps(config, n_train: int) -> int:
 
 
 def evaluate(model, params, arrays: TaskArrays, predict_fn, mesh, batch_size: int) -> dict[str, float]:
-  """The task's official metrics (`tasks.compute_metrics`) over every example of `arrays`."""
+  """The task's official metrics (`arrays.score`) over every row of `arrays`."""
+  del model  # predict_fn holds it
   outputs = []
   batches = example_batches(arrays, batch_size=batch_size, seed=0, shuffle=False, num_epochs=1,
                             process_index=jax.process_index(), process_count=jax.process_count())
   for local in batches:
-    logits = predict_fn(params, sharding.global_batch(local, mesh))
-    outputs.append(sharding.to_host(logits))
-  logits_NxC = np.concatenate(outputs)[:len(arrays)]
-  predictions = logits_NxC[:, 0] if arrays.task.is_regression else logits_NxC
-  return tasks.compute_metrics(arrays.task, predictions, arrays.labels)
-
-
-def majority_baseline(train_labels: np.ndarray, eval_arrays: TaskArrays) -> dict[str, float]:
-  """The task's metrics when always predicting the training set's most frequent class (or mean value)."""
-  n = len(eval_arrays)
-  if eval_arrays.task.is_regression:
-    # A constant has no correlation; the metrics of a constant are undefined, so report the mean only.
-    return {}
-  majority = int(np.bincount(train_labels, minlength=eval_arrays.task.num_labels).argmax())
-  return tasks.compute_metrics(eval_arrays.task, np.full(n, majority), eval_arrays.labels)
+    outputs.append(sharding.to_host(predict_fn(params, sharding.global_batch(local, mesh))))
+  return arrays.score(np.concatenate(outputs)[:len(arrays)])
 
 
 # Every numeric setting of a fine-tune and its range (validation.RANGES).
@@ -356,6 +415,9 @@ def validate_run(config, workdir: pathlib.Path):
     raise validation.ConfigError(f"no task: set --config.task to a GLUE task ({', '.join(tasks.GLUE_TASKS)}) or a "
                                  ".csv/.tsv/.json/.jsonl file")
   validation.check_ranges(config, RANGES)
+  if config.task_head not in TASK_READERS:
+    raise validation.ConfigError(f"--config.task_head={config.task_head!r} is not a task head: use one of "
+                                 f"{', '.join(TASK_READERS)}")
   if config.train.steps == 0 and config.train.epochs <= 0:
     raise validation.ConfigError("--config.train.epochs must be > 0 when --config.train.steps is 0: set one of them")
   trainer.check_mesh_rules(config.mesh.rules)
@@ -385,6 +447,41 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
     return _run(config, workdir, stop)
 
 
+@dataclasses.dataclass(frozen=True)
+class TaskSplits:
+  """A task's training and validation data as read (not yet tokenized), and the head it needs.
+
+  `encode(tokenizer, max_len)` gives the (train, validation) TaskArrays."""
+  name: str
+  head: str
+  num_labels: int
+  label_names: tuple[str, ...]
+  regression: bool
+  encode: Callable[[Any, int], tuple[TaskArrays, TaskArrays]]
+
+
+def sequence_task(config) -> TaskSplits:
+  """A sentence (pair) classification or regression task: GLUE, a local file, or sentiment sentences."""
+  train_data = load_split(config, "train")
+  eval_data = load_split(config, validation_split(config))
+  num_labels = train_data.num_labels
+  if eval_data.num_labels != num_labels:
+    raise tasks.TaskError(f"the train split has {num_labels} labels but the validation split "
+                          f"{eval_data.num_labels}: set --config.num_labels")
+
+  def encode(tokenizer, max_len: int) -> tuple[TaskArrays, TaskArrays]:
+    return (encode_split(train_data, tokenizer, max_len),
+            encode_split(eval_data, tokenizer, max_len, train_labels=train_data.labels))
+
+  spec = train_data.task
+  label_names = spec.label_names if len(spec.label_names) == num_labels else ()
+  return TaskSplits(spec.name, "sequence", num_labels, label_names, spec.is_regression, encode)
+
+
+# Each task head's reader of the configured task (config.task_head).
+TASK_READERS: dict[str, Callable[[Any], TaskSplits]] = {"sequence": sequence_task}
+
+
 @dataclasses.dataclass
 class _Inputs:
   """What a fine-tuning run reads before it compiles anything (every refusal happens while reading it)."""
@@ -393,28 +490,23 @@ class _Inputs:
   teacher: model_lib.Encoder | None
   teacher_params: Any
   tokenizer_path: str
+  task: TaskSplits
   train_arrays: TaskArrays
   eval_arrays: TaskArrays
-  num_labels: int
 
 
 def _load_inputs(config) -> _Inputs:
   """The task's splits, the model with its task head, the optional teacher and the encoded examples."""
-  train_data = load_split(config, "train")
-  eval_data = load_split(config, validation_split(config))
-  num_labels = train_data.num_labels
-  if eval_data.num_labels != num_labels:
-    raise tasks.TaskError(f"the train split has {num_labels} labels but the validation split "
-                          f"{eval_data.num_labels}: set --config.num_labels")
+  task = TASK_READERS[config.task_head](config)
   base, base_params = checkpoint.load_any(config.model)
-  model, params, new = with_head(base, base_params, num_labels, replace=config.replace_head, seed=config.seed,
-                                 **config.compute)
+  model, params, new = with_head(base, base_params, task.num_labels, head=task.head, label_names=task.label_names,
+                                 replace=config.replace_head, seed=config.seed, **config.compute)
   del base_params
   if new:
     log.info("new task head parameters (random init): %s", ", ".join(new))
   teacher = teacher_params = None
   if config.distill.teacher:
-    teacher, teacher_params = load_teacher(config, num_labels)
+    teacher, teacher_params = load_teacher(config, task.num_labels, task.head)
   tokenizer_path = config.tokenizer or model.cfg.tokenizer
   if not tokenizer_path:
     raise validation.ConfigError(f"{config.model} names no tokenizer: set --config.tokenizer=DIR")
@@ -423,15 +515,13 @@ def _load_inputs(config) -> _Inputs:
     raise validation.ConfigError(f"the tokenizer {tokenizer_path} has {len(tokenizer)} ids but the model's vocabulary "
                                  f"{model.cfg.vocab_size}: use the model's own tokenizer (--config.tokenizer)")
   validation.check_max_len(config.max_len, {"model": model, "distillation teacher": teacher}, "--config.max_len")
-  return _Inputs(model, params, teacher, teacher_params, tokenizer_path,
-                 encode_split(train_data, tokenizer, config.max_len), encode_split(eval_data, tokenizer, config.max_len),
-                 num_labels)
+  return _Inputs(model, params, teacher, teacher_params, tokenizer_path, task, *task.encode(tokenizer, config.max_len))
 
 
 def _run(config, workdir: pathlib.Path, stop) -> dict:
   inputs = _load_inputs(config)
   model, params, teacher, teacher_params = inputs.model, inputs.params, inputs.teacher, inputs.teacher_params
-  train_arrays, eval_arrays, num_labels = inputs.train_arrays, inputs.eval_arrays, inputs.num_labels
+  train_arrays, eval_arrays, task = inputs.train_arrays, inputs.eval_arrays, inputs.task
   tokenizer_path = inputs.tokenizer_path
   del inputs
   total_steps = _num_steps(config, len(train_arrays))
@@ -444,7 +534,7 @@ def _run(config, workdir: pathlib.Path, stop) -> dict:
   rules = dict(config.mesh.rules)
   tx, schedule = trainer.make_optimizer(config.optim, total_steps, head_keys=HEAD_KEYS, frozen_keys=FROZEN_KEYS)
   step_fn = functools.partial(finetune_step, model=model, teacher=teacher, tx=tx, schedule=schedule,
-                              regression=train_arrays.task.is_regression, alpha=config.distill.alpha,
+                              regression=task.regression, alpha=config.distill.alpha,
                               temperature=config.distill.temperature, grad_accum=config.optim.grad_accum)
   fns = trainer.jit_step(step_fn, mesh, rules, model, jax.eval_shape(lambda p: p, params), tx, config.seed,
                          teacher=teacher, abstract_teacher_params=jax.eval_shape(lambda p: p, teacher_params))
@@ -486,14 +576,15 @@ def _run(config, workdir: pathlib.Path, stop) -> dict:
         return trainer.stopped_early(ckpts, result.step, stage="evaluation")
       writer.write(result.step, {f"eval_{k}": v for k, v in scores.items()})
 
-    baseline = majority_baseline(train_arrays.labels, eval_arrays)
-    summary = {"step": result.step, "workdir": str(workdir), "task": train_arrays.task.name,
-               "num_labels": num_labels, "train_examples": len(train_arrays), "eval_examples": len(eval_arrays),
-               "eval": scores, "majority_baseline": baseline}
+    baseline = eval_arrays.baseline
+    summary = {"step": result.step, "workdir": str(workdir), "task": task.name, "task_head": task.head,
+               "num_labels": task.num_labels, "train_examples": train_arrays.examples,
+               "eval_examples": eval_arrays.examples, "eval": scores, "majority_baseline": baseline,
+               "baseline_name": eval_arrays.baseline_name}
     if is_main:
-      line = f"validation ({len(eval_arrays)} examples): {_format(scores)}"
+      line = f"validation ({eval_arrays.examples} examples): {_format(scores)}"
       if baseline:
-        line += f"; majority class: {_format(baseline)}"
+        line += f"; {eval_arrays.baseline_name}: {_format(baseline)}"
       print(line, flush=True)
     final = sharding.to_host(result.state.params)  # collectives: every process gathers
     return trainer.finish_run(workdir, model, final, tokenizer_path, summary, ckpts, export=config.train.export)
