@@ -1,21 +1,29 @@
-"""Fine-tuning an encoder on a sequence classification or regression task (GLUE or a local file).
+"""Fine-tuning an encoder on a task: sentence classification or regression, token classification (named-entity
+recognition) or extractive question answering.
 
-  python -m distilbert_jax.finetune --config configs/finetune.py --workdir runs/sst2 \
-      --config.model=runs/demo --config.task=sst2
+  python -m distilbert_jax.finetune --config configs/finetune.py:sst2 --workdir runs/sst2 --config.model=runs/demo
+  python -m distilbert_jax.finetune --config configs/finetune_ner.py:conll2003 --workdir runs/ner --config.model=...
+  python -m distilbert_jax.finetune --config configs/finetune_qa.py:squad --workdir runs/squad --config.model=...
 
 The same machinery as distillation (`trainer.fit`): one pure jitted step sharded over the (data, fsdp, tensor)
 mesh, Orbax checkpoints with the data position (exact resume, SIGTERM save), JSONL/TensorBoard metrics and
 the NaN stop. The model is any JAX model folder, training workdir (its newest checkpoint) or Hugging Face
-folder / hub name; a head for the task's labels is added where the checkpoint has none (BERT: pooler + tanh,
-kept if pretrained; DistilBERT: pre_classifier + ReLU) and the masked-LM head is frozen.
+folder / hub name; the task head `config.task_head` asks for is added where the checkpoint has none
+(sequence: BERT's pooler + tanh, kept if pretrained, DistilBERT's pre_classifier + ReLU; token and span: one
+dense layer on every token) and the masked-LM head is frozen.
 
-Optional distillation during fine-tuning (the paper's DistilBERT (D)): with `distill.teacher` (a model already
-fine-tuned on the same task) the loss is α·T²·KL(teacher/T ‖ student/T) + (1 − α)·CE(labels) for
-classification, α·MSE(student, teacher) + (1 − α)·MSE(student, labels) for regression.
+Every head's outputs are rows of scores with one label each (`head_outputs`): a sentence is one row over its
+classes, a tagged sentence one row per token over the tags, a question two rows (start, end) over the
+positions. So one loss serves all three, and so does distillation during fine-tuning (the paper's DistilBERT
+(D)): with `distill.teacher` (a model already fine-tuned on the same task) the loss is
+α·T²·KL(teacher/T ‖ student/T) + (1 − α)·CE(labels) over the rows, α·MSE(student, teacher) + (1 − α)·MSE(student,
+labels) for regression.
 
-One batch: `tasks.load_task` → `tasks.encode` (int32 (N, max_len) arrays, checked before anything compiles)
-→ `ExampleBatches` (this process's rows of each shuffled global batch, grain state in the checkpoint) →
-`finetune_step`. Evaluation runs every `train.eval_every` steps and at the end, with the task's metrics.
+One batch: a task reader (`TASK_READERS`: `sequence_task`, `token_task`, `span_task`) reads the splits and
+says which head the task needs → `TaskSplits.encode` gives int32 (N, max_len) rows with (N, P) labels, checked
+before anything compiles → `example_batches` (this process's rows of each shuffled global batch, grain state
+in the checkpoint) → `finetune_step`. Evaluation runs every `train.eval_every` steps and at the end: the rows'
+outputs go to the task's scorer (`TaskArrays.score`: GLUE metrics, entity F1, SQuAD exact match / F1).
 """
 from __future__ import annotations
 
