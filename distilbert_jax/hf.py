@@ -1,5 +1,6 @@
 """Hugging Face I/O: `load_hf` and `save_hf` for BERT, DistilBERT, RoBERTa (and XLM-R) and XLM/FlauBERT
-checkpoints.
+checkpoints (masked-LM and base models; BERT and DistilBERT also with the sequence-classification,
+token-classification and question-answering heads).
 
 The mapping between our parameter tree and Hugging Face keys is one table per family. Each row names our
 parameter path, the Hugging Face key (relative to the base model, or `^`-anchored for head keys that live
@@ -28,9 +29,11 @@ log = logging.getLogger(__name__)
 
 SUPPORTED_ARCHITECTURES = {
     "BertForMaskedLM": "bert", "BertForPreTraining": "bert", "BertModel": "bert",
-    "BertForSequenceClassification": "bert",
+    "BertForSequenceClassification": "bert", "BertForTokenClassification": "bert",
+    "BertForQuestionAnswering": "bert",
     "DistilBertForMaskedLM": "distilbert", "DistilBertModel": "distilbert",
-    "DistilBertForSequenceClassification": "distilbert",
+    "DistilBertForSequenceClassification": "distilbert", "DistilBertForTokenClassification": "distilbert",
+    "DistilBertForQuestionAnswering": "distilbert",
     "RobertaForMaskedLM": "roberta", "RobertaModel": "roberta",
     "XLMRobertaForMaskedLM": "roberta", "XLMRobertaModel": "roberta",
     "FlaubertWithLMHeadModel": "flaubert", "FlaubertModel": "flaubert",
@@ -41,6 +44,10 @@ _PREFIX = {"bert": "bert.", "distilbert": "distilbert.", "roberta": "roberta.", 
 # transformers' model_type -> our family (XLM-R is RoBERTa with another vocabulary).
 _MODEL_TYPES = {"bert": "bert", "distilbert": "distilbert", "roberta": "roberta", "xlm-roberta": "roberta",
                 "flaubert": "flaubert"}
+# The architecture suffix of each task head (model.TASK_HEADS), and the key-table part that holds its rows.
+HEAD_ARCHITECTURES = {"sequence": "ForSequenceClassification", "token": "ForTokenClassification",
+                      "span": "ForQuestionAnswering"}
+HEAD_TABLE_PARTS = {"sequence": "classifier", "token": "classifier", "span": "span_classifier"}
 
 
 class ConversionError(ValueError):
@@ -106,6 +113,7 @@ BERT_TABLE = {
     "layer": _BERT_LAYER,
     "pooler": _dense_rows("pooler", "pooler.dense"),
     "classifier": _dense_rows("classifier", "^classifier"),
+    "span_classifier": _dense_rows("classifier", "^qa_outputs"),
     "head": (_dense_rows("mlm_head/transform", "^cls.predictions.transform.dense")
              + _norm_rows("mlm_head/transform_norm", "^cls.predictions.transform.LayerNorm")
              + [("mlm_head/bias", "^cls.predictions.bias", COPY)]),
@@ -121,6 +129,7 @@ DISTILBERT_TABLE = {
     # DistilBERT's base model has no pooler; its sequence classifier's pre_classifier plays that part.
     "pooler": _dense_rows("pooler", "^pre_classifier"),
     "classifier": _dense_rows("classifier", "^classifier"),
+    "span_classifier": _dense_rows("classifier", "^qa_outputs"),
     "head": (_dense_rows("mlm_head/transform", "^vocab_transform")
              + _norm_rows("mlm_head/transform_norm", "^vocab_layer_norm")
              + [("mlm_head/bias", "^vocab_projector.bias", COPY)]),
@@ -161,9 +170,9 @@ IGNORED_KEYS = re.compile(r"^(cls\.predictions\.decoder\.(weight|bias)|vocab_pro
                           r"|(transformer\.)?position_ids)$")
 
 
-def writes_classifier(family: str) -> bool:
-  """Whether a sequence classifier of `family` can be written (as transformers' ...ForSequenceClassification)."""
-  return "classifier" in TABLES[family]
+def writes_task_head(family: str, head: str = "sequence") -> bool:
+  """Whether a `head` task head (model.TASK_HEADS) of `family` can be written (as transformers' ...For...)."""
+  return HEAD_TABLE_PARTS[head] in TABLES[family]
 
 
 def mapping(cfg: model_lib.EncoderConfig, *, head: bool = True, pooler: bool | None = None,
@@ -184,7 +193,7 @@ def mapping(cfg: model_lib.EncoderConfig, *, head: bool = True, pooler: bool | N
   if cfg.use_pooler if pooler is None else pooler:
     rows += part("pooler", "pooler")
   if bool(cfg.num_labels) if classifier is None else classifier:
-    rows += part("classifier", "sequence classifier in this project")
+    rows += part(HEAD_TABLE_PARTS[cfg.task_head], f"{cfg.task_head} head in this project")
   if head:
     rows += table["head"]
   out = []
@@ -330,6 +339,7 @@ def _config_to_hf(cfg: model_lib.EncoderConfig, architecture: str):
       hidden_dim=cfg.intermediate_size, max_position_embeddings=cfg.max_position_embeddings,
       activation=cfg.hidden_act, dropout=cfg.dropout_rate, attention_dropout=cfg.attention_dropout_rate,
       initializer_range=cfg.initializer_range, seq_classif_dropout=cfg.classifier_dropout_rate,
+      qa_dropout=cfg.classifier_dropout_rate,
       pad_token_id=cfg.pad_token_id, architectures=[architecture])
 
 
@@ -425,10 +435,24 @@ def _encoder_config(folder: pathlib.Path, hf_cfg, family: str, archs: list[str],
   pooler_key = {"bert": "pooler.dense.weight", "roberta": "pooler.dense.weight",
                 "distilbert": "pre_classifier.weight"}.get(family)
   has_pooler = pooler_key in tensor_names if tensor_names is not None else family == "bert"
-  classifies = any(a.endswith("ForSequenceClassification") for a in archs)
+  heads = [h for h, suffix in HEAD_ARCHITECTURES.items() if any(a.endswith(suffix) for a in archs)]
+  head = {}
+  if heads:
+    head = dict(task_head=heads[0], num_labels=hf_cfg.num_labels, label_names=_label_names(hf_cfg))
+    if heads[0] == "span":
+      head.update(num_labels=2, label_names=())
+    if family == "distilbert" and heads[0] != "sequence":  # the dropout before DistilBERT's QA / token head
+      head["classifier_dropout_rate"] = hf_cfg.qa_dropout if heads[0] == "span" else hf_cfg.dropout
   return config_from_hf(hf_cfg, family).replace(
-      use_pooler=has_pooler, num_labels=hf_cfg.num_labels if classifies else 0,
+      use_pooler=has_pooler, **head,
       tokenizer=str(folder) if any((folder / name).exists() for name in TOKENIZER_FILES) else None)
+
+
+def _label_names(hf_cfg) -> tuple[str, ...]:
+  """The class names of config.json's id2label, unless they are transformers' placeholders (LABEL_0, ...)."""
+  id2label = {int(k): v for k, v in (getattr(hf_cfg, "id2label", None) or {}).items()}
+  names = tuple(id2label.get(i, f"LABEL_{i}") for i in range(hf_cfg.num_labels))
+  return () if names == tuple(f"LABEL_{i}" for i in range(hf_cfg.num_labels)) else names
 
 
 def _tensor_names(folder: pathlib.Path, family: str) -> set[str] | None:
@@ -538,27 +562,32 @@ def save_hf(model: model_lib.Encoder, params, path: str | os.PathLike, tokenizer
   """Writes a Hugging Face folder: config.json, model.safetensors and the tokenizer files.
 
   `architecture` defaults to the family's masked-LM model: `BertForMaskedLM`, `DistilBertForMaskedLM`,
-  `RobertaForMaskedLM` (the pooler is left out: these have none) or `FlaubertWithLMHeadModel`; or to
-  `...ForSequenceClassification` for a BERT or DistilBERT with a classification head (`num_labels` > 0; 1 is
-  written as regression). `BertModel`, `DistilBertModel`, `RobertaModel`, `FlaubertModel` write the encoder
-  (and the pooler, where the model has one) without a head; `XLMRoberta...` write a RoBERTa as XLM-R.
+  `RobertaForMaskedLM` (the pooler is left out: these have none) or `FlaubertWithLMHeadModel`; or, for a BERT
+  or DistilBERT with a task head (`num_labels` > 0), to the head's `...ForSequenceClassification` (1 label is
+  written as regression), `...ForTokenClassification` or `...ForQuestionAnswering`. `BertModel`,
+  `DistilBertModel`, `RobertaModel`, `FlaubertModel` write the encoder (and the pooler, where the model has
+  one) without a head; `XLMRoberta...` write a RoBERTa as XLM-R. Class names (`label_names`) are written as
+  config.json's id2label / label2id.
   `tokenizer` is a transformers tokenizer or a folder; by default the one the model was loaded with.
   Tied weights are not written, as transformers does.
   """
   import safetensors.numpy
   cfg = model.cfg
   family_archs = [a for a, f in SUPPORTED_ARCHITECTURES.items() if f == cfg.family and a != "BertForPreTraining"]
+  task_archs = {a: h for a in family_archs for h, suffix in HEAD_ARCHITECTURES.items() if a.endswith(suffix)}
   if architecture is None:
-    classifiers = [a for a in family_archs if a.endswith("ForSequenceClassification")]
-    architecture = classifiers[0] if cfg.num_labels and classifiers else family_archs[0]
+    heads = [a for a, h in task_archs.items() if h == cfg.task_head]
+    architecture = heads[0] if cfg.num_labels and heads else family_archs[0]
   if architecture not in family_archs:
     raise ConversionError(f"architecture {architecture!r} does not fit a {cfg.family} model: use one of {family_archs}")
   with_head = architecture.endswith(("ForMaskedLM", "WithLMHeadModel"))
-  classifies = architecture.endswith("ForSequenceClassification")
-  if classifies and not cfg.num_labels:
-    raise ConversionError(f"{architecture} needs a classification head but this model has none (num_labels=0)")
-  # The pooler is written where the Hugging Face model has one: BertModel, and both sequence classifiers.
-  pooler = cfg.use_pooler and (classifies or architecture in ("BertModel", "RobertaModel", "XLMRobertaModel"))
+  classifies = architecture in task_archs
+  if classifies and not (cfg.num_labels and task_archs[architecture] == cfg.task_head):
+    have = f"a {cfg.task_head} head" if cfg.num_labels else "no task head (num_labels=0)"
+    raise ConversionError(f"{architecture} needs a {task_archs[architecture]} head but this model has {have}")
+  # The pooler is written where the Hugging Face model has one: the base models and the sequence classifiers.
+  pooler = cfg.use_pooler and (architecture in ("BertModel", "RobertaModel", "XLMRobertaModel")
+                               or (classifies and cfg.task_head == "sequence"))
   hf_cfg = _config_to_hf(cfg, architecture)  # refuses what the family cannot hold, before anything is written
   out = pathlib.Path(path)
   if out.exists() and any(out.iterdir()) and not overwrite:
@@ -573,7 +602,11 @@ def save_hf(model: model_lib.Encoder, params, path: str | os.PathLike, tokenizer
   safetensors.numpy.save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
   if classifies:
     hf_cfg.num_labels = cfg.num_labels
-    hf_cfg.problem_type = "regression" if cfg.num_labels == 1 else "single_label_classification"
+    if cfg.task_head == "sequence":
+      hf_cfg.problem_type = "regression" if cfg.num_labels == 1 else "single_label_classification"
+    if cfg.label_names:
+      hf_cfg.id2label = dict(enumerate(cfg.label_names))
+      hf_cfg.label2id = {name: i for i, name in enumerate(cfg.label_names)}
   hf_cfg.save_pretrained(str(out))
 
   tokenizer = tokenizer if tokenizer is not None else cfg.tokenizer

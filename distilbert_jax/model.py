@@ -1,4 +1,5 @@
-"""One Transformer encoder, configured as BERT, DistilBERT, RoBERTa or XLM/FlauBERT, with a masked-LM head.
+"""One Transformer encoder, configured as BERT, DistilBERT, RoBERTa or XLM/FlauBERT, with a masked-LM head and
+an optional task head.
 
 The families share one layer and one embedding block; configuration switches pick what differs:
 - BERT: token-type embeddings and a pooler. DistilBERT: neither, fewer layers.
@@ -9,6 +10,11 @@ The families share one layer and one embedding block; configuration switches pic
   residual stream zeroed at padding after the embeddings and after every layer (`zero_padding`), and an MLM
   head that is only the tied projection plus a bias (`mlm_transform=False`).
 Hugging Face key names do not live here (see `hf.py`); this module knows nothing of files.
+
+Task heads (`num_labels` > 0; `task_head` says which, `TASK_HEADS`), each dropout then one dense layer:
+- "sequence": on the pooled first token -> `class_logits` (B, num_labels) (1 label: regression);
+- "token": on every token -> `token_logits` (B, L, num_labels) (named-entity recognition);
+- "span": on every token, two outputs -> `start_logits`, `end_logits` (B, L) (extractive question answering).
 
 Every parameter carries logical axis names (`vocab`, `embed`, `heads`, `kv`, `mlp`, ...), and the residual
 stream is pinned to `ACTIVATION_AXES` after the embeddings and after every layer; `sharding.py` maps the
@@ -42,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 FAMILIES = ("bert", "distilbert", "roberta", "flaubert")
+TASK_HEADS = ("sequence", "token", "span")
 ACTIVATIONS = {
     "gelu": functools.partial(jax.nn.gelu, approximate=False),  # exact (erf) GELU, as BERT and DistilBERT
     "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
@@ -85,7 +92,9 @@ class EncoderConfig:
   type_vocab_size: int = 2  # 0: no token-type embeddings (DistilBERT)
   use_pooler: bool = True  # dense + activation on the first token (BERT's pooler, DistilBERT's pre_classifier)
   pooler_activation: str = "tanh"  # BERT: tanh; DistilBERT's sequence classifier: relu
-  num_labels: int = 0  # > 0: a sequence classification (1: regression) head on the pooled first token
+  num_labels: int = 0  # > 0: a task head (`task_head`) with this many outputs (span: 2, start and end)
+  task_head: str = "sequence"  # with num_labels > 0: "sequence", "token" or "span" (TASK_HEADS)
+  label_names: tuple[str, ...] = ()  # the task's class names by id, when known (written as id2label)
   classifier_dropout_rate: float = 0.1
   hidden_act: str = "gelu"
   layer_norm_eps: float = 1e-12
@@ -124,8 +133,14 @@ class EncoderConfig:
                        f"beyond max_position_embeddings={self.max_position_embeddings}")
     if self.pooler_activation not in POOLER_ACTIVATIONS:
       raise ValueError(f"pooler_activation must be one of {sorted(POOLER_ACTIVATIONS)}, got {self.pooler_activation!r}")
-    if self.num_labels and not self.use_pooler:
-      raise ValueError("a classification head (num_labels > 0) sits on the pooler: set use_pooler=True")
+    if self.task_head not in TASK_HEADS:
+      raise ValueError(f"task_head must be one of {TASK_HEADS}, got {self.task_head!r}")
+    if self.num_labels and self.task_head == "sequence" and not self.use_pooler:
+      raise ValueError("a sequence classification head (num_labels > 0) sits on the pooler: set use_pooler=True")
+    if self.num_labels and self.task_head == "span" and self.num_labels != 2:
+      raise ValueError(f"a span head has 2 outputs (start, end), got num_labels={self.num_labels}")
+    if self.label_names and len(self.label_names) != self.num_labels:
+      raise ValueError(f"{len(self.label_names)} label_names for num_labels={self.num_labels}")
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"{name} must be float32, bfloat16 or float16, got {getattr(self, name)!r}")
@@ -187,6 +202,8 @@ class EncoderConfig:
     unknown = set(d) - fields
     if unknown:
       raise ValueError(f"unknown EncoderConfig fields {sorted(unknown)}")
+    if "label_names" in d:  # JSON gives a list
+      d = {**d, "label_names": tuple(d["label_names"])}
     return cls(**d)
 
 
@@ -194,12 +211,16 @@ class EncoderConfig:
 class EncoderOutput:
   """logits (B, L, V) or None; hidden_states: num_layers + 1 arrays (B, L, D), embeddings output first;
   attentions: num_layers arrays (B, H, L, L) when asked for; pooled (B, D) when the config has a pooler;
-  class_logits (B, num_labels) float32 when the config has a classification head."""
+  the task head's float32 outputs: class_logits (B, num_labels), token_logits (B, L, num_labels), or
+  start_logits and end_logits (B, L)."""
   logits: jax.Array | None
   hidden_states: tuple[jax.Array, ...]
   attentions: tuple[jax.Array, ...] | None = None
   pooled: jax.Array | None = None
   class_logits: jax.Array | None = None
+  token_logits: jax.Array | None = None
+  start_logits: jax.Array | None = None
+  end_logits: jax.Array | None = None
 
   @property
   def last_hidden_state(self) -> jax.Array:
@@ -453,14 +474,21 @@ class Encoder(nn.Module):
       hidden.append(x_BxLxD)
       attentions.append(probs)
     pooled_BxD = POOLER_ACTIVATIONS[cfg.pooler_activation](self.pooler(x_BxLxD[:, 0])) if cfg.use_pooler else None
-    class_logits_BxC = None
-    if cfg.num_labels:
-      dropped_BxD = self.classifier_dropout(pooled_BxD, deterministic=deterministic)
-      class_logits_BxC = self.classifier(dropped_BxD).astype(jnp.float32)
+    heads = self._task_head(x_BxLxD, pooled_BxD, deterministic) if cfg.num_labels else {}
     logits = self.mlm_logits(x_BxLxD) if compute_logits else None
     return EncoderOutput(logits=logits, hidden_states=tuple(hidden),
-                         attentions=tuple(attentions) if output_attentions else None, pooled=pooled_BxD,
-                         class_logits=class_logits_BxC)
+                         attentions=tuple(attentions) if output_attentions else None, pooled=pooled_BxD, **heads)
+
+  def _task_head(self, x_BxLxD, pooled_BxD, deterministic) -> dict[str, jax.Array]:
+    """The task head's outputs, keyed by their EncoderOutput field."""
+    head = self.cfg.task_head
+    features = pooled_BxD if head == "sequence" else x_BxLxD
+    out = self.classifier(self.classifier_dropout(features, deterministic=deterministic)).astype(jnp.float32)
+    if head == "sequence":
+      return {"class_logits": out}
+    if head == "token":
+      return {"token_logits": out}
+    return {"start_logits": out[..., 0], "end_logits": out[..., 1]}
 
   def mlm_logits(self, h_xD):
     """(..., D) hidden states -> (..., V) float32 logits."""

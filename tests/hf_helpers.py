@@ -31,10 +31,20 @@ def hf_config(family: str, *, hidden=32, layers=2, heads=4, ffn=64, vocab=101, p
                                        max_position_embeddings=positions)
 
 
-def write_hf(folder: pathlib.Path, family: str, *, head=True, seed=0, safe=True, num_labels=0, **cfg_kw):
+TASK_CLASSES = {
+    "sequence": {BERT: transformers.BertForSequenceClassification,
+                 DISTILBERT: transformers.DistilBertForSequenceClassification},
+    "token": {BERT: transformers.BertForTokenClassification, DISTILBERT: transformers.DistilBertForTokenClassification},
+    "span": {BERT: transformers.BertForQuestionAnswering, DISTILBERT: transformers.DistilBertForQuestionAnswering},
+}
+
+
+def write_hf(folder: pathlib.Path, family: str, *, head=True, seed=0, safe=True, num_labels=0, task="sequence",
+             label_names=(), **cfg_kw):
   """A randomly initialised transformers model saved with save_pretrained; returns (folder, torch model).
 
-  head: masked-LM head or none; num_labels > 0: a sequence classifier instead."""
+  head: masked-LM head or none; num_labels > 0: a `task` head instead (TASK_CLASSES; span: num_labels=2),
+  with `label_names` as id2label where given."""
   torch.manual_seed(seed)
   cfg = hf_config(family, **cfg_kw)
   cls = {(BERT, True): transformers.BertForMaskedLM, (BERT, False): transformers.BertModel,
@@ -43,8 +53,10 @@ def write_hf(folder: pathlib.Path, family: str, *, head=True, seed=0, safe=True,
          (FLAUBERT, True): transformers.FlaubertWithLMHeadModel, (FLAUBERT, False): transformers.FlaubertModel}
   if num_labels:
     cfg.num_labels = num_labels
-    cls = {(BERT, head): transformers.BertForSequenceClassification,
-           (DISTILBERT, head): transformers.DistilBertForSequenceClassification}
+    if label_names:
+      cfg.id2label = dict(enumerate(label_names))
+      cfg.label2id = {name: i for i, name in enumerate(label_names)}
+    cls = {(family, head): TASK_CLASSES[task][family]}
   model = cls[family, head](cfg).eval()
   # Random init leaves LayerNorms at 1/0 and biases at 0: perturb every tensor so nothing passes by accident.
   with torch.no_grad():

@@ -67,7 +67,7 @@ def test_finetuned_classifier_export_matches_transformers(sentiment_run, test_da
   tok = transformers.AutoTokenizer.from_pretrained(workdir / "export")
   enc = tok(texts, padding=True, return_tensors="np")
   ours = np.asarray(finetune.predict(model, params, {k: enc[k] for k in ("input_ids", "attention_mask",
-                                                                          "token_type_ids")}))
+                                                                          "token_type_ids")}))[:, 0]
   pt = transformers.AutoModelForSequenceClassification.from_pretrained(workdir / "export").eval()
   with torch.no_grad():
     theirs = pt(**{k: torch.from_numpy(v) for k, v in enc.items()}).logits.numpy()
@@ -121,14 +121,14 @@ def test_example_batches_rows_by_hand():
   ids = np.arange(n * length, dtype=np.int32).reshape(n, length)
   arrays = finetune.TaskArrays(inputs={"input_ids": ids, "attention_mask": np.ones_like(ids),
                                        "token_type_ids": np.zeros_like(ids)},
-                               labels=np.arange(n, dtype=np.int32) * 10, task=None)
+                               labels=np.arange(n, dtype=np.int32)[:, None] * 10)
 
   def batches(**kw):
     out = list(finetune.example_batches(arrays, seed=7, **kw))
     for b in out:
       assert set(b) == {"input_ids", "attention_mask", "token_type_ids", "labels", "valid"}
-      np.testing.assert_array_equal(b["input_ids"], ids[b["labels"] // 10])
-    return [b["labels"].tolist() for b in out], [b["valid"].tolist() for b in out]
+      np.testing.assert_array_equal(b["input_ids"], ids[b["labels"][:, 0] // 10])
+    return [b["labels"][:, 0].tolist() for b in out], [b["valid"].tolist() for b in out]
 
   # np.random.default_rng([7, 0]).permutation(5) = [2 0 4 1 3], ([7, 1]) = [3 0 2 1 4].
   assert batches(batch_size=2, num_epochs=2) == ([[20, 0], [40, 10], [30, 0], [20, 10]], [[1, 1]] * 4)
@@ -211,13 +211,13 @@ def test_labels_outside_the_head_range(tmp_path, tiny_teacher, test_data, no_com
   # Without num_labels the file decides (3 classes); a 2-class checkpoint then does not fit the task.
   c.num_labels = 0
   c.model = str(_tiny_classifier_folder(tmp_path, tiny_teacher, 2))
-  with pytest.raises(finetune.HeadMismatchError, match="2 classes but the task has 3 classes.*replace_head"):
+  with pytest.raises(finetune.HeadMismatchError, match="head of 2 classes but the task needs a sequence-classification head of 3 classes.*replace_head"):
     finetune.run(c, tmp_path / "w")
 
 
 def test_checkpoint_head_that_does_not_match_the_task(tmp_path, tiny_teacher, test_data, no_compile):
   c = _config(_tiny_classifier_folder(tmp_path, tiny_teacher, 3), test_data)
-  with pytest.raises(finetune.HeadMismatchError, match="3 classes but the task has 2 classes"):
+  with pytest.raises(finetune.HeadMismatchError, match="head of 3 classes but the task needs a sequence-classification head of 2 classes"):
     finetune.run(c, tmp_path / "w")
   c.task, c.num_labels = str(test_data / "sentiment" / "imdb.json"), 1  # regression task, classifier checkpoint
   c.text_fields, c.label_field = ("text",), "class"
@@ -236,7 +236,7 @@ def test_replace_head_starts_a_new_head(tmp_path, tiny_teacher):
 def test_distillation_teacher_for_another_task_is_refused(tmp_path, tiny_teacher, test_data, no_compile):
   c = _config(tiny_teacher, test_data)
   c.distill.teacher = str(_tiny_classifier_folder(tmp_path, tiny_teacher, 3))
-  with pytest.raises(finetune.HeadMismatchError, match="teacher .* has 3 task output"):
+  with pytest.raises(finetune.HeadMismatchError, match="teacher .* has a sequence-classification head of 3 classes"):
     finetune.run(c, tmp_path / "w")
 
 

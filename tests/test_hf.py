@@ -340,6 +340,77 @@ def test_sequence_classifier_parity_and_round_trip(tmp_path, family, num_labels)
   assert set(before) == set(after) and all(np.array_equal(before[k], after[k]) for k in before)
 
 
+
+TAGS = ("O", "B-PER", "I-PER", "B-LOC", "I-LOC")
+
+
+@pytest.mark.parametrize("family,task", [(BERT, "token"), (DISTILBERT, "token"), (BERT, "span"), (DISTILBERT, "span")])
+def test_token_and_span_heads_parity_and_round_trip(tmp_path, family, task):
+  """*ForTokenClassification and *ForQuestionAnswering read with their head (and class names), the same
+  logits as transformers, and written back tensor for tensor (config.json's head fields included)."""
+  num_labels = len(TAGS) if task == "token" else 2
+  src, ref_model = write_hf(tmp_path / "src", family, num_labels=num_labels, task=task,
+                            label_names=TAGS if task == "token" else ())
+  model, params = distilbert_jax.load_hf(src)
+  assert (model.cfg.task_head, model.cfg.num_labels) == (task, num_labels) and not model.cfg.use_pooler
+  assert model.cfg.label_names == (TAGS if task == "token" else ())
+  ids, mask = random_batch(np.random.default_rng(3), 101)
+  ref = torch_forward(ref_model, ids, mask)
+  out = model.apply({"params": params}, ids, attention_mask=mask)
+  assert out.class_logits is None
+  if task == "token":
+    assert out.token_logits.shape == (*ids.shape, num_labels) and out.start_logits is None
+    assert _max_diff(out.token_logits, ref.logits) < TOL
+  else:
+    assert out.start_logits.shape == out.end_logits.shape == ids.shape and out.token_logits is None
+    assert _max_diff(out.start_logits, ref.start_logits) < TOL
+    assert _max_diff(out.end_logits, ref.end_logits) < TOL
+  dst = distilbert_jax.save_hf(model, params, tmp_path / "dst")
+  before, after = _hf_tensors(src), _hf_tensors(dst)
+  assert set(before) == set(after) and all(np.array_equal(before[k], after[k]) for k in before)
+  written = json.loads((dst / "config.json").read_text())
+  assert written["architectures"] == json.loads((src / "config.json").read_text())["architectures"]
+  if task == "token":
+    assert [written["id2label"][str(i)] for i in range(num_labels)] == list(TAGS)
+
+
+@pytest.mark.parametrize("family,task", [(BERT, "token"), (DISTILBERT, "span")])
+def test_jax_token_and_span_heads_export_with_the_same_logits(tmp_path, family, task):
+  """A head made here (not read from transformers) loads in transformers' Auto class with no missing or
+  unexpected keys and gives the same logits."""
+  import jax
+  make = distilbert_jax.EncoderConfig.bert if family == BERT else distilbert_jax.EncoderConfig.distilbert
+  cfg = make(vocab_size=89, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=48,
+             max_position_embeddings=32, use_pooler=False, task_head=task,
+             num_labels=len(TAGS) if task == "token" else 2, label_names=TAGS if task == "token" else ())
+  model = distilbert_jax.Encoder(cfg)
+  params = distilbert_jax.init_params(model, jax.random.key(6))
+  distilbert_jax.save_hf(model, params, tmp_path)
+  auto = (transformers.AutoModelForTokenClassification if task == "token"
+          else transformers.AutoModelForQuestionAnswering)
+  ref_model, info = auto.from_pretrained(str(tmp_path), output_loading_info=True)
+  assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+  ids, mask = random_batch(np.random.default_rng(0), 89)
+  ref = torch_forward(ref_model.eval(), ids, mask)
+  out = model.apply({"params": params}, ids, attention_mask=mask)
+  if task == "token":
+    assert ref_model.config.id2label[1] == "B-PER"
+    assert _max_diff(out.token_logits, ref.logits) < TOL
+  else:
+    assert _max_diff(out.start_logits, ref.start_logits) < TOL and _max_diff(out.end_logits, ref.end_logits) < TOL
+
+
+def test_a_head_the_architecture_cannot_hold_is_refused(tmp_path):
+  import jax
+  cfg = distilbert_jax.EncoderConfig.bert(vocab_size=89, hidden_size=32, num_layers=1, num_heads=4,
+                                          intermediate_size=48, use_pooler=False, task_head="token", num_labels=3)
+  model = distilbert_jax.Encoder(cfg)
+  params = distilbert_jax.init_params(model, jax.random.key(0))
+  with pytest.raises(hf.ConversionError, match="BertForQuestionAnswering needs a span head but this model has a token head"):
+    distilbert_jax.save_hf(model, params, tmp_path, architecture="BertForQuestionAnswering")
+  with pytest.raises(ValueError, match="a span head has 2 outputs"):
+    cfg.replace(task_head="span")
+
 @pytest.mark.parametrize("family", [BERT, DISTILBERT])
 def test_jax_classifier_exports_with_the_same_logits(tmp_path, family):
   make = distilbert_jax.EncoderConfig.bert if family == BERT else distilbert_jax.EncoderConfig.distilbert

@@ -377,4 +377,4 @@ def test_finetune_refuses_a_classifier_it_cannot_export(tiny_roberta_teacher, te
   argv = ["finetune", f"--config={ROOT / 'configs' / 'finetune.py'}", f"--workdir={tmp_path}",
           f"--config.model={tiny_roberta_teacher}", "--config.task=sentiment:imdb",
           f"--config.sentiment_dir={test_data / 'sentiment'}", "--config.max_len=48", "--config.train.batch_size=16"]
-  _assert_refused(finetune.main(argv), capsys, "is a roberta model, whose sequence classifier cannot be exported yet")
+  _assert_refused(finetune.main(argv), capsys, "is a roberta model, whose sequence head cannot be exported yet")
