@@ -283,10 +283,10 @@ def test_folder_without_weights(tmp_path):
 
 
 def test_unsupported_architecture(tmp_path):
-  transformers.BertForQuestionAnswering(transformers.BertConfig(
+  transformers.BertForMultipleChoice(transformers.BertConfig(
       hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16, vocab_size=30)
   ).save_pretrained(str(tmp_path))
-  with pytest.raises(hf.ConversionError, match="BertForQuestionAnswering.*supported architectures are "
+  with pytest.raises(hf.ConversionError, match="BertForMultipleChoice.*supported architectures are "
                                                ".*BertForMaskedLM"):
     distilbert_jax.load_hf(tmp_path)
 
