@@ -70,6 +70,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.validation_split = ""  # GLUE: default the task's first validation split (MNLI: validation_matched)
   c.validation_fraction = 0.1  # local files: held out for validation (deterministic by seed)
   c.validation_file = ""  # a local file of validation examples in the task's format (the task's file is then all training)
+  # Token and span tasks: keep at most this many training / validation examples (0: all), a seeded random
+  # choice, for runs that must stay short (the offline demos).
+  c.max_train_examples = 0
+  c.max_eval_examples = 0
   c.max_len = 128
   c.tokenizer = ""  # default: the model's
   c.replace_head = False  # a checkpoint whose task head is of another kind or size: start a new head
@@ -418,6 +422,7 @@ def evaluate(model, params, arrays: TaskArrays, predict_fn, mesh, batch_size: in
 # Every numeric setting of a fine-tune and its range (validation.RANGES).
 RANGES = {
     "max_len": ">0", "num_labels": ">=0", "validation_fraction": "(0,1)",
+    "max_train_examples": ">=0", "max_eval_examples": ">=0",
     "qa.doc_stride": ">0", "qa.n_best": ">0", "qa.max_answer_len": ">0",
     "distill.alpha": "[0,1]", "distill.temperature": ">0",
     "train.epochs": ">=0", "train.steps": ">=0", "train.batch_size": ">0", "train.eval_batch_size": ">0",
@@ -504,18 +509,35 @@ def sequence_task(config) -> TaskSplits:
   return TaskSplits(spec.name, "sequence", num_labels, label_names, spec.is_regression, encode)
 
 
-def _two_splits(config, source: str, read: Callable[..., Any], groups: Callable[[Any], np.ndarray] | None = None):
-  """(train, validation) of a token or span task: a hub set's two splits, or a local file's whole (with
-  `validation_file`) or carved parts; `read(name_or_path, split=...)` reads one, `subset(data, rows)` picks."""
-  if config.validation_file:
+def _pick(data, rows):
+  return data.subset(rows) if hasattr(data, "subset") else [data[i] for i in rows]
+
+
+def _limit(data, limit: int, seed: int):
+  """At most `limit` examples (0: all), a seeded random choice kept in file order."""
+  if not limit or len(data) <= limit:
+    return data
+  return _pick(data, np.sort(np.random.default_rng(seed).choice(len(data), limit, replace=False)))
+
+
+def _two_splits(config, source: str | tuple[str, str], read: Callable[..., Any],
+                groups: Callable[[Any], np.ndarray] | None = None):
+  """(train, validation) of a token or span task: a hub set's two splits, a (train file, validation file)
+  pair, or a local file's whole (with `validation_file`) or carved parts; `read(name_or_path, split=...)` reads
+  one. `max_train_examples` / `max_eval_examples` then keep a seeded random subset of each."""
+  if isinstance(source, tuple):
+    train, held_out = read(source[0]), read(source[1])
+  elif config.validation_file:
     train = read(source) if tasks.is_local(source) else read(source, split="train")
-    return train, read(config.validation_file)
-  if not tasks.is_local(source):
-    return read(source, split="train"), read(source, split=config.validation_split or "validation")
-  whole = read(source)
-  train_rows, eval_rows = _carve(len(whole), config, None if groups is None else groups(whole))
-  pick = lambda rows: whole.subset(rows) if hasattr(whole, "subset") else [whole[i] for i in rows]  # noqa: E731
-  return pick(train_rows), pick(eval_rows)
+    held_out = read(config.validation_file)
+  elif not tasks.is_local(source):
+    train, held_out = read(source, split="train"), read(source, split=config.validation_split or "validation")
+  else:
+    whole = read(source)
+    train_rows, eval_rows = _carve(len(whole), config, None if groups is None else groups(whole))
+    train, held_out = _pick(whole, train_rows), _pick(whole, eval_rows)
+  return (_limit(train, config.max_train_examples, config.seed),
+          _limit(held_out, config.max_eval_examples, config.seed + 1))
 
 
 def _carve(n: int, config, groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -560,10 +582,14 @@ def token_task(config) -> TaskSplits:
   return TaskSplits(config.task, "token", len(labels), labels, False, encode)
 
 
-def _qa_source(config) -> str:
-  if config.task.startswith("qa-sample:"):
-    return str(qa.sample_file(config.task.split(":", 1)[1], config.cache_dir, config.sample_dir or None))
-  return config.task
+def _qa_source(config) -> str | tuple[str, str]:
+  if not config.task.startswith("qa-sample:"):
+    return config.task
+  name = config.task.split(":", 1)[1]
+  fetch = lambda n: str(qa.sample_file(n, config.cache_dir, config.sample_dir or None))  # noqa: E731
+  if name in qa.SAMPLE_SPLITS:
+    return tuple(fetch(n) for n in qa.SAMPLE_SPLITS[name])
+  return fetch(name)
 
 
 def span_task(config) -> TaskSplits:

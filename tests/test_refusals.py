@@ -5,14 +5,17 @@ The command lines run in-process (their `main(argv)` returns the exit status); e
 before anything compiles, which the `no_compile` fixture enforces.
 """
 import hashlib
+import json
 import os
 import pathlib
 import re
 import sys
 
+import jax
 import numpy as np
 import pytest
 
+import distilbert_jax
 from distilbert_jax import checkpoint, evaluate, finetune, train, trainer, validation
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -378,3 +381,74 @@ def test_finetune_refuses_a_classifier_it_cannot_export(tiny_roberta_teacher, te
           f"--config.model={tiny_roberta_teacher}", "--config.task=sentiment:imdb",
           f"--config.sentiment_dir={test_data / 'sentiment'}", "--config.max_len=48", "--config.train.batch_size=16"]
   _assert_refused(finetune.main(argv), capsys, "is a roberta model, whose sequence head cannot be exported yet")
+
+
+# ------------------------------------------------------------------------------------------------ finetune: QA, NER
+
+def _task_files(tmp: pathlib.Path, squad: pathlib.Path) -> dict:
+  """Bad QA and NER files, made from the real samples."""
+  doc = json.loads(squad.read_text())
+  moved = json.loads(json.dumps(doc))
+  moved["data"][0]["paragraphs"][0]["qas"][0]["answers"][0]["answer_start"] += 3  # offset disagrees with the text
+  (tmp / "moved.json").write_text(json.dumps(moved))
+  absent = json.loads(json.dumps(doc))
+  absent["data"][0]["paragraphs"][0]["qas"][0]["answers"][0]["text"] = "words that are nowhere in the context"
+  (tmp / "absent.json").write_text(json.dumps(absent))
+  (tmp / "no_answers.json").write_text(json.dumps({"data": [{"title": "t", "paragraphs": [{"context": "c", "qas": [
+      {"id": "1", "question": "q"}]}]}]}))
+  (tmp / "empty.conll").write_text("")
+  (tmp / "badtag.conll").write_text("Obama\tPERSON\nspoke\tO\n\n")
+  (tmp / "tags.conll").write_text("Obama\tB-PER\nspoke\tO\n\nin\tO\nParis\tB-LOC\n\n" * 20)
+  return {"moved": tmp / "moved.json", "absent": tmp / "absent.json", "no_answers": tmp / "no_answers.json",
+          "empty": tmp / "empty.conll", "badtag": tmp / "badtag.conll", "tags": tmp / "tags.conll"}
+
+
+TASK_CASES = [  # (id, head, task, extra flags, phrase)
+    ("answer offset moved", "span", "{moved}", (), "is not at its answer_start"),
+    ("answer not in context", "span", "{absent}", (), "is not at its answer_start"),
+    ("question without answers field", "span", "{no_answers}", (), "answers"),
+    ("doc_stride >= max_len", "span", "{squad}", ("--config.qa.doc_stride=48",), "--config.qa.doc_stride (48) must be "
+                                                                                   "below --config.max_len (48)"),
+    ("n_best 0", "span", "{squad}", ("--config.qa.n_best=0",), "--config.qa.n_best must be > 0"),
+    ("max_answer_len 0", "span", "{squad}", ("--config.qa.max_answer_len=0",), "--config.qa.max_answer_len must be > 0"),
+    ("unknown QA sample", "span", "qa-sample:sqaud", (), "unknown QA sample 'sqaud'"),
+    ("missing SQuAD file", "span", "/nonexistent/train.json", (), "--config.task /nonexistent/train.json does not exist"),
+    ("empty CoNLL file", "token", "{empty}", (), "is empty"),
+    ("malformed tag", "token", "{badtag}", (), "are not O, B-TYPE, I-TYPE, E-TYPE or S-TYPE"),
+    ("unknown tag name", "token", "{tags}", ("--config.label_names=('O','B-PER','I-PER')",), "unknown tag(s) ['B-LOC']"),
+    ("missing validation file", "token", "{tags}", ("--config.validation_file=/nonexistent/dev.conll",),
+     "--config.validation_file /nonexistent/dev.conll does not exist"),
+    ("unknown head", "tokens", "{tags}", (), "--config.task_head='tokens' is not a task head"),
+    ("max_train_examples -1", "token", "{tags}", ("--config.max_train_examples=-1",),
+     "--config.max_train_examples must be >= 0"),
+    ("teacher for another task", "token", "{tags}", ("--config.distill.teacher={span_teacher}",),
+     "has a question-answering (span) head but the task needs a token-classification head"),
+    ("checkpoint of another head", "token", "{tags}", ("--config.model={span_teacher}",), "replace_head=True"),
+]
+
+
+@pytest.fixture(scope="module")
+def span_teacher(tmp_path_factory, tiny_teacher) -> pathlib.Path:
+  """A Hugging Face BertForQuestionAnswering folder (random), as a fine-tuned QA teacher would be."""
+  model, params = distilbert_jax.load_hf(tiny_teacher)
+  cfg = model.cfg.replace(task_head="span", num_labels=2, use_pooler=False)
+  qa_model = distilbert_jax.Encoder(cfg)
+  folder = tmp_path_factory.mktemp("span_teacher")
+  distilbert_jax.save_hf(qa_model, distilbert_jax.init_params(qa_model, jax.random.key(1)), folder, tokenizer=tiny_teacher)
+  return folder
+
+
+@pytest.mark.parametrize("head, task, extra, phrase", [c[1:] for c in TASK_CASES], ids=[c[0] for c in TASK_CASES])
+def test_finetune_refuses_bad_qa_and_ner_input(head, task, extra, phrase, tiny_teacher, task_samples, span_teacher,
+                                               workdir_with_checkpoints, tmp_path, capsys, no_compile):
+  files = {k: str(v) for k, v in _task_files(tmp_path, task_samples["squad"]).items()}
+  files.update(squad=str(task_samples["squad"]), span_teacher=str(span_teacher))
+  argv = ["finetune", f"--config={ROOT / 'configs' / 'finetune.py'}", f"--workdir={workdir_with_checkpoints}",
+          f"--config.model={tiny_teacher}", f"--config.task={task.format(**files)}", f"--config.task_head={head}",
+          "--config.max_len=48", "--config.qa.doc_stride=16", "--config.train.batch_size=8", "--config.train.steps=2",
+          f"--config.sample_dir={task_samples['squad'].parent}"]
+  argv += [a.format(**files) for a in extra]
+  before = _hashes(workdir_with_checkpoints)
+  capsys.readouterr()
+  _assert_refused(finetune.main(argv), capsys, phrase)
+  assert _hashes(workdir_with_checkpoints) == before
