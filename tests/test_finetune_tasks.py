@@ -156,6 +156,31 @@ def test_a_span_teacher_for_a_token_task_is_refused(qa_run, tagged_tweets, tiny_
     finetune.run(c, tmp_path / "w2")
 
 
+
+@pytest.mark.parametrize("head", ["token", "span"])
+def test_preempted_token_and_span_runs_resume_exactly(head, tagged_tweets, tiny_teacher, task_samples, tmp_path,
+                                                      monkeypatch):
+  """A preemption after step 3 of 6, then a rerun: the same parameters and losses as one straight run."""
+  task = tagged_tweets[0] if head == "token" else task_samples["squad"]
+
+  def run(workdir):
+    c = _config(tiny_teacher, task, head, steps=6, ckpt_every=3, log_every=1)
+    c.validation_file, c.qa.doc_stride = str(task), 24
+    return finetune.run(c, workdir)
+
+  straight = run(tmp_path / "a")
+  with monkeypatch.context() as m:
+    m.setattr(checkpoint.RunCheckpoints, "reached_preemption", lambda self, step: step == 3)
+    assert run(tmp_path / "b") == {"step": 3, "preempted": True}
+  assert run(tmp_path / "b")["step"] == straight["step"] == 6
+  a = checkpoint.load_model(tmp_path / "a" / "final")[1]
+  b = checkpoint.load_model(tmp_path / "b" / "final")[1]
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+  loss = lambda w: [json.loads(line)["loss"] for line in (w / "metrics.jsonl").read_text().splitlines()  # noqa: E731
+                    if '"loss"' in line]
+  assert loss(tmp_path / "a") == loss(tmp_path / "b") and len(loss(tmp_path / "a")) == 6
+
 @pytest.mark.slow
 def test_real_encoder_on_real_tweets_beats_the_majority_tag(minilm_path, task_samples, tmp_path):
   """all-MiniLM-L6-v2 fine-tuned 150 steps of 16 on 2,155 WNUT-16 tweets, scored on the other 239: entity F1
