@@ -191,3 +191,17 @@ def test_real_encoder_on_real_tweets_beats_the_majority_tag(minilm_path, task_sa
   summary = finetune.run(c, tmp_path / "wnut")
   assert summary["eval_examples"] == 239 and summary["train_examples"] == 2155
   assert summary["eval"]["f1"] >= 0.1 and summary["eval"]["accuracy"] > summary["majority_baseline"]["accuracy"]
+
+
+@pytest.mark.parametrize("name", ["finetune_qa.py", "finetune_qa_demo.py", "finetune_ner.py", "finetune_ner_demo.py"])
+def test_task_configs_load_with_valid_settings(name):
+  import importlib.util
+  from distilbert_jax import validation
+  path = pathlib.Path(__file__).parent.parent / "configs" / name
+  spec = importlib.util.spec_from_file_location(name[:-3], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config()
+  validation.check_ranges(c, finetune.RANGES)
+  assert c.task_head == ("span" if "qa" in name else "token") and c.task
+  assert c.task_head != "span" or c.qa.doc_stride < c.max_len
