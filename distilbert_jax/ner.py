@@ -143,17 +143,18 @@ def from_dataset(dataset, *, tokens_field: str = "tokens", tags_field: str = "ne
 
 
 def load_ner(name_or_path: PathLike, *, split: str = "train", tokens_field: str = "tokens",
-             tags_field: str = "ner_tags", tag_column: int = -1) -> NERData:
+             tags_field: str = "ner_tags", tag_column: int = -1, revision: str | None = None) -> NERData:
   """A local CoNLL column file (any path that exists, or has a "/" and a suffix), else one `datasets` split.
 
   Hub sets load through `datasets.load_dataset(name, split=split)` (data files, no dataset scripts; e.g.
-  "eriktks/conll2003" at a parquet revision); `split` is ignored for a local file.
+  "eriktks/conll2003" at `revision="refs/convert/parquet"`, the hub's parquet copy of a set that has a
+  loading script); `split` is ignored for a local file.
   """
   path = pathlib.Path(name_or_path)
   if isinstance(name_or_path, os.PathLike) or path.is_file() or path.suffix:
     return read_conll(path, tag_column)
   import datasets  # pylint: disable=g-import-not-at-top  (slow to import; only hub sets need it)
-  dataset = datasets.load_dataset(str(name_or_path), split=split)
+  dataset = datasets.load_dataset(str(name_or_path), split=split, revision=revision or None)
   return from_dataset(dataset, tokens_field=tokens_field, tags_field=tags_field, source=f"{name_or_path}:{split}")
 
 

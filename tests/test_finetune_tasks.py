@@ -205,3 +205,9 @@ def test_task_configs_load_with_valid_settings(name):
   validation.check_ranges(c, finetune.RANGES)
   assert c.task_head == ("span" if "qa" in name else "token") and c.task
   assert c.task_head != "span" or c.qa.doc_stride < c.max_len
+
+
+def test_hub_names_and_files_are_told_apart(tmp_path):
+  (tmp_path / "tags").write_text("x\tO\n")
+  assert not finetune.is_file_task("eriktks/conll2003") and not finetune.is_file_task("squad_v2")
+  assert finetune.is_file_task(str(tmp_path / "tags")) and finetune.is_file_task("missing/train.json")
