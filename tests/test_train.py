@@ -549,3 +549,34 @@ def test_every_weight_zero_counts_the_layer_losses():
   c.layer_loss.projection = "sometimes"
   with pytest.raises(train.ConfigError, match="projection='sometimes'"):
     train.validate_config(c)
+
+
+def test_a_narrow_student_distils_through_the_layer_losses_and_exports(tmp_path, tiny_teacher, data_cache, test_data):
+  """A random 2-layer, 32-wide student of the 64-wide teacher, every layer loss on (no L_cos): a few steps, then
+  the export is a DistilBertForMaskedLM without the projections, with the final model's logits."""
+  import torch
+  import transformers
+  c = tiny.get_config(str(tiny_teacher))
+  c.data.cache_dir, c.data.corpus_dir = str(data_cache), str(test_data / "corpus")
+  c.data.eval_batches = 0
+  c.train.update(steps=4, log_every=1, ckpt_every=4)
+  c.student.init = "random"
+  c.student.overrides.update(num_layers=2, hidden_size=32, num_heads=4, intermediate_size=64)
+  c.loss.alpha_cos = 0.0
+  c.layer_loss.update(alpha_hidden=1.0, alpha_embedding=1.0, alpha_attention=1.0, alpha_value_relation=1.0,
+                      alpha_relations=1.0, relation_heads=8)
+  summary = train.run(c, tmp_path)
+  logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert len(logged) == 4 and all(np.isfinite(r[f"layer_{t}"]) and r[f"layer_{t}"] > 0 for r in logged
+                                  for t in ("hidden", "embedding", "attention", "value_relation", "relations"))
+  model, params = checkpoint.load_model(tmp_path / "final")
+  assert train.LOSS_PARAMS not in params and model.cfg.hidden_size == 32
+  ref, info = transformers.AutoModelForMaskedLM.from_pretrained(summary["export"], output_loading_info=True)
+  assert type(ref).__name__ == "DistilBertForMaskedLM" and ref.config.dim == 32 and ref.config.n_layers == 2
+  assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+  ids = np.array([[101, 2023, 2003, 1037, 3231, 102, 0], [101, 7592, 2088, 102, 0, 0, 0]])
+  mask = (ids != 0).astype(np.int64)
+  ours = np.asarray(model.apply({"params": params}, ids, attention_mask=mask).logits)
+  with torch.no_grad():
+    theirs = ref.eval()(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+  assert np.abs(ours - theirs)[mask > 0].max() < 1e-4
