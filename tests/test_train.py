@@ -580,3 +580,16 @@ def test_a_narrow_student_distils_through_the_layer_losses_and_exports(tmp_path,
   with torch.no_grad():
     theirs = ref.eval()(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
   assert np.abs(ours - theirs)[mask > 0].max() < 1e-4
+
+
+@pytest.mark.parametrize("recipe", ["tinybert", "minilm", "minilmv2"])
+def test_layer_demo_recipes_build(recipe, minilm_path):
+  """configs/layers_demo.py: each recipe is a valid run whose narrow student meets the 384-wide demo teacher."""
+  layers_demo = trainer.sibling_config(str(ROOT / "configs" / "tiny.py"), "layers_demo.py", recipe)
+  layers_demo.teacher = str(minilm_path)
+  train.validate_config(layers_demo)
+  teacher_cfg, student_cfg = train.model_configs(layers_demo)
+  assert (student_cfg.num_layers, student_cfg.hidden_size, teacher_cfg.hidden_size) == (3, 192, 384)
+  layer = train.layer_loss_config(layers_demo.layer_loss, teacher_cfg, student_cfg)
+  assert layer.active and layer.layer_map[-1] == (3, 6)
+  assert bool(train.projection_shapes(layers_demo.layer_loss, teacher_cfg, student_cfg)) == (recipe == "tinybert")
