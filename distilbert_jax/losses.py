@@ -341,3 +341,156 @@ class LossConfig:
     if not distilling:
       return terms["mlm"]
     return sum(getattr(self, f"alpha_{name}") * value for name, value in terms.items())
+
+
+# ------------------------------------------------------------------------------------------------ layers
+
+# The layer losses of TinyBERT (Jiao et al. 2020, arXiv 1909.10351), MiniLM (Wang et al. 2020, arXiv 2002.10957)
+# and MiniLMv2 (Wang et al. 2021, arXiv 2012.15828), on (B, L, ...) arrays of one student layer and one teacher
+# layer. Each averages over the selected tokens (``weights_BxL`` > 0, padding excluded) as the vocabulary losses
+# do; the relation losses also mask padded keys (``attend_mask``). The teacher's arrays are not differentiated
+# by the caller (stop_gradient); nothing here depends on which model is which beyond the argument order.
+
+
+def attend_mask(pad_BxL: jax.Array, segment_ids_BxL: jax.Array | None = None) -> jax.Array:
+  """(B, Q, L) bool, True where a query may attend a key, as the encoder builds it: Q = 1 (every query sees
+  the non-pad keys) or, for packed rows (``segment_ids_BxL``, 0 = padding), Q = L (only its own example)."""
+  if segment_ids_BxL is None:
+    return (pad_BxL > 0)[:, None, :]
+  seg_BxL = segment_ids_BxL
+  return (seg_BxL[:, :, None] == seg_BxL[:, None, :]) & (seg_BxL[:, None, :] > 0)
+
+
+def hidden_mse_loss(student_h_BxLxDs: jax.Array, teacher_h_BxLxDt: jax.Array, weights_BxL: jax.Array,
+                    projection: Mapping[str, jax.Array] | None = None) -> jax.Array:
+  """TinyBERT's hidden-state (and embedding-layer) loss MSE(H_s W + b, H_t): the squared error of each selected
+  token averaged over the teacher's D_t features, then over the selected tokens.
+
+  ``projection`` {"kernel": (D_s, D_t), "bias": (D_t,)} is TinyBERT's learned W_h (W_e for the embeddings), which
+  lets a narrower student meet its teacher; None: no projection (D_s = D_t). TinyBERT's own code averages over
+  every position, padding included; here padding is left out, like every loss of this module.
+  """
+  h_BxLxD = student_h_BxLxDs.astype(jnp.float32)
+  if projection is not None:
+    h_BxLxD = h_BxLxD @ projection["kernel"].astype(jnp.float32) + projection["bias"].astype(jnp.float32)
+  diff_BxLxD = h_BxLxD - teacher_h_BxLxDt.astype(jnp.float32)
+  return _weighted_mean(jnp.mean(diff_BxLxD * diff_BxLxD, axis=-1).reshape(-1), weights_BxL.reshape(-1))
+
+
+def _relation_log_probs(a_BxHxLxK: jax.Array, b_BxHxLxK: jax.Array, attend_BxQxL: jax.Array) -> jax.Array:
+  """(B, H, L, L) log softmax over keys of a·bᵀ/√K, masked keys at the float32 minimum (as the encoder)."""
+  scale = 1.0 / jnp.sqrt(jnp.float32(a_BxHxLxK.shape[-1]))
+  scores = jnp.einsum("bhqk,bhtk->bhqt", a_BxHxLxK.astype(jnp.float32), b_BxHxLxK.astype(jnp.float32)) * scale
+  scores = jnp.where(attend_BxQxL[:, None], scores, jnp.finfo(jnp.float32).min)
+  return jax.nn.log_softmax(scores, axis=-1)
+
+
+def relation_kl_loss(student_pair: tuple[jax.Array, jax.Array], teacher_pair: tuple[jax.Array, jax.Array],
+                     attend_BxQxL: jax.Array, weights_BxL: jax.Array) -> jax.Array:
+  """KL(R_t ‖ R_s) of the relations R = softmax(a·bᵀ/√K) (per head, over the keys), summed over keys, averaged
+  over heads and selected queries: MiniLM's 1/(A_h·|x|) Σ_a Σ_t KL(R_t,a,t ‖ R_s,a,t).
+
+  Each pair holds two (B, H, L, K) arrays; student and teacher need the same H, not the same K. (queries,
+  keys) gives the attention distributions (TinyBERT's attention transfer in KL form, MiniLM's L_AT), (values,
+  values) MiniLM's value relation L_VR; ``split_relation_heads`` first gives MiniLMv2's relations.
+  ``attend_BxQxL``: ``attend_mask``; keys it masks count neither in the softmax nor in the KL.
+  """
+  log_s = _relation_log_probs(*student_pair, attend_BxQxL)
+  log_t = _relation_log_probs(*teacher_pair, attend_BxQxL)
+  kl_BxHxQ = jnp.sum(jnp.where(attend_BxQxL[:, None], jnp.exp(log_t) * (log_t - log_s), 0.0), axis=-1)
+  return _weighted_mean(jnp.mean(kl_BxHxQ, axis=1).reshape(-1), weights_BxL.reshape(-1))
+
+
+def split_relation_heads(x_BxHxLxK: jax.Array, num_relation_heads: int) -> jax.Array:
+  """MiniLMv2's relation heads: the H heads concatenated (B, L, H·K) and re-split into R heads of H·K/R
+  features -> (B, R, L, H·K/R); R is free of both models' head counts but must divide H·K."""
+  b, h, l, k = x_BxHxLxK.shape
+  if (h * k) % num_relation_heads:
+    raise ValueError(f"{num_relation_heads} relation heads do not divide the {h * k} attention features")
+  x_BxLxHK = jnp.swapaxes(x_BxHxLxK, 1, 2).reshape(b, l, h * k)
+  return jnp.swapaxes(x_BxLxHK.reshape(b, l, num_relation_heads, h * k // num_relation_heads), 1, 2)
+
+
+def attention_kl_loss(student_qk, teacher_qk, attend_BxQxL, weights_BxL) -> jax.Array:
+  """TinyBERT/MiniLM attention transfer as a KL per head: KL(A_t ‖ A_s) of the attention distributions
+  softmax(q·kᵀ/√K + mask), from each model's (queries, keys) (B, H, L, K); same head count on both sides.
+  (TinyBERT's paper takes the MSE of the unnormalised scores; this is the distribution form MiniLM uses.)"""
+  return relation_kl_loss(student_qk, teacher_qk, attend_BxQxL, weights_BxL)
+
+
+def value_relation_loss(student_v, teacher_v, attend_BxQxL, weights_BxL) -> jax.Array:
+  """MiniLM's value-relation loss: KL of softmax(V·Vᵀ/√K) per head, from each model's values (B, H, L, K)."""
+  return relation_kl_loss((student_v, student_v), (teacher_v, teacher_v), attend_BxQxL, weights_BxL)
+
+
+def minilmv2_relation_loss(student_qkv, teacher_qkv, attend_BxQxL, weights_BxL, num_relation_heads: int
+                           ) -> jax.Array:
+  """MiniLMv2's multi-head self-attention relation loss: Σ over query-query, key-key and value-value of the
+  relation KL over ``num_relation_heads`` relation heads (``split_relation_heads``), each averaged over relation
+  heads and selected queries (the paper's weights, all 1). ``*_qkv``: (queries, keys, values), (B, H, L, K)."""
+  total = jnp.float32(0.0)
+  for s_x, t_x in zip(student_qkv, teacher_qkv):
+    s_r = split_relation_heads(s_x, num_relation_heads)
+    t_r = split_relation_heads(t_x, num_relation_heads)
+    total = total + relation_kl_loss((s_r, s_r), (t_r, t_r), attend_BxQxL, weights_BxL)
+  return total
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerLossConfig:
+  """The layer losses' weights and where they apply, fixed when the step is compiled (``config.layer_loss``).
+
+  ``layer_map``: (student layer, teacher layer) pairs, 1-based layer outputs (hidden state i is the output of
+  layer i; its attention is that layer's): the hidden-state MSE and the attention KL summed over the pairs (as
+  TinyBERT sums its layers), the MiniLM value relation and MiniLMv2 relations at the last pair. The embedding
+  MSE always pairs the embeddings. One projection serves every hidden pair (TinyBERT's single W_h).
+  """
+  alpha_hidden: float = 0.0  # TinyBERT hidden-state MSE (through the "hidden" projection when present)
+  alpha_embedding: float = 0.0  # TinyBERT embedding-layer MSE (through the "embedding" projection when present)
+  alpha_attention: float = 0.0  # attention-distribution KL per head (TinyBERT in KL form; MiniLM's L_AT)
+  alpha_value_relation: float = 0.0  # MiniLM's value-relation KL
+  alpha_relations: float = 0.0  # MiniLMv2's query-query, key-key, value-value relations
+  relation_heads: int = 1  # MiniLMv2's relation heads R
+  layer_map: tuple[tuple[int, int], ...] = ()
+
+  TERMS = ("hidden", "embedding", "attention", "value_relation", "relations")
+
+  def weight(self, name: str) -> float:
+    return getattr(self, f"alpha_{name}")
+
+  @property
+  def active(self) -> bool:
+    return any(self.weight(name) > 0 for name in self.TERMS)
+
+  @property
+  def needs_qkv(self) -> bool:
+    return any(self.weight(name) > 0 for name in ("attention", "value_relation", "relations"))
+
+  def terms(self, student_hidden, teacher_hidden, student_qkv, teacher_qkv, projections: Mapping,
+            attend_BxQxL: jax.Array, weights_BxL: jax.Array) -> dict[str, jax.Array]:
+    """The weighted-on terms {name: value}: ``*_hidden`` are the models' hidden states (embeddings first),
+    ``*_qkv`` their per-layer (queries, keys, values), ``projections`` the learned {"hidden", "embedding"}
+    projections there are (a missing one: none)."""
+    out = {}
+    on = lambda name: self.weight(name) > 0  # noqa: E731
+    if on("embedding"):
+      out["embedding"] = hidden_mse_loss(student_hidden[0], teacher_hidden[0], weights_BxL,
+                                         projections.get("embedding"))
+    if on("hidden"):
+      out["hidden"] = sum(hidden_mse_loss(student_hidden[s], teacher_hidden[t], weights_BxL,
+                                          projections.get("hidden")) for s, t in self.layer_map)
+    if on("attention"):
+      out["attention"] = sum(
+          attention_kl_loss(student_qkv[s - 1][:2], teacher_qkv[t - 1][:2], attend_BxQxL, weights_BxL)
+          for s, t in self.layer_map)
+    s_last, t_last = self.layer_map[-1] if self.layer_map else (0, 0)
+    if on("value_relation"):
+      out["value_relation"] = value_relation_loss(student_qkv[s_last - 1][2], teacher_qkv[t_last - 1][2],
+                                                  attend_BxQxL, weights_BxL)
+    if on("relations"):
+      out["relations"] = minilmv2_relation_loss(student_qkv[s_last - 1], teacher_qkv[t_last - 1], attend_BxQxL,
+                                                weights_BxL, self.relation_heads)
+    return out
+
+  def total(self, terms: Mapping[str, jax.Array]) -> jax.Array:
+    return sum(self.weight(name) * value for name, value in terms.items())

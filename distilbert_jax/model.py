@@ -210,12 +210,15 @@ class EncoderConfig:
 @flax.struct.dataclass
 class EncoderOutput:
   """logits (B, L, V) or None; hidden_states: num_layers + 1 arrays (B, L, D), embeddings output first;
-  attentions: num_layers arrays (B, H, L, L) when asked for; pooled (B, D) when the config has a pooler;
+  attentions: num_layers arrays (B, H, L, L) when asked for; qkv: num_layers (queries, keys, values) triples of
+  (B, H, L, K) arrays when asked for (`output_qkv`; the projections before the 1/√K scaling, what the layer
+  losses' relations are built from); pooled (B, D) when the config has a pooler;
   the task head's float32 outputs: class_logits (B, num_labels), token_logits (B, L, num_labels), or
   start_logits and end_logits (B, L)."""
   logits: jax.Array | None
   hidden_states: tuple[jax.Array, ...]
   attentions: tuple[jax.Array, ...] | None = None
+  qkv: tuple[tuple[jax.Array, jax.Array, jax.Array], ...] | None = None
   pooled: jax.Array | None = None
   class_logits: jax.Array | None = None
   token_logits: jax.Array | None = None
@@ -317,15 +320,18 @@ class SelfAttention(nn.Module):
   cfg: EncoderConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD, attend_Bx1xQxL, deterministic, output_attentions=False):
+  def __call__(self, x_BxLxD, attend_Bx1xQxL, deterministic, output_attentions=False, output_qkv=False):
     """x_BxLxD: (B, L, D); attend_Bx1xQxL: bool, True where a query may attend a key (Q = 1: the same for
-    every query, Q = L: per query). Returns (out_BxLxD, probs_BxHxLxL): the float32 attention
-    probabilities (before dropout), or None when the fused kernel ran."""
+    every query, Q = L: per query). Returns (out_BxLxD, probs_BxHxLxL, qkv): the float32 attention
+    probabilities (before dropout), or None when the fused kernel ran; with `output_qkv`, the queries, keys
+    and values as (B, H, L, K) (before the 1/√K scaling; the same on either path), else None."""
     cfg = self.cfg
     hk = (cfg.num_heads, cfg.head_size)
     q_BxLxHxK = _dense(cfg, hk, ("embed", "heads", "kv"), "query")(x_BxLxD)
     k_BxLxHxK = _dense(cfg, hk, ("embed", "heads", "kv"), "key")(x_BxLxD)
     v_BxLxHxK = _dense(cfg, hk, ("embed", "heads", "kv"), "value")(x_BxLxD)
+    qkv = (tuple(jnp.swapaxes(x_BxLxHxK, 1, 2) for x_BxLxHxK in (q_BxLxHxK, k_BxLxHxK, v_BxLxHxK))
+           if output_qkv else None)
     fused = cfg.attention != "einsum" and not output_attentions
     if fused and not deterministic and cfg.attention_dropout_rate > 0:
       _warn_fallback(cfg.attention, cfg.attention_dropout_rate)
@@ -343,7 +349,7 @@ class SelfAttention(nn.Module):
       dropped = nn.Dropout(cfg.attention_dropout_rate)(probs_BxHxLxL, deterministic=deterministic)
       ctx_BxLxHxK = jnp.einsum("bhqt,bthk->bqhk", dropped.astype(cfg.dtype), v_BxLxHxK)
     out_BxLxD = _dense(cfg, cfg.hidden_size, ("heads", "kv", "embed"), "out", axis=(-2, -1))(ctx_BxLxHxK)
-    return out_BxLxD, probs_BxHxLxL
+    return out_BxLxD, probs_BxHxLxL, qkv
 
 
 def _fused_attention(cfg: EncoderConfig, q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, attend_Bx1xQxL):
@@ -379,17 +385,18 @@ class Layer(nn.Module):
   cfg: EncoderConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD, attend_Bx1xQxL, deterministic, output_attentions=False):
+  def __call__(self, x_BxLxD, attend_Bx1xQxL, deterministic, output_attentions=False, output_qkv=False):
     cfg = self.cfg
     attention_norm, mlp_norm = _layer_norm(cfg, "attention_norm"), _layer_norm(cfg, "mlp_norm")
-    attn_BxLxD, probs = SelfAttention(cfg, name="attention")(
-        attention_norm(x_BxLxD) if cfg.pre_norm else x_BxLxD, attend_Bx1xQxL, deterministic, output_attentions)
+    attn_BxLxD, probs, qkv = SelfAttention(cfg, name="attention")(
+        attention_norm(x_BxLxD) if cfg.pre_norm else x_BxLxD, attend_Bx1xQxL, deterministic, output_attentions,
+        output_qkv)
     x_BxLxD = x_BxLxD + nn.Dropout(cfg.dropout_rate)(attn_BxLxD, deterministic=deterministic)
     if not cfg.pre_norm:
       x_BxLxD = attention_norm(x_BxLxD)
     mlp_BxLxD = Mlp(cfg, name="mlp")(mlp_norm(x_BxLxD) if cfg.pre_norm else x_BxLxD)
     x_BxLxD = x_BxLxD + nn.Dropout(cfg.dropout_rate)(mlp_BxLxD, deterministic=deterministic)
-    return (x_BxLxD if cfg.pre_norm else mlp_norm(x_BxLxD)), probs
+    return (x_BxLxD if cfg.pre_norm else mlp_norm(x_BxLxD)), probs, qkv
 
 
 class MlmHead(nn.Module):
@@ -420,8 +427,8 @@ class Encoder(nn.Module):
     cfg = self.cfg
     self.embeddings = Embeddings(cfg)
     layer_cls = Layer
-    if cfg.remat:  # argument 3 is `deterministic`, 4 `output_attentions` (0 is the module)
-      layer_cls = nn.remat(Layer, static_argnums=(3, 4), policy=REMAT_POLICIES[cfg.remat_policy])
+    if cfg.remat:  # argument 3 is `deterministic`, 4 `output_attentions`, 5 `output_qkv` (0 is the module)
+      layer_cls = nn.remat(Layer, static_argnums=(3, 4, 5), policy=REMAT_POLICIES[cfg.remat_policy])
     self.layers = [layer_cls(cfg, name=f"layer_{i}") for i in range(cfg.num_layers)]
     if cfg.use_pooler:
       self.pooler = _dense(cfg, cfg.hidden_size, ("embed", "embed_out"), "pooler")
@@ -432,7 +439,7 @@ class Encoder(nn.Module):
 
   def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, *,
                segment_ids=None, language_ids=None, deterministic: bool = True, output_attentions: bool = False,
-               compute_logits: bool = True) -> EncoderOutput:
+               output_qkv: bool = False, compute_logits: bool = True) -> EncoderOutput:
     """input_ids, attention_mask (1 = attend, 0 = padding), token_type_ids, position_ids: (B, L) ints, as
     transformers takes them (RoBERTa's positions start at pad_token_id + 1: `cfg.first_position`).
 
@@ -442,7 +449,8 @@ class Encoder(nn.Module):
     per example, 0 = padding): a token attends only within its own example. `language_ids` (B, L): required
     when the model has language embeddings. Dropout is active when `deterministic=False` (pass
     `rngs={'dropout': key}` to `apply`). `output_attentions=True` returns the attention probabilities,
-    which the explicit einsum path computes whatever `cfg.attention` says.
+    which the explicit einsum path computes whatever `cfg.attention` says. `output_qkv=True` returns every
+    layer's queries, keys and values (B, H, L, K), on either path (the layer losses' relations).
     """
     cfg = self.cfg
     ids_BxL = jnp.asarray(input_ids)
@@ -467,17 +475,19 @@ class Encoder(nn.Module):
       return nn.with_logical_constraint(x_BxLxD, ACTIVATION_AXES)
 
     x_BxLxD = between_blocks(self.embeddings(ids_BxL, token_type_ids, position_ids, language_ids, deterministic))
-    hidden, attentions = [x_BxLxD], []
+    hidden, attentions, qkvs = [x_BxLxD], [], []
     for layer in self.layers:
-      x_BxLxD, probs = layer(x_BxLxD, attend_Bx1xQxL, deterministic, output_attentions)
+      x_BxLxD, probs, qkv = layer(x_BxLxD, attend_Bx1xQxL, deterministic, output_attentions, output_qkv)
       x_BxLxD = between_blocks(x_BxLxD)
       hidden.append(x_BxLxD)
       attentions.append(probs)
+      qkvs.append(qkv)
     pooled_BxD = POOLER_ACTIVATIONS[cfg.pooler_activation](self.pooler(x_BxLxD[:, 0])) if cfg.use_pooler else None
     heads = self._task_head(x_BxLxD, pooled_BxD, deterministic) if cfg.num_labels else {}
     logits = self.mlm_logits(x_BxLxD) if compute_logits else None
     return EncoderOutput(logits=logits, hidden_states=tuple(hidden),
-                         attentions=tuple(attentions) if output_attentions else None, pooled=pooled_BxD, **heads)
+                         attentions=tuple(attentions) if output_attentions else None,
+                         qkv=tuple(qkvs) if output_qkv else None, pooled=pooled_BxD, **heads)
 
   def _task_head(self, x_BxLxD, pooled_BxD, deterministic) -> dict[str, jax.Array]:
     """The task head's outputs, keyed by their EncoderOutput field."""

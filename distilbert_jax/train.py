@@ -86,6 +86,18 @@ def default_config() -> ml_collections.ConfigDict:
   # recomputing each chunk's logits in the backward pass. distilbert_base on a v5e-8 with 2048: peak 8.3 -> 4.2 GiB
   # per device for 14% more matmul FLOPs, so it is off (0) unless memory is what limits the batch.
   c.loss.chunk_size = 0
+  # Layer losses beside the triple loss (losses.LayerLossConfig), each on when its weight is > 0 (with a teacher):
+  # TinyBERT's hidden-state and embedding MSE (through learned projections), the attention-distribution KL per
+  # head, MiniLM's value relation and MiniLMv2's query/key/value relations over `relation_heads` heads (0: the
+  # teacher's head count). `layer_map`: (student layer, teacher layer) pairs, 1-based ((0, 0) would be the
+  # embeddings); empty: TinyBERT's uniform map, student layer m -> teacher layer m·N/M. The relation terms use
+  # the last pair: MiniLM is alpha_attention=alpha_value_relation=1 with layer_map=((M, N),) (last to last),
+  # MiniLMv2 alpha_relations=1 with the pair of its choice. `projection`: "auto" (a learned D_s x D_t
+  # projection for the MSE terms when the widths differ), "always", or "never" (the widths must agree). The
+  # projections are trained with the student (in the train state) and never exported.
+  c.layer_loss = ml_collections.ConfigDict(dict(
+      alpha_hidden=0.0, alpha_embedding=0.0, alpha_attention=0.0, alpha_value_relation=0.0, alpha_relations=0.0,
+      relation_heads=0, layer_map=(), projection="auto"))
   c.optim = ml_collections.ConfigDict(dict(lr=5e-4, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.0,
                                            warmup_frac=0.05, clip=5.0, grad_accum=1,
                                            head_lr_scale=1.0))
@@ -136,13 +148,25 @@ def student_config(config, teacher_cfg: model_lib.EncoderConfig | None, read_con
   else:
     base = read_config(init)
   cfg = base.replace(**dict(config.compute), **dict(config.student.overrides))
+  if init == "teacher":
+    changed = [f"{k}={getattr(cfg, k)}" for k in _COPIED_SHAPE if getattr(cfg, k) != getattr(base, k)]
+    if changed:
+      raise ConfigError(f"student.init='teacher' copies the teacher's layers, which fixes the student's shape, but "
+                        f"student.overrides set {', '.join(changed)}: set --config.student.init=random for a student "
+                        "of another depth, width or head count (student.layers picks the depth of a copied one)")
   if teacher_cfg is not None:
     check_pair(teacher_cfg, cfg, config.loss)
+    layer_loss_config(config.layer_loss, teacher_cfg, cfg)  # refuses a layer map or widths that cannot meet
   for name, model_cfg in (("teacher", teacher_cfg), ("student", cfg)):
     if model_cfg is not None and model_cfg.num_languages:
       raise ConfigError(f"the {name} has {model_cfg.num_languages} language embeddings, which need a language id per "
                         "token, but the data pipeline gives none: distil a one-language model (n_langs=1)")
   return cfg
+
+
+# The shape a student copied from its teacher's layers inherits (overriding one needs a random student).
+_COPIED_SHAPE = ("num_layers", "hidden_size", "num_heads", "intermediate_size", "vocab_size",
+                 "max_position_embeddings")
 
 
 def _student_layers(config, teacher_cfg: model_lib.EncoderConfig) -> tuple[int, ...]:
@@ -189,6 +213,76 @@ def check_pair(teacher_cfg: model_lib.EncoderConfig, student_cfg: model_lib.Enco
                       f"student {student_cfg.hidden_size}: set --config.loss.alpha_cos=0 or match the widths")
 
 
+# ------------------------------------------------------------------------------------------------ layer losses
+
+# The top-level key of the train state's parameters under which the layer losses' projections live, beside the
+# student's own subtrees; `student_params` drops it before anything evaluates or exports the student.
+LOSS_PARAMS = "loss_projections"
+PROJECTIONS = ("auto", "always", "never")
+
+
+def layer_loss_config(layer_loss, teacher_cfg: model_lib.EncoderConfig | None,
+                      student_cfg: model_lib.EncoderConfig) -> losses.LayerLossConfig:
+  """`config.layer_loss` resolved for a teacher/student pair (the uniform map, the relation heads), refusing
+  what the pair cannot give: a layer that does not exist, head counts or widths that cannot meet."""
+  weights = {f"alpha_{name}": float(layer_loss[f"alpha_{name}"]) for name in losses.LayerLossConfig.TERMS}
+  if not any(w > 0 for w in weights.values()):
+    return losses.LayerLossConfig()
+  if teacher_cfg is None:
+    raise ConfigError("config.layer_loss compares the student with a teacher, but there is none: set "
+                      "--config.teacher or set the layer_loss weights to 0")
+  m, n = student_cfg.num_layers, teacher_cfg.num_layers
+  pairs = tuple(tuple(p) for p in layer_loss.layer_map) or tuple((j, j * n // m) for j in range(1, m + 1))
+  for pair in pairs:
+    if len(pair) != 2 or not all(isinstance(i, int) and not isinstance(i, bool) for i in pair):
+      raise ConfigError(f"--config.layer_loss.layer_map: {pair} is not a (student layer, teacher layer) pair of ints")
+    s, t = pair
+    if not 1 <= s <= m or not 1 <= t <= n:
+      raise ConfigError(f"--config.layer_loss.layer_map pair {pair}: the student has layers 1..{m} and the teacher "
+                        f"1..{n} (1-based layer outputs; the embeddings have their own term, alpha_embedding)")
+  if (weights["alpha_attention"] or weights["alpha_value_relation"]) and student_cfg.num_heads != teacher_cfg.num_heads:
+    raise ConfigError(f"the attention KL and the value relation compare head by head, but the student has "
+                      f"{student_cfg.num_heads} heads and the teacher {teacher_cfg.num_heads}: match the head counts "
+                      "or use MiniLMv2's relations (--config.layer_loss.alpha_relations, relation_heads)")
+  r = layer_loss.relation_heads or teacher_cfg.num_heads
+  if weights["alpha_relations"] and (student_cfg.hidden_size % r or teacher_cfg.hidden_size % r):
+    raise ConfigError(f"--config.layer_loss.relation_heads={r} must divide both widths (student "
+                      f"{student_cfg.hidden_size}, teacher {teacher_cfg.hidden_size})")
+  if layer_loss.projection not in PROJECTIONS:
+    raise ConfigError(f"--config.layer_loss.projection={layer_loss.projection!r}: use one of {PROJECTIONS}")
+  if ((weights["alpha_hidden"] or weights["alpha_embedding"]) and layer_loss.projection == "never"
+      and student_cfg.hidden_size != teacher_cfg.hidden_size):
+    raise ConfigError(f"the hidden-state MSE compares a {student_cfg.hidden_size}-wide student with a "
+                      f"{teacher_cfg.hidden_size}-wide teacher, which cannot meet without a projection: set "
+                      "--config.layer_loss.projection=auto")
+  return losses.LayerLossConfig(**weights, relation_heads=r, layer_map=pairs)
+
+
+def projection_shapes(layer_loss, teacher_cfg, student_cfg) -> dict[str, tuple[int, int]]:
+  """{"hidden" / "embedding": (D_s, D_t)}: the learned projections the MSE terms take (`config.layer_loss`)."""
+  if teacher_cfg is None:
+    return {}
+  differ = student_cfg.hidden_size != teacher_cfg.hidden_size
+  wanted = layer_loss.projection == "always" or (layer_loss.projection == "auto" and differ)
+  return {name: (student_cfg.hidden_size, teacher_cfg.hidden_size) for name in ("hidden", "embedding")
+          if wanted and layer_loss[f"alpha_{name}"] > 0}
+
+
+def init_projections(shapes: dict[str, tuple[int, int]], seed: int) -> dict:
+  """LeCun-normal kernels (the projected student starts at the teacher's scale) and zero biases."""
+  key = jax.random.fold_in(jax.random.key(seed), 0x10)
+  out = {}
+  for i, (name, (d_s, d_t)) in enumerate(sorted(shapes.items())):
+    out[name] = {"kernel": jax.nn.initializers.lecun_normal()(jax.random.fold_in(key, i), (d_s, d_t), jnp.float32),
+                 "bias": jnp.zeros((d_t,), jnp.float32)}
+  return out
+
+
+def student_params(params) -> dict:
+  """The student's own parameters of a train state's `params` (the layer losses' projections left out)."""
+  return {k: v for k, v in params.items() if k != LOSS_PARAMS}
+
+
 # ------------------------------------------------------------------------------------------------ step
 
 def _model_inputs(model, extra: dict) -> dict:
@@ -199,22 +293,29 @@ def _model_inputs(model, extra: dict) -> dict:
   return extra
 
 
-def _loss_terms(student, student_params, teacher, teacher_params, masked, attention_mask, extra, dropout_rng,
-                loss: losses.LossConfig) -> tuple[jax.Array, dict]:
-  """The weighted loss of one micro-batch and its terms; differentiable in `student_params`.
+def _loss_terms(student, params, teacher, teacher_params, masked, attention_mask, extra, dropout_rng,
+                loss: losses.LossConfig, layer: losses.LayerLossConfig = losses.LayerLossConfig()
+                ) -> tuple[jax.Array, dict]:
+  """The weighted loss of one micro-batch and its terms; differentiable in `params` (the student's and the layer
+  losses' projections, `LOSS_PARAMS`).
 
   The vocabulary losses (L_mlm, L_ce, L_mse) run on the rows `loss` selects: every token when soft targets are
-  wanted everywhere, else only the masked ones. L_cos compares the hidden states at every non-pad token.
+  wanted everywhere, else only the masked ones. L_cos compares the hidden states at every non-pad token, and
+  the layer losses (`layer`) the hidden states and attention of the mapped layers there.
   """
-  hs_BxLxD = student.apply({"params": student_params}, masked.input_ids, attention_mask=attention_mask,
-                           deterministic=False, rngs={"dropout": dropout_rng}, compute_logits=False,
-                           **_model_inputs(student, extra)).last_hidden_state
-  s_head = functools.partial(student.apply, {"params": student_params}, method=model_lib.Encoder.mlm_logits)
+  projections = params.get(LOSS_PARAMS, {})
+  params = student_params(params)
+  s_out = student.apply({"params": params}, masked.input_ids, attention_mask=attention_mask,
+                        deterministic=False, rngs={"dropout": dropout_rng}, compute_logits=False,
+                        output_qkv=layer.needs_qkv, **_model_inputs(student, extra))
+  hs_BxLxD = s_out.last_hidden_state
+  s_head = functools.partial(student.apply, {"params": params}, method=model_lib.Encoder.mlm_logits)
   distilling = teacher is not None
   if distilling:
-    ht_BxLxD = jax.lax.stop_gradient(teacher.apply({"params": teacher_params}, masked.input_ids,
-                                                   attention_mask=attention_mask, compute_logits=False,
-                                                   **_model_inputs(teacher, extra)).last_hidden_state)
+    t_out = jax.lax.stop_gradient(teacher.apply({"params": teacher_params}, masked.input_ids,
+                                                attention_mask=attention_mask, compute_logits=False,
+                                                output_qkv=layer.needs_qkv, **_model_inputs(teacher, extra)))
+    ht_BxLxD = t_out.last_hidden_state
   B, L = masked.input_ids.shape
   rows = losses.select_rows(hs_BxLxD, attention_mask, masked.mlm_weights, masked.targets,
                             slots=loss.slots(B, L, distilling), row_shards=loss.row_shards)
@@ -225,23 +326,31 @@ def _loss_terms(student, student_params, teacher, teacher_params, masked, attent
   terms = losses.vocab_losses(s_head, t_head, rows, ht_NxD, temperature=loss.temperature,
                               chunk_size=loss.chunk_size, with_mse=loss.alpha_mse > 0)
   correct = terms.pop("mlm_correct")
-  if distilling:
+  if distilling and loss.alpha_cos > 0:  # a student narrower than its teacher has no L_cos (check_pair)
     terms["cos"] = losses.cosine_loss(hs_BxLxD.reshape(B * L, -1), ht_BxLxD.reshape(B * L, -1),
                                       attention_mask.reshape(-1).astype(jnp.float32))
   total = loss.total(terms, distilling)
+  if distilling and layer.active:
+    attend_BxQxL = losses.attend_mask(attention_mask, extra.get("segment_ids"))
+    layer_terms = layer.terms(s_out.hidden_states, t_out.hidden_states, s_out.qkv, t_out.qkv, projections,
+                              attend_BxQxL, attention_mask)
+    total = total + layer.total(layer_terms)
+    terms.update({f"layer_{name}": value for name, value in layer_terms.items()})
   terms["mlm_accuracy"] = correct / jnp.maximum(jnp.sum(masked.mlm_weights), 1.0)
   return total, terms
 
 
 def train_step(state: trainer.TrainState, teacher_params, batch: dict, token_probs_V: jax.Array, *, student, teacher,
                tx, schedule, mask_token_id: int, mlm: dict, loss: losses.LossConfig,
-               grad_accum: int) -> tuple[trainer.TrainState, dict]:
+               grad_accum: int, layer: losses.LayerLossConfig = losses.LayerLossConfig()
+               ) -> tuple[trainer.TrainState, dict]:
   """One optimizer update from one global batch: pure, `(state, batch) -> (state, metrics)`.
 
   Masking covers the whole batch (exactly 15% of its non-pad tokens) and is keyed by (state.rng, step), as
   is dropout, so a resumed run repeats the same randomness. With `grad_accum` > 1, the batch is split into
   micro-batches whose gradients are averaged before the update. `mlm`: `config.mlm` (the masking); `loss`:
-  the loss, built from `config.loss`, `config.mlm` and the mesh (`LossConfig.from_config`).
+  the loss, built from `config.loss`, `config.mlm` and the mesh (`LossConfig.from_config`); `layer`: the layer
+  losses (`layer_loss_config`), whose projections are in `state.params` under `LOSS_PARAMS`.
   """
   step_key = jax.random.fold_in(state.rng, state.step)
   mask_key, dropout_key = jax.random.split(step_key)
@@ -256,7 +365,7 @@ def train_step(state: trainer.TrainState, teacher_params, batch: dict, token_pro
 
   def loss_fn(params, m, key):
     return _loss_terms(student, params, teacher, teacher_params, m["masked"], m["attention_mask"], m["extra"], key,
-                       loss)
+                       loss, layer)
 
   state, out = trainer.apply_gradients(state, loss_fn, micro_batch, tx=tx, schedule=schedule,
                                        grad_accum=grad_accum, key=dropout_key)
@@ -267,8 +376,19 @@ def train_step(state: trainer.TrainState, teacher_params, batch: dict, token_pro
 def build_step(config, mesh, student, teacher, abstract_student_params, mask_token_id: int
                ) -> trainer.StepFunctions:
   """The optimizer, then `train_step` and the state functions jitted over `mesh` with shardings from the
-  logical-axis rules (nothing compiles before the first call)."""
+  logical-axis rules (nothing compiles before the first call). With layer losses that learn projections, the
+  state's parameters are the student's plus `LOSS_PARAMS`; `init` takes the student's alone and adds them."""
   tx, schedule = trainer.make_optimizer(config.optim, config.train.steps)
+  teacher_cfg = teacher.cfg if teacher is not None else None
+  layer = layer_loss_config(config.layer_loss, teacher_cfg, student.cfg)
+  shapes = projection_shapes(config.layer_loss, teacher_cfg, student.cfg) if layer.active else {}
+  extra_axes = None
+  if shapes:
+    make_projections = functools.partial(init_projections, shapes, config.seed)
+    abstract_student_params = {**abstract_student_params, LOSS_PARAMS: jax.eval_shape(make_projections)}
+    # The kernel maps the student's width onto the teacher's, like the pooler's (embed, embed_out).
+    extra_axes = {LOSS_PARAMS: {name: {"kernel": jax.sharding.PartitionSpec("embed", "embed_out"),
+                                       "bias": jax.sharding.PartitionSpec("embed_out")} for name in shapes}}
   abstract_teacher = None
   if teacher is not None:
     abstract_teacher = jax.eval_shape(lambda: model_lib.init_params(teacher, jax.random.key(0)))
@@ -276,9 +396,13 @@ def build_step(config, mesh, student, teacher, abstract_student_params, mask_tok
                               mask_token_id=mask_token_id, mlm=config.mlm.to_dict(),
                               loss=losses.LossConfig.from_config(config.loss.to_dict(), config.mlm.to_dict(),
                                                                  row_shards=sharding.data_parallel_size(mesh)),
-                              grad_accum=config.optim.grad_accum)
-  return trainer.jit_step(step_fn, mesh, dict(config.mesh.rules), student, abstract_student_params, tx, config.seed,
-                          teacher=teacher, abstract_teacher_params=abstract_teacher, num_extra=1)
+                              grad_accum=config.optim.grad_accum, layer=layer)
+  fns = trainer.jit_step(step_fn, mesh, dict(config.mesh.rules), student, abstract_student_params, tx, config.seed,
+                         teacher=teacher, abstract_teacher_params=abstract_teacher, num_extra=1, extra_axes=extra_axes)
+  if not shapes:
+    return fns
+  init = fns.init
+  return dataclasses.replace(fns, init=lambda params: init({**params, LOSS_PARAMS: make_projections()}))
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -392,7 +516,7 @@ def _run(config, workdir: pathlib.Path, stop) -> dict:
     has_heldout = bool(config.data.eval_batches and x.train_ds.meta["splits"]["heldout"]["examples"])
 
     def learning_curve(step_done, state):
-      params = sharding.to_host(state.params)  # a collective: every process gathers
+      params = student_params(sharding.to_host(state.params))  # a collective: every process gathers
       if not is_main:
         return None
       score = _heldout_score(config, x.data_dir, x.probs_V, x.specials, student, params)
@@ -413,7 +537,8 @@ def _run(config, workdir: pathlib.Path, stop) -> dict:
       return trainer.stopped_early(ckpts, result.step)
 
     summary = {"step": result.step, "workdir": str(workdir)}
-    final = sharding.to_host(result.state.params)  # collectives: every process gathers, process 0 uses them
+    # Collectives: every process gathers, process 0 uses them; the layer losses' projections are not the student's.
+    final = student_params(sharding.to_host(result.state.params))
     if has_heldout:
       host_teacher = sharding.to_host(teacher_params) if teacher is not None else None
       if is_main:
@@ -507,6 +632,7 @@ RANGES = {
     "mlm.word_rand": "[0,1]",
     "loss.temperature": ">0", "loss.alpha_ce": ">=0", "loss.alpha_mlm": ">=0", "loss.alpha_cos": ">=0",
     "loss.alpha_mse": ">=0", "loss.chunk_size": ">=0",
+    **{f"layer_loss.alpha_{name}": ">=0" for name in losses.LayerLossConfig.TERMS}, "layer_loss.relation_heads": ">=0",
     **trainer.OPTIM_RANGES,
     "teacher_mlm.steps": ">=0", "teacher_mlm.lr": ">0", "teacher_mlm.head_lr_scale": ">0",
     "teacher_mlm.batch_size": ">=0",
@@ -525,9 +651,12 @@ def validate_config(config):
   split = (config.mlm.word_mask, config.mlm.word_keep, config.mlm.word_rand)
   if abs(sum(split) - 1.0) > 1e-6:
     raise ConfigError(f"--config.mlm.word_mask/word_keep/word_rand {split} must sum to 1 (default 0.8/0.1/0.1)")
-  if not any(config.loss[k] > 0 for k in ("alpha_ce", "alpha_mlm", "alpha_cos", "alpha_mse")):
-    raise ConfigError("every loss weight (--config.loss.alpha_ce/alpha_mlm/alpha_cos/alpha_mse) is 0: nothing "
-                      "would be learned; give one a positive weight")
+  if not any(config.loss[k] > 0 for k in ("alpha_ce", "alpha_mlm", "alpha_cos", "alpha_mse")) and not any(
+      config.layer_loss[f"alpha_{name}"] > 0 for name in losses.LayerLossConfig.TERMS):
+    raise ConfigError("every loss weight (--config.loss.alpha_ce/alpha_mlm/alpha_cos/alpha_mse and "
+                      "--config.layer_loss.alpha_*) is 0: nothing would be learned; give one a positive weight")
+  if config.layer_loss.projection not in PROJECTIONS:
+    raise ConfigError(f"--config.layer_loss.projection={config.layer_loss.projection!r}: use one of {PROJECTIONS}")
   if config.data.strategy not in data.STRATEGIES:
     raise ConfigError(f"data.strategy {config.data.strategy!r}: use one of {data.STRATEGIES}")
   if config.mlm.scheme not in masking.SCHEMES:

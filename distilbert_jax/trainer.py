@@ -136,9 +136,14 @@ class StateFunctions:
   state_sharding: Any
 
 
-def state_functions(mesh, rules, model, abstract_params, tx, seed: int) -> StateFunctions:
-  """Shardings of the parameters (from their logical axes and `rules`) and of the optimizer state."""
-  p_shard = sharding.param_shardings(model_lib.logical_axes(model), abstract_params, mesh, rules)
+def state_functions(mesh, rules, model, abstract_params, tx, seed: int, extra_axes: dict | None = None
+                    ) -> StateFunctions:
+  """Shardings of the parameters (from their logical axes and `rules`) and of the optimizer state.
+
+  `extra_axes`: the logical axes of top-level parameter subtrees trained beside the model's own (a loss's
+  projections), a tree of `PartitionSpec`s shaped like them."""
+  p_shard = sharding.param_shardings({**model_lib.logical_axes(model), **(extra_axes or {})}, abstract_params, mesh,
+                                     rules)
 
   def init_state(params):
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
@@ -163,13 +168,14 @@ class StepFunctions(StateFunctions):
 
 
 def jit_step(step_fn: Callable, mesh, rules, model: model_lib.Encoder, abstract_params, tx, seed: int, *,
-             teacher: model_lib.Encoder | None = None, abstract_teacher_params=None, num_extra: int = 0
-             ) -> StepFunctions:
+             teacher: model_lib.Encoder | None = None, abstract_teacher_params=None, num_extra: int = 0,
+             extra_axes: dict | None = None) -> StepFunctions:
   """`step_fn(state, teacher_params, batch, *extra) -> (state, metrics)` jitted over `mesh`: the state split by
   the logical-axis `rules` (donated), the teacher's parameters likewise, the batch rows over the (data, fsdp)
   axes, `num_extra` further arguments and the metrics replicated; activations pinned by the same rules.
-  Nothing compiles here: the first call (or `.lower(...)`, as aot.py does) compiles."""
-  fns = state_functions(mesh, rules, model, abstract_params, tx, seed)
+  Nothing compiles here: the first call (or `.lower(...)`, as aot.py does) compiles. `extra_axes`: as
+  `state_functions`."""
+  fns = state_functions(mesh, rules, model, abstract_params, tx, seed, extra_axes)
   replicated = NamedSharding(mesh, P())
   t_shard = None
   if teacher is not None:

@@ -110,3 +110,26 @@ def test_roberta_and_flaubert_students_keep_their_family(tmp_path, family, kw):
       theirs = ref.eval()(torch.tensor(ids), attention_mask=torch.tensor(mask),
                           **({"langs": torch.tensor(langs)} if langs is not None else {})).logits.numpy()
     assert np.abs(np.asarray(out.logits) - theirs).max() < 1e-4
+
+
+@pytest.mark.parametrize("family,expected", [("distilbert", "DistilBertForMaskedLM"), ("bert", "BertForMaskedLM")])
+def test_students_of_any_depth_width_and_heads_export_with_logits_parity(tmp_path, family, expected):
+  """A 3-layer, 24-wide, 3-head student (head size 8, feed-forward 40): a shape no teacher layer gives, so it is
+  initialised randomly; exported, transformers reads every tensor and computes the same logits."""
+  import torch
+  import transformers
+  make = getattr(distilbert_jax.EncoderConfig, family)
+  cfg = make(vocab_size=61, hidden_size=24, num_layers=3, num_heads=3, intermediate_size=40,
+             max_position_embeddings=24)
+  student = distilbert_jax.Encoder(cfg)
+  sp = distilbert_jax.init_params(student, jax.random.key(3))
+  folder = distilbert_jax.save_hf(student, sp, tmp_path)
+  ref, info = transformers.AutoModelForMaskedLM.from_pretrained(str(folder), output_loading_info=True)
+  assert type(ref).__name__ == expected
+  assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+  ids = np.array([[2, 5, 9, 3, 0, 0], [2, 7, 8, 6, 11, 3]])
+  mask = (ids != 0).astype(np.int64)
+  ours = np.asarray(student.apply({"params": sp}, ids, attention_mask=mask).logits)
+  with torch.no_grad():
+    theirs = ref.eval()(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+  assert np.abs(ours - theirs)[mask > 0].max() < 1e-4

@@ -438,3 +438,158 @@ def test_family_configs_build_the_intended_students():
   base = distilbert_jax.EncoderConfig.flaubert(hidden_size=768, num_layers=12, num_heads=12, pre_norm=False)
   teacher, student = train.model_configs(flaubert_small.get_config(), lambda _: base)
   assert student == aot.model_config("flaubert/flaubert_small_cased").replace(dtype="bfloat16")
+
+
+# ------------------------------------------------------------------------------------------------ layer losses
+
+def _narrow_models(vocab=211):
+  """The 32-wide, 4-head, 2-layer teacher of `_models` and a random 16-wide, 4-head, 1-layer student."""
+  teacher, tp, _, _ = _models(vocab)
+  cfg = distilbert_jax.EncoderConfig.distilbert(vocab_size=vocab, hidden_size=16, num_layers=1, num_heads=4,
+                                                intermediate_size=32, max_position_embeddings=32)
+  student = distilbert_jax.Encoder(cfg)
+  return teacher, tp, student, jax.device_get(distilbert_jax.init_params(student, jax.random.key(2)))
+
+
+@pytest.mark.parametrize("term", ["hidden", "embedding", "attention", "value_relation", "relations"])
+def test_one_step_with_each_layer_loss(term):
+  """A 16-wide student learns from a 32-wide teacher through each layer loss alone (L_mlm beside it); the
+  projections the MSE terms need are trained in the state and are not the student's."""
+  config = _step_config(alpha_cos=0.0, alpha_ce=0.0)
+  config.layer_loss[f"alpha_{term}"] = 1.0
+  config.layer_loss.relation_heads = 8
+  models = _narrow_models()
+  state, metrics, _ = _one_step(config, (1, 1, 1), models, _batch())
+  assert np.isfinite(metrics["loss"]) and metrics[f"layer_{term}"] > 0
+  assert metrics["loss"] == pytest.approx(2.0 * metrics["mlm"] + metrics[f"layer_{term}"], rel=1e-5)
+  has_projection = term in ("hidden", "embedding")
+  assert (train.LOSS_PARAMS in state.params) == has_projection
+  if has_projection:
+    kernel = state.params[train.LOSS_PARAMS][term]["kernel"]
+    assert kernel.shape == (16, 32)
+    start = train.init_projections({term: (16, 32)}, config.seed)[term]["kernel"]
+    assert not np.array_equal(kernel, start), "the projection learns"
+  assert set(train.student_params(state.params)) == set(models[3])
+
+
+def test_layer_losses_are_the_same_on_every_mesh():
+  """Every layer loss on at once; the projections split by their logical axes (embed, embed_out) on FSDP x tensor."""
+  config = _step_config(alpha_cos=0.0)
+  config.layer_loss.update(alpha_hidden=1.0, alpha_embedding=0.5, alpha_attention=1.0, alpha_value_relation=1.0,
+                           alpha_relations=1.0, relation_heads=4, layer_map=((1, 2),))
+  config.optim.grad_accum = 2
+  models, batch = _narrow_models(), _batch()
+  ref_state, ref_metrics, _ = _one_step(config, (1, 1, 1), models, batch)
+  state, metrics, on_device = _one_step(config, (2, 2, 2), models, batch)
+  for key in ("loss", "mlm", "ce", "layer_hidden", "layer_embedding", "layer_attention", "layer_value_relation",
+              "layer_relations", "grad_norm"):
+    np.testing.assert_allclose(metrics[key], ref_metrics[key], rtol=1e-5, atol=1e-5, err_msg=key)
+  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(ref_state.params)):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+  kernel = on_device.params[train.LOSS_PARAMS]["hidden"]["kernel"]
+  assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+
+
+@pytest.mark.parametrize("overrides,layer_loss,message", [
+    (dict(num_layers=1), dict(alpha_hidden=1.0, layer_map=((1, 3),)),
+     r"layer_map pair \(1, 3\): the student has layers 1..1 and the teacher 1..2"),
+    (dict(num_layers=1), dict(alpha_attention=1.0, layer_map=((2, 2),)), "the student has layers 1..1"),
+    (dict(num_layers=1), dict(alpha_hidden=1.0, layer_map=((0, 0),)), "alpha_embedding"),
+    ({}, dict(alpha_hidden=1.0, projection="never"), "cannot meet without a projection"),
+    ({}, dict(alpha_embedding=1.0, projection="never"), "cannot meet without a projection"),
+    (dict(num_heads=2), dict(alpha_attention=1.0), "student has 2 heads and the teacher 4.*alpha_relations"),
+    (dict(num_heads=2), dict(alpha_value_relation=1.0), "head by head"),
+    ({}, dict(alpha_relations=1.0, relation_heads=3), "relation_heads=3 must divide both widths"),
+])
+def test_layer_maps_and_widths_that_cannot_meet_are_refused(overrides, layer_loss, message):
+  """A 16-wide random student of the 32-wide, 2-layer teacher (configs alone, nothing read or built)."""
+  teacher_cfg = _models()[0].cfg
+  c = _step_config(alpha_cos=0.0)
+  c.student.init = "random"
+  c.student.overrides.update({**dict(hidden_size=16, num_heads=4, intermediate_size=32), **overrides})
+  c.layer_loss.update(layer_loss)
+  with pytest.raises(train.ConfigError, match=message) as info:
+    train.student_config(c, teacher_cfg)
+  assert "\n" not in str(info.value)
+
+
+def test_a_copied_student_keeps_the_teacher_shape_and_cosine_needs_one_width():
+  teacher_cfg = _models()[0].cfg
+  c = _step_config()
+  c.student.overrides.update(hidden_size=16, num_heads=4)
+  with pytest.raises(train.ConfigError, match="student.init='teacher' copies.*hidden_size=16.*init=random"):
+    train.student_config(c, teacher_cfg)
+  c.student.init = "random"
+  with pytest.raises(train.ConfigError, match="alpha_cos=0"):
+    train.student_config(c, teacher_cfg)
+  c.loss.alpha_cos = 0.0
+  c.layer_loss.alpha_hidden = 1.0
+  assert train.student_config(c, teacher_cfg).hidden_size == 16
+  c.teacher = ""
+  with pytest.raises(train.ConfigError, match="there is none"):
+    train.layer_loss_config(c.layer_loss, None, train.student_config(c, teacher_cfg))
+
+
+def test_uniform_layer_map_by_default():
+  teacher_cfg = _models()[0].cfg.replace(num_layers=12)
+  student_cfg = teacher_cfg.replace(num_layers=3)
+  c = _step_config()
+  c.layer_loss.alpha_hidden = 1.0
+  assert train.layer_loss_config(c.layer_loss, teacher_cfg, student_cfg).layer_map == ((1, 4), (2, 8), (3, 12))
+  c.layer_loss.update(alpha_relations=1.0, relation_heads=0)
+  assert train.layer_loss_config(c.layer_loss, teacher_cfg, student_cfg).relation_heads == 4
+
+
+def test_every_weight_zero_counts_the_layer_losses():
+  c = _step_config(alpha_ce=0.0, alpha_mlm=0.0, alpha_cos=0.0)
+  with pytest.raises(train.ConfigError, match="every loss weight"):
+    train.validate_config(c)
+  c.layer_loss.alpha_relations = 1.0
+  train.validate_config(c)
+  c.layer_loss.projection = "sometimes"
+  with pytest.raises(train.ConfigError, match="projection='sometimes'"):
+    train.validate_config(c)
+
+
+def test_a_narrow_student_distils_through_the_layer_losses_and_exports(tmp_path, tiny_teacher, data_cache, test_data):
+  """A random 2-layer, 32-wide student of the 64-wide teacher, every layer loss on (no L_cos): a few steps, then
+  the export is a DistilBertForMaskedLM without the projections, with the final model's logits."""
+  import torch
+  import transformers
+  c = tiny.get_config(str(tiny_teacher))
+  c.data.cache_dir, c.data.corpus_dir = str(data_cache), str(test_data / "corpus")
+  c.data.eval_batches = 0
+  c.train.update(steps=4, log_every=1, ckpt_every=4)
+  c.student.init = "random"
+  c.student.overrides.update(num_layers=2, hidden_size=32, num_heads=4, intermediate_size=64)
+  c.loss.alpha_cos = 0.0
+  c.layer_loss.update(alpha_hidden=1.0, alpha_embedding=1.0, alpha_attention=1.0, alpha_value_relation=1.0,
+                      alpha_relations=1.0, relation_heads=8)
+  summary = train.run(c, tmp_path)
+  logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert len(logged) == 4 and all(np.isfinite(r[f"layer_{t}"]) and r[f"layer_{t}"] > 0 for r in logged
+                                  for t in ("hidden", "embedding", "attention", "value_relation", "relations"))
+  model, params = checkpoint.load_model(tmp_path / "final")
+  assert train.LOSS_PARAMS not in params and model.cfg.hidden_size == 32
+  ref, info = transformers.AutoModelForMaskedLM.from_pretrained(summary["export"], output_loading_info=True)
+  assert type(ref).__name__ == "DistilBertForMaskedLM" and ref.config.dim == 32 and ref.config.n_layers == 2
+  assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+  ids = np.array([[101, 2023, 2003, 1037, 3231, 102, 0], [101, 7592, 2088, 102, 0, 0, 0]])
+  mask = (ids != 0).astype(np.int64)
+  ours = np.asarray(model.apply({"params": params}, ids, attention_mask=mask).logits)
+  with torch.no_grad():
+    theirs = ref.eval()(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+  assert np.abs(ours - theirs)[mask > 0].max() < 1e-4
+
+
+@pytest.mark.parametrize("recipe", ["tinybert", "minilm", "minilmv2"])
+def test_layer_demo_recipes_build(recipe, minilm_path):
+  """configs/layers_demo.py: each recipe is a valid run whose narrow student meets the 384-wide demo teacher."""
+  layers_demo = trainer.sibling_config(str(ROOT / "configs" / "tiny.py"), "layers_demo.py", recipe)
+  layers_demo.teacher = str(minilm_path)
+  train.validate_config(layers_demo)
+  teacher_cfg, student_cfg = train.model_configs(layers_demo)
+  assert (student_cfg.num_layers, student_cfg.hidden_size, teacher_cfg.hidden_size) == (3, 192, 384)
+  layer = train.layer_loss_config(layers_demo.layer_loss, teacher_cfg, student_cfg)
+  assert layer.active and layer.layer_map[-1] == (3, 6)
+  assert bool(train.projection_shapes(layers_demo.layer_loss, teacher_cfg, student_cfg)) == (recipe == "tinybert")
