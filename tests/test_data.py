@@ -229,8 +229,11 @@ def test_other_tokenizers_frame_examples_with_their_own_specials(request, test_d
   fixture, specials = TOKENIZER_KINDS[kind]
   tok = data.load_tokenizer(request.getfixturevalue(fixture))
   assert data.special_ids(tok) == specials
-  files = sorted((test_data / "corpus" / "moby-dick").glob("chapter_*.txt"))[:5]
-  data.preprocess(list(data.iter_texts(files, unit="document")), tok, tmp_path, max_len=64, held_out_fraction=0.0,
+  if kind == "flaubert":  # French text for the French tokenizer: Genèse, a verse per example
+    files, unit = [request.getfixturevalue("french_text") / "01.txt"], "line"
+  else:
+    files, unit = sorted((test_data / "corpus" / "moby-dick").glob("chapter_*.txt"))[:5], "document"
+  data.preprocess(list(data.iter_texts(files, unit=unit)), tok, tmp_path, max_len=64, held_out_fraction=0.0,
                   seed=0, progress=False)
   assert data.load_meta(tmp_path)["special_ids"] == specials
   examples = _all_examples(data.TokenizedDataset(tmp_path, "train"))
@@ -600,3 +603,14 @@ def test_prepare_tokenized_refuses_a_missing_source_before_tokenizing(tmp_path, 
     data.prepare_tokenized([str(tmp_path / "no-such-folder")], str(minilm_path), tmp_path / "cache", max_len=MAX_LEN,
                            flag="--data")
   assert not (tmp_path / "cache").exists()
+
+
+def test_the_french_corpus_is_the_louis_segond_bible(french_text):
+  """66 books, a verse per line, a chapter per paragraph, Genèse first (the real public-domain text, not a
+  sample)."""
+  books = sorted(french_text.glob("*.txt"))
+  assert [b.name for b in books] == [f"{i:02d}.txt" for i in range(1, 67)]
+  genesis = books[0].read_text(encoding="utf-8")
+  assert genesis.startswith("Au commencement, Dieu créa les cieux et la terre.\n")
+  assert len(genesis.split("\n\n")) == 50 and len([v for v in genesis.splitlines() if v]) == 1533
+  assert sum(len([v for v in b.read_text(encoding="utf-8").splitlines() if v]) for b in books) == 31102

@@ -394,14 +394,18 @@ def test_config_compute_options_reach_the_student_and_teacher(tiny_teacher):
 
 @pytest.mark.parametrize("family,strategy", [("roberta", "pack"), ("flaubert", "bucket")])
 def test_a_few_distillation_steps_per_family(request, tmp_path, family, strategy, data_cache, test_data):
-  """A small random teacher of each family, its own tokenizer, real text: a student of the teacher's family
-  trains (finite, moving losses) and exports as that family's masked-LM model, which transformers loads."""
+  """A small random teacher of each family, its own tokenizer, real text (English for RoBERTa; French, seven books
+  of the Louis Segond Bible, for FlauBERT): a student of the teacher's family trains (finite, moving losses) and
+  exports as that family's masked-LM model, which transformers loads."""
   import transformers
   teacher = request.getfixturevalue(f"tiny_{family}_teacher")
   c = tiny.get_config(str(teacher))
   c.data.cache_dir, c.data.corpus_dir = str(data_cache), str(test_data / "corpus")
-  if family == "flaubert":  # its tokenizer is pure Python (Moses + BPE): Moby-Dick alone tokenizes in seconds
-    c.data.demo_corpus, c.data.sources = False, (str(test_data / "corpus" / "moby-dick"),)
+  if family == "flaubert":  # its tokenizer is pure Python (Moses + BPE): Genèse and six short books, in seconds
+    french = request.getfixturevalue("french_text")
+    books = ("01", "08", "29", "31", "32", "36", "37")  # a file is a document: 30% of them held out
+    c.data.demo_corpus, c.data.sources = False, tuple(str(french / f"{b}.txt") for b in books)
+    c.data.held_out_fraction = 0.3
   c.data.strategy = strategy  # packed rows: RoBERTa's positions restart at pad_token_id + 1 in every example
   c.student.layers = ()  # every other teacher layer
   c.train.update(steps=4, ckpt_every=4, log_every=1)
@@ -415,7 +419,8 @@ def test_a_few_distillation_steps_per_family(request, tmp_path, family, strategy
   assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
   assert exported.config.model_type == family and exported.config.num_hidden_layers == 2
   tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "export"))
-  assert tok("the Union")["input_ids"] == transformers.AutoTokenizer.from_pretrained(str(teacher))("the Union")["input_ids"]
+  text = "Au commencement, Dieu créa les cieux" if family == "flaubert" else "the Union"
+  assert tok(text)["input_ids"] == transformers.AutoTokenizer.from_pretrained(str(teacher))(text)["input_ids"]
 
 
 def test_packed_positions_start_where_each_model_counts():
