@@ -179,6 +179,10 @@ KNOWN_MODELS = {
     "distilroberta-base": lambda: model_lib.EncoderConfig.roberta(num_layers=6),
     # 6 layers, width 512, 8 heads, 68,729 words, pre-norm, eps 1e-6: EncoderConfig.flaubert's defaults.
     "flaubert/flaubert_small_cased": lambda: model_lib.EncoderConfig.flaubert(),
+    # 12 layers, width 768, 12 heads, post-norm, the same vocabulary (its published config.json, as recalled:
+    # not checkable offline; a compile needs only the shapes).
+    "flaubert/flaubert_base_cased": lambda: model_lib.EncoderConfig.flaubert(
+        hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072, pre_norm=False),
 }
 
 
