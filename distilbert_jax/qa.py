@@ -38,7 +38,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from distilbert_jax import data
+from distilbert_jax import data, tasks
 from distilbert_jax.tasks import TaskError
 
 log = logging.getLogger(__name__)
@@ -177,14 +177,7 @@ def read_squad_json(path: PathLike) -> list[QAExample]:
     document = None
   if isinstance(document, dict):
     return _check_examples(examples_from_squad_json(document, str(path)), str(path))
-  rows = document if isinstance(document, list) else []
-  if document is None:
-    for number, line in enumerate(text.splitlines(), 1):
-      if line.strip():
-        try:
-          rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-          raise TaskError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+  rows = document if isinstance(document, list) else tasks.json_lines(text, path) if document is None else []
   if not all(isinstance(r, dict) for r in rows):
     raise TaskError(f"{path}: expected a SQuAD JSON document ({{'data': [...]}}) or rows of JSON objects")
   columns = {key: [r.get(key) for r in rows] for key in dict.fromkeys(k for r in rows for k in r)}

@@ -461,6 +461,11 @@ def read_columns(path: PathLike) -> dict[str, list[Any]]:
       return _rows_to_columns(document, str(path))
     if document is not None:
       raise TaskError(f"{path}: expected a JSON list of objects (or JSON Lines), got a {type(document).__name__}")
+  return _rows_to_columns(json_lines(text, path), str(path))
+
+
+def json_lines(text: str, path: PathLike) -> list[Any]:
+  """The JSON value of every non-blank line of `text` (JSON Lines); a line that does not parse is a TaskError."""
   rows = []
   for number, line in enumerate(text.splitlines(), 1):
     if line.strip():
@@ -468,7 +473,7 @@ def read_columns(path: PathLike) -> dict[str, list[Any]]:
         rows.append(json.loads(line))
       except json.JSONDecodeError as e:
         raise TaskError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-  return _rows_to_columns(rows, str(path))
+  return rows
 
 
 def is_local(name_or_path: PathLike) -> bool:
