@@ -98,7 +98,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict(dict(
       epochs=3.0, steps=0,  # steps > 0 overrides epochs
       batch_size=32, eval_batch_size=64, log_every=10, eval_every=0,  # 0: evaluate at the end only
-      ckpt_every=500, keep=2, async_checkpoint=True, allow_model_change=False, export=True, progress=True))
+      ckpt_every=500, keep=2, async_checkpoint=True, allow_model_change=False, export=True, progress=True,
+      dropout_rng="threefry"))  # the dropout bits' generator: trainer.DROPOUT_RNGS
   c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1), rules=dict(sharding.DEFAULT_RULES)))
   c.distributed = distributed.default_config()  # several processes: see distributed.py
   return c
@@ -360,7 +361,7 @@ def _forward(model, params, batch, **kw) -> jax.Array:
 
 
 def finetune_step(state: trainer.TrainState, teacher_params, batch: dict, *, model, teacher, tx, schedule,
-                  regression: bool, alpha: float, temperature: float, grad_accum: int):
+                  regression: bool, alpha: float, temperature: float, grad_accum: int, dropout_rng: str = "threefry"):
   """One optimizer update: pure, `(state, batch) -> (state, metrics)`; dropout keyed by (rng, step).
 
   Every head's outputs are rows of scores with one label each (`head_outputs`), so one loss serves them all:
@@ -388,7 +389,8 @@ def finetune_step(state: trainer.TrainState, teacher_params, batch: dict, *, mod
       terms["accuracy"] = jnp.sum(hit_N) / jnp.maximum(jnp.sum(w_N), 1.0)
     return total, terms
 
-  state, out = trainer.apply_gradients(state, loss_fn, batch, tx=tx, schedule=schedule, grad_accum=grad_accum)
+  state, out = trainer.apply_gradients(state, loss_fn, batch, tx=tx, schedule=schedule, grad_accum=grad_accum,
+                                       dropout_rng=dropout_rng)
   out["tokens"] = jnp.sum(batch["attention_mask"]).astype(jnp.float32)
   return state, out
 
@@ -442,6 +444,7 @@ def validate_run(config, workdir: pathlib.Path):
     raise validation.ConfigError(f"no task: set --config.task to a GLUE task ({', '.join(tasks.GLUE_TASKS)}) or a "
                                  ".csv/.tsv/.json/.jsonl file")
   validation.check_ranges(config, RANGES)
+  validation.check_choice("--config.train.dropout_rng", config.train.dropout_rng, trainer.DROPOUT_RNGS)
   if config.task_head not in TASK_READERS:
     raise validation.ConfigError(f"--config.task_head={config.task_head!r} is not a task head: use one of "
                                  f"{', '.join(TASK_READERS)}")
@@ -700,7 +703,8 @@ def _run(config, workdir: pathlib.Path, stop) -> dict:
   tx, schedule = trainer.make_optimizer(config.optim, total_steps, head_keys=HEAD_KEYS, frozen_keys=FROZEN_KEYS)
   step_fn = functools.partial(finetune_step, model=model, teacher=teacher, tx=tx, schedule=schedule,
                               regression=task.regression, alpha=config.distill.alpha,
-                              temperature=config.distill.temperature, grad_accum=config.optim.grad_accum)
+                              temperature=config.distill.temperature, grad_accum=config.optim.grad_accum,
+                              dropout_rng=config.train.dropout_rng)
   fns = trainer.jit_step(step_fn, mesh, rules, model, jax.eval_shape(lambda p: p, params), tx, config.seed,
                          teacher=teacher, abstract_teacher_params=jax.eval_shape(lambda p: p, teacher_params))
   if teacher is not None:

@@ -103,6 +103,9 @@ def default_config() -> ml_collections.ConfigDict:
                                            head_lr_scale=1.0))
   c.train = ml_collections.ConfigDict(dict(steps=1000, log_every=10, ckpt_every=200, keep=3, async_checkpoint=True,
                                            allow_model_change=False, export=True, progress=True))
+  # The dropout bits' generator: "threefry" (JAX's default), "rbg" or "unsafe_rbg" (XLA's RngBitGenerator,
+  # cheaper on CPU); the masking always uses threefry (trainer.DROPOUT_RNGS).
+  c.train.dropout_rng = "threefry"
   # > 0: every this many steps, the student's held-out masked-LM accuracy and loss on data.eval_batches
   # batches (logged as heldout_mlm_accuracy / heldout_mlm_loss; a learning curve, at the cost of a pause).
   c.train.eval_every = 0
@@ -305,16 +308,19 @@ def _loss_terms(student, params, teacher, teacher_params, masked, attention_mask
   """
   projections = params.get(LOSS_PARAMS, {})
   params = student_params(params)
-  s_out = student.apply({"params": params}, masked.input_ids, attention_mask=attention_mask,
-                        deterministic=False, rngs={"dropout": dropout_rng}, compute_logits=False,
-                        output_qkv=layer.needs_qkv, **_model_inputs(student, extra))
+  # The scopes name the models in profiles (tools/profile_step.py); they change no computation.
+  with jax.named_scope("student"):
+    s_out = student.apply({"params": params}, masked.input_ids, attention_mask=attention_mask,
+                          deterministic=False, rngs={"dropout": dropout_rng}, compute_logits=False,
+                          output_qkv=layer.needs_qkv, **_model_inputs(student, extra))
   hs_BxLxD = s_out.last_hidden_state
   s_head = functools.partial(student.apply, {"params": params}, method=model_lib.Encoder.mlm_logits)
   distilling = teacher is not None
   if distilling:
-    t_out = jax.lax.stop_gradient(teacher.apply({"params": teacher_params}, masked.input_ids,
-                                                attention_mask=attention_mask, compute_logits=False,
-                                                output_qkv=layer.needs_qkv, **_model_inputs(teacher, extra)))
+    with jax.named_scope("teacher"):
+      t_out = jax.lax.stop_gradient(teacher.apply({"params": teacher_params}, masked.input_ids,
+                                                  attention_mask=attention_mask, compute_logits=False,
+                                                  output_qkv=layer.needs_qkv, **_model_inputs(teacher, extra)))
     ht_BxLxD = t_out.last_hidden_state
   B, L = masked.input_ids.shape
   rows = losses.select_rows(hs_BxLxD, attention_mask, masked.mlm_weights, masked.targets,
@@ -342,22 +348,24 @@ def _loss_terms(student, params, teacher, teacher_params, masked, attention_mask
 
 def train_step(state: trainer.TrainState, teacher_params, batch: dict, token_probs_V: jax.Array, *, student, teacher,
                tx, schedule, mask_token_id: int, mlm: dict, loss: losses.LossConfig,
-               grad_accum: int, layer: losses.LayerLossConfig = losses.LayerLossConfig()
-               ) -> tuple[trainer.TrainState, dict]:
+               grad_accum: int, layer: losses.LayerLossConfig = losses.LayerLossConfig(),
+               dropout_rng: str = "threefry") -> tuple[trainer.TrainState, dict]:
   """One optimizer update from one global batch: pure, `(state, batch) -> (state, metrics)`.
 
   Masking covers the whole batch (exactly 15% of its non-pad tokens) and is keyed by (state.rng, step), as
   is dropout, so a resumed run repeats the same randomness. With `grad_accum` > 1, the batch is split into
   micro-batches whose gradients are averaged before the update. `mlm`: `config.mlm` (the masking); `loss`:
   the loss, built from `config.loss`, `config.mlm` and the mesh (`LossConfig.from_config`); `layer`: the layer
-  losses (`layer_loss_config`), whose projections are in `state.params` under `LOSS_PARAMS`.
+  losses (`layer_loss_config`), whose projections are in `state.params` under `LOSS_PARAMS`; `dropout_rng`: the
+  dropout bits' generator (`trainer.DROPOUT_RNGS`; the masks always use threefry).
   """
   step_key = jax.random.fold_in(state.rng, state.step)
   mask_key, dropout_key = jax.random.split(step_key)
-  masked = masking.mask_tokens(
-      mask_key, batch["input_ids"], batch["attention_mask"], token_probs_V, mask_token_id=mask_token_id,
-      vocab_size=student.cfg.vocab_size, mlm_prob=mlm["prob"], word_mask=mlm["word_mask"],
-      word_keep=mlm["word_keep"], word_rand=mlm["word_rand"], scheme=mlm["scheme"])
+  with jax.named_scope("masking"):
+    masked = masking.mask_tokens(
+        mask_key, batch["input_ids"], batch["attention_mask"], token_probs_V, mask_token_id=mask_token_id,
+        vocab_size=student.cfg.vocab_size, mlm_prob=mlm["prob"], word_mask=mlm["word_mask"],
+        word_keep=mlm["word_keep"], word_rand=mlm["word_rand"], scheme=mlm["scheme"])
   extra_keys = [k for k in ("segment_ids", "position_ids") if k in batch]
 
   micro_batch = {"masked": masked, "attention_mask": batch["attention_mask"],
@@ -368,7 +376,7 @@ def train_step(state: trainer.TrainState, teacher_params, batch: dict, token_pro
                        loss, layer)
 
   state, out = trainer.apply_gradients(state, loss_fn, micro_batch, tx=tx, schedule=schedule,
-                                       grad_accum=grad_accum, key=dropout_key)
+                                       grad_accum=grad_accum, key=dropout_key, dropout_rng=dropout_rng)
   out["tokens"] = jnp.sum(batch["attention_mask"]).astype(jnp.float32)
   return state, out
 
@@ -396,7 +404,7 @@ def build_step(config, mesh, student, teacher, abstract_student_params, mask_tok
                               mask_token_id=mask_token_id, mlm=config.mlm.to_dict(),
                               loss=losses.LossConfig.from_config(config.loss.to_dict(), config.mlm.to_dict(),
                                                                  row_shards=sharding.data_parallel_size(mesh)),
-                              grad_accum=config.optim.grad_accum, layer=layer)
+                              grad_accum=config.optim.grad_accum, layer=layer, dropout_rng=config.train.dropout_rng)
   fns = trainer.jit_step(step_fn, mesh, dict(config.mesh.rules), student, abstract_student_params, tx, config.seed,
                          teacher=teacher, abstract_teacher_params=abstract_teacher, num_extra=1, extra_axes=extra_axes)
   if not shapes:
@@ -657,6 +665,7 @@ def validate_config(config):
                       "--config.layer_loss.alpha_*) is 0: nothing would be learned; give one a positive weight")
   if config.layer_loss.projection not in PROJECTIONS:
     raise ConfigError(f"--config.layer_loss.projection={config.layer_loss.projection!r}: use one of {PROJECTIONS}")
+  validation.check_choice("--config.train.dropout_rng", config.train.dropout_rng, trainer.DROPOUT_RNGS)
   if config.data.strategy not in data.STRATEGIES:
     raise ConfigError(f"data.strategy {config.data.strategy!r}: use one of {data.STRATEGIES}")
   if config.mlm.scheme not in masking.SCHEMES:

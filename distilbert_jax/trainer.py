@@ -98,33 +98,60 @@ def make_optimizer(optim, total_steps: int, *, head_keys: tuple[str, ...] = ("ml
 
 # ------------------------------------------------------------------------------------------------ step
 
-def apply_gradients(state: TrainState, loss_fn, batch, *, tx, schedule, grad_accum: int = 1, key=None):
+# The dropout bits' generator (config.train.dropout_rng): jax.random's implementations. "threefry" is JAX's
+# default; "rbg" / "unsafe_rbg" draw the bits with XLA's RngBitGenerator, cheaper on CPU (BENCHMARKS.md "Where
+# the CPU step's time goes"). Either way the keys derive from (state.rng, step): reproducible, resumes bit-exact.
+DROPOUT_RNGS = ("threefry", "rbg", "unsafe_rbg")
+
+
+def dropout_keys(key, n: int, impl: str = "threefry") -> jax.Array:
+  """`n` dropout keys from one raw key: threefry keys as `jax.random.split`, or typed keys of `impl` whose
+  data are bits drawn from them (what rngs={"dropout": key} hands every Dropout layer)."""
+  if impl not in DROPOUT_RNGS:
+    raise ValueError(f"unknown dropout generator {impl!r}: use one of {DROPOUT_RNGS}")
+  keys = jax.random.split(key, n)
+  if impl == "threefry":
+    return keys
+  width = jax.random.key_data(jax.random.key(0, impl=impl)).shape
+  return jax.random.wrap_key_data(jax.vmap(lambda k: jax.random.bits(k, width, jnp.uint32))(keys), impl=impl)
+
+
+def apply_gradients(state: TrainState, loss_fn, batch, *, tx, schedule, grad_accum: int = 1, key=None,
+                    dropout_rng: str = "threefry"):
   """One AdamW update from `loss_fn(params, batch, dropout_key) -> (loss, terms)`: -> (state, metrics).
 
   With `grad_accum` = n > 1 the batch (a tree of (B, ...) arrays) is dealt into n micro-batches of B/n rows
   whose gradients are averaged (a `lax.scan`, so one micro-batch's activations live at a time). Dropout keys
-  are split from `key` (default: fold_in(state.rng, state.step)). Metrics: each term's mean over the
-  micro-batches, `loss`, `grad_norm` and the learning rate `lr` of this update.
+  are split from `key` (default: fold_in(state.rng, state.step)) by `dropout_keys(key, n, dropout_rng)`.
+  Metrics: each term's mean over the micro-batches, `loss`, `grad_norm` and the learning rate `lr` of this
+  update.
   """
   n = grad_accum
   if key is None:
     key = jax.random.fold_in(state.rng, state.step)
-  # Micro-batch i takes rows i, i + n, i + 2n, ...: every device's share of the (row-sharded) batch is spread
-  # over all micro-batches, so each micro-batch stays split over every device with no data movement.
-  micro = lambda x: x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1)  # noqa: E731
+  keys = dropout_keys(key, n, dropout_rng)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if n == 1:  # no loop: XLA schedules the whole step as one program (same values as a scan of one)
+    (total, terms), grads = grad_fn(state.params, batch, keys[0])
+    terms = dict(terms, loss=total)
+  else:
+    # Micro-batch i takes rows i, i + n, i + 2n, ...: every device's share of the (row-sharded) batch is spread
+    # over all micro-batches, so each micro-batch stays split over every device with no data movement.
+    micro = lambda x: x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1)  # noqa: E731
 
-  def accumulate(grads_sum, xs):
-    m_batch, m_key = xs
-    (total, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, m_batch, m_key)
-    return jax.tree.map(jnp.add, grads_sum, grads), dict(terms, loss=total)
+    def accumulate(grads_sum, xs):
+      m_batch, m_key = xs
+      (total, terms), grads = grad_fn(state.params, m_batch, m_key)
+      return jax.tree.map(jnp.add, grads_sum, grads), dict(terms, loss=total)
 
-  zeros = jax.tree.map(jnp.zeros_like, state.params)
-  grads, terms = jax.lax.scan(accumulate, zeros, (jax.tree.map(micro, batch), jax.random.split(key, n)))
-  grads = jax.tree.map(lambda g: g / n, grads)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  out = {k: jnp.mean(v) for k, v in terms.items()}
-  out.update(grad_norm=optax.tree.norm(grads), lr=schedule(state.step))
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    grads, terms = jax.lax.scan(accumulate, zeros, (jax.tree.map(micro, batch), keys))
+    grads = jax.tree.map(lambda g: g / n, grads)
+    terms = {k: jnp.mean(v) for k, v in terms.items()}
+  with jax.named_scope("optimizer"):
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+  out = dict(terms, grad_norm=optax.tree.norm(grads), lr=schedule(state.step))
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng), out
 
 

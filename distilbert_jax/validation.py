@@ -57,6 +57,12 @@ def check_number(flag: str, value, kind: str):
     raise ConfigError(f"{flag} must be {wanted}, got {value!r}: set {flag} to a value {wanted}")
 
 
+def check_choice(flag: str, value, choices):
+  """One setting among named `choices`."""
+  if value not in choices:
+    raise ConfigError(f"{flag}={value!r} is not one of {', '.join(map(str, choices))}: set {flag} to one of them")
+
+
 # ------------------------------------------------------------------------------------------------ files
 
 def check_workdir(workdir: str | os.PathLike, flag: str = "--workdir"):

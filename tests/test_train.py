@@ -83,6 +83,86 @@ def test_one_step_is_the_same_on_every_mesh(restrict, grad_accum, chunk, shapes)
       assert kernel.addressable_shards[0].data.shape == (16, 32)
 
 
+def test_one_micro_batch_update_equals_adamw_by_hand_and_two_equal_halves():
+  # grad_accum 1 runs without a loop: the same update as value_and_grad + the optimizer by hand (bit-exact),
+  # and as grad_accum 2 over a batch of two identical halves (a scan; float rounding apart).
+  import optax
+  w = {"a": np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4), "bias": np.ones(4, np.float32)}
+  x = np.random.default_rng(0).normal(size=(6, 3)).astype(np.float32)
+
+  def loss_fn(params, batch, key):
+    y = batch["x"] @ params["a"] + params["bias"]
+    return jax.numpy.mean(jax.numpy.tanh(y) ** 2), {"mean_y": jax.numpy.mean(y)}
+
+  config = _step_config()
+  tx, schedule = trainer.make_optimizer(config.optim, 10)
+  state = trainer.TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=w, opt_state=tx.init(w),
+                             rng=jax.random.PRNGKey(0))
+  new, out = jax.jit(lambda s, b: trainer.apply_gradients(s, loss_fn, b, tx=tx, schedule=schedule))(state, {"x": x})
+  (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(w, {"x": x}, None)
+  updates, _ = tx.update(grads, state.opt_state, w)
+  by_hand = optax.apply_updates(w, updates)
+  for name in w:
+    np.testing.assert_array_equal(new.params[name], by_hand[name])
+  assert float(out["loss"]) == float(loss) and float(out["mean_y"]) == float(terms["mean_y"])
+  assert float(out["grad_norm"]) == float(optax.tree.norm(grads)) and int(new.step) == 1
+  # Rows i, i + 2, ... form micro-batch i: interleaving each row with its copy makes two equal halves.
+  twice, out2 = jax.jit(lambda s, b: trainer.apply_gradients(s, loss_fn, b, tx=tx, schedule=schedule, grad_accum=2))(
+      state, {"x": np.repeat(x, 2, axis=0)})
+  for name in w:
+    np.testing.assert_allclose(twice.params[name], new.params[name], rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(out2["loss"], out["loss"], rtol=1e-6)
+
+
+def test_dropout_keys_of_each_generator():
+  key = jax.random.PRNGKey(3)
+  np.testing.assert_array_equal(trainer.dropout_keys(key, 3), jax.random.split(key, 3))  # threefry: as before
+  for impl in ("rbg", "unsafe_rbg"):
+    keys = trainer.dropout_keys(key, 3, impl)
+    assert jax.random.key_impl(keys) == jax.random.key_impl(jax.random.key(0, impl=impl)) and keys.shape == (3,)
+    data = np.asarray(jax.random.key_data(keys))
+    np.testing.assert_array_equal(data, jax.random.key_data(trainer.dropout_keys(key, 3, impl)))  # reproducible
+    assert len({row.tobytes() for row in data}) == 3  # one key per micro-batch
+    bits = [np.asarray(jax.random.bernoulli(k, 0.5, (64,))) for k in keys]
+    assert not np.array_equal(bits[0], bits[1]) and 10 < bits[0].sum() < 54
+  with pytest.raises(ValueError, match="unknown dropout generator 'philox'"):
+    trainer.dropout_keys(key, 1, "philox")
+
+
+@pytest.mark.parametrize("impl", ["rbg", "unsafe_rbg"])
+def test_rbg_dropout_steps_are_reproducible_resume_exactly_and_match_across_meshes(impl):
+  config, models, batch = _step_config(), _models(), _batch()
+  config.train.dropout_rng = impl
+  teacher, tp, student, sp = models
+  assert student.cfg.dropout_rate > 0
+  mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+  fns = train.build_step(config, mesh, student, teacher, jax.eval_shape(lambda: sp), mask_token_id=4)
+  probs = jax.device_put(masking.token_probs(np.random.default_rng(1).integers(0, 100, 211), [0, 1, 2, 3, 4]),
+                         fns.replicated)
+  batch_on = {k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in batch.items()}
+  tp_on = jax.device_put(tp, fns.teacher_sharding)
+
+  def steps(state, n):
+    for _ in range(n):
+      state, metrics = fns.step(state, tp_on, batch_on, probs)
+    return state, jax.device_get(metrics)
+
+  straight, m_straight = steps(fns.init(sp), 2)
+  straight = jax.device_get(straight)
+  first, _ = steps(fns.init(sp), 1)
+  resumed, m_resumed = steps(jax.device_put(jax.device_get(first), fns.state_sharding), 1)  # as a restore does
+  for a, b in zip(jax.tree.leaves(jax.device_get(resumed)), jax.tree.leaves(straight)):
+    np.testing.assert_array_equal(a, b)
+  assert m_resumed["loss"] == m_straight["loss"]
+  threefry = _step_config()
+  _, ref_metrics, _ = _one_step(threefry, (1, 1, 1), models, batch)
+  _, metrics, _ = _one_step(config, (1, 1, 1), models, batch)
+  assert metrics["loss"] != ref_metrics["loss"]  # other dropout bits (the masks are threefry's either way)
+  _, sharded, _ = _one_step(config, (2, 2, 2), models, batch)
+  for key in ("loss", "ce", "mlm", "cos", "grad_norm"):
+    np.testing.assert_allclose(sharded[key], metrics[key], rtol=1e-5, atol=1e-5, err_msg=key)
+
+
 def _compiled_step_text(config, mesh_shape, models, batch) -> str:
   teacher, tp, student, sp = models
   mesh = sharding.make_mesh(mesh_shape)
@@ -493,6 +573,31 @@ def test_layer_losses_are_the_same_on_every_mesh():
     np.testing.assert_allclose(a, b, atol=1e-5)
   kernel = on_device.params[train.LOSS_PARAMS]["hidden"]["kernel"]
   assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+
+
+def test_layer_losses_with_bf16_remat_and_memory_lean_logits():
+  """Issue 14 at scale: every layer loss with chunked (memory-lean) vocabulary logits and grad_accum 2 on FSDP x
+  tensor gives the float32 step's figures; in bfloat16 with rematerialised layers, the same within bf16's
+  precision."""
+  config = _step_config(alpha_cos=0.0)
+  config.layer_loss.update(alpha_hidden=1.0, alpha_embedding=0.5, alpha_attention=1.0, alpha_value_relation=1.0,
+                           alpha_relations=1.0, relation_heads=4, layer_map=((1, 2),))
+  config.optim.grad_accum = 2
+  models, batch = _narrow_models(), _batch()
+  _, ref, _ = _one_step(config, (1, 1, 1), models, batch)
+  lean = config.copy_and_resolve_references()
+  lean.loss.chunk_size = 48  # 256 rows per micro-batch: 6 chunks, the last one padded
+  _, chunked, _ = _one_step(lean, (2, 2, 2), models, batch)
+  keys = ("loss", "mlm", "ce", "layer_hidden", "layer_embedding", "layer_attention", "layer_value_relation",
+          "layer_relations", "grad_norm")
+  for key in keys:
+    np.testing.assert_allclose(chunked[key], ref[key], rtol=1e-5, atol=1e-5, err_msg=key)
+  teacher, tp, student, sp = models
+  bf16 = lambda m: distilbert_jax.Encoder(m.cfg.replace(dtype="bfloat16", remat=True))  # noqa: E731
+  _, low, _ = _one_step(lean, (2, 2, 2), (bf16(teacher), tp, bf16(student), sp), batch)
+  for key in keys:
+    assert np.isfinite(low[key]), key
+    np.testing.assert_allclose(low[key], ref[key], rtol=0.05, atol=0.02, err_msg=key)
 
 
 @pytest.mark.parametrize("overrides,layer_loss,message", [

@@ -105,13 +105,52 @@ def parse_args(argv=None):
   p.add_argument("--max-busy", type=float, default=0.10,
                  help="drop a round if other processes took more than this share of all CPUs during it")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--jax-variant", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
+                 help="a further JAX side timed beside the others, the run config with these settings (e.g. "
+                      "rbg:train.dropout_rng=rbg); repeatable")
   args = p.parse_args(argv)
+  try:
+    args.jax_variant = dict(parse_variant(v) for v in args.jax_variant)
+  except ValueError as e:
+    p.error(str(e))
   preset = PRESETS[args.config]
   args.batch = args.batch or preset["batch"]
   args.seq = args.seq or preset["seq"]
   if not 0 < args.min_fill <= 1:
     p.error("--min-fill must lie in (0, 1]")
   return args
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+  """"NAME:KEY=VALUE,KEY=VALUE" -> (NAME, {KEY: VALUE}); values are Python literals, else strings."""
+  import ast
+  name, sep, settings = text.partition(":")
+  if not name or not sep or not settings:
+    raise ValueError(f"--jax-variant {text!r}: write NAME:KEY=VALUE[,KEY=VALUE]")
+  out = {}
+  for item in settings.split(","):
+    key, eq, value = item.partition("=")
+    if not eq:
+      raise ValueError(f"--jax-variant {text!r}: {item!r} is not KEY=VALUE")
+    try:
+      out[key.strip()] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      out[key.strip()] = value
+  return name, out
+
+
+def with_settings(config, settings: dict):
+  """A copy of the run config with dotted `settings` applied (each key must exist)."""
+  config = config.copy_and_resolve_references()
+  for key, value in settings.items():
+    *parents, leaf = key.split(".")
+    node = config
+    for part in parents:
+      node = node[part]
+    if leaf not in node:
+      raise SystemExit(f"--jax-variant: the config has no setting {key!r}")
+    node[leaf] = value
+  return config
 
 
 # ------------------------------------------------------------------------------------------------ setup
@@ -443,6 +482,8 @@ def bench_variant(setup: Setup, restrict: bool) -> dict:
   dev = setup.device
   torch_batches = [{k: torch.as_tensor(v, dtype=torch.long, device=dev) for k, v in b.items()} for b in setup.batches]
   sides: dict[str, Callable[[list[int]], dict]] = {"JAX": jax_run}
+  for name, settings in args.jax_variant.items():
+    sides[f"JAX[{name}]"] = _jax_step(setup, with_settings(config, settings), setup.student, setup.teacher)
   for head in heads:
     step = TorchStep(load_torch(setup.folders["student"], dev).train(), load_torch(setup.folders["teacher"], dev),
                      config, setup.probs_V, device=dev, bf16=bf16, head=head)
@@ -489,7 +530,7 @@ def bench_variant(setup: Setup, restrict: bool) -> dict:
   figures = {}
   for name in sides:
     # JAX spreads the batch over every device of the mesh; PyTorch runs on one.
-    devices = setup.mesh.size if name == "JAX" else 1
+    devices = setup.mesh.size if name.startswith("JAX") else 1
     s_steps, cpu_steps, nonpad_rates = [], [], []
     for _, times, indices in kept:
       wall, cpu = times[name]
