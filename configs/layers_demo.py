@@ -7,7 +7,8 @@ projections, and the attention KL per head, uniform layer map 1->2, 2->4, 3->6),
 layer's attention-distribution KL and value relation, 3 -> 6), "minilmv2" (MiniLMv2: query-query, key-key,
 value-value relations over 12 relation heads, 3 -> 6). Each keeps L_ce and L_mlm; L_cos is off (the widths
 differ). Student: 3 layers, width 192, 12 heads (head size 16, as the head-by-head terms need the teacher's head
-count), feed-forward 768, initialised randomly (no teacher layer has its shape). Not yet measured (issue 14,
+count), feed-forward 768, initialised randomly (`--config.student.init=teacher` selects the teacher's leading
+weights from layers [0, 2, 4] instead: student.select_weights). Not yet measured (issue 14,
 item 4); expect the demo's time or less per step (the student is a quarter of the demo student's size).
 """
 from distilbert_jax import trainer

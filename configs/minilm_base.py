@@ -5,8 +5,9 @@
   python -m distilbert_jax.aot --config configs/minilm_base.py --topology v5e-8    # compile and memory, no TPU
 
 The student has 6 layers of width 384, 12 heads (head size 32) and a 1,536-wide feed-forward (22.7M
-parameters with its masked-LM head, MiniLM-L6-H384's shape), initialised randomly: no teacher layer has its
-width, so L_cos is off and the layer copy cannot apply. Recipes (the argument):
+parameters with its masked-LM head, MiniLM-L6-H384's shape), initialised randomly as MiniLM's was
+(`--config.student.init=teacher` selects the teacher's leading weights instead: student.select_weights);
+the widths differ, so L_cos is off. Recipes (the argument):
 
 - "minilmv2" (default): MiniLMv2's query-query, key-key and value-value relations over 12 relation heads,
   from the teacher's last layer to the student's last (the paper's choice for base-size teachers), beside

@@ -6,6 +6,11 @@ teacher gives a student of its own family (DistilRoBERTa: RoBERTa with fewer lay
 table kept; FlauBERT: its language embeddings kept), and no pooler. The student takes the teacher's
 embeddings, the embedding LayerNorm, the chosen layers in order and, unless told otherwise, the masked-LM head
 (transform, its LayerNorm and the output bias; the decoder is tied to the embeddings).
+
+A narrower student (smaller hidden size, fewer heads, smaller head or feed-forward size) is initialised by
+weight selection (Xu et al. 2023, "Initializing Models with Larger Ones"): every copied tensor keeps the first
+entries along each axis the student has fewer of (`select_weights`) — the first heads, the first units of
+each head, the first hidden and feed-forward units — so the student is the teacher's leading sub-network.
 """
 from __future__ import annotations
 
@@ -45,19 +50,48 @@ def check_layers(layers: Sequence[int], num_teacher_layers: int):
                      f"{list(layers)}")
 
 
+# The widths a student copied from its teacher may narrow (`select_weights`).
+NARROWABLE = ("hidden_size", "num_heads", "intermediate_size")
+
+
+def check_narrower(teacher_cfg: model_lib.EncoderConfig, student_cfg: model_lib.EncoderConfig):
+  """Raises ValueError unless every width of the student is at most the teacher's (heads and head size too)."""
+  wider = [f"{k} {getattr(student_cfg, k)} > {getattr(teacher_cfg, k)}" for k in (*NARROWABLE, "head_size")
+           if getattr(student_cfg, k) > getattr(teacher_cfg, k)]
+  if wider:
+    raise ValueError(f"a student copied from its teacher can only be narrower, but {', '.join(wider)}")
+
+
+def select_weights(params, shapes):
+  """Each array of `params` cut to the shape of the same leaf of `shapes` (ShapeDtypeStructs or arrays): the
+  first entries along every axis that is shorter there."""
+  def cut(x, target):
+    if x.ndim != len(target.shape) or any(t > n for t, n in zip(target.shape, x.shape)):
+      raise ValueError(f"cannot select a {tuple(target.shape)} tensor from a {tuple(x.shape)} one")
+    return x[tuple(slice(0, t) for t in target.shape)]
+  return jax.tree.map(cut, params, shapes)
+
+
 def student_from_teacher(teacher: model_lib.Encoder, teacher_params, layers: Sequence[int] | None = None,
-                         *, copy_head: bool = True, seed: int = 0):
+                         *, copy_head: bool = True, seed: int = 0, widths: dict | None = None):
   """Returns (student, student_params) initialised from the teacher.
 
   `layers` lists the teacher layers copied into student layers 0, 1, ... (strictly increasing); by default
   `default_layers(teacher layers)`. With `copy_head=False` the MLM transform and LayerNorm are freshly
   initialised (the reference copies them only with `--vocab_transform`; the output bias is always copied).
+  `widths`: narrower `NARROWABLE` sizes for the student, its tensors selected from the teacher's
+  (`select_weights`).
   """
   n = teacher.cfg.num_layers
   layers = default_layers(n) if layers is None else tuple(layers)
   check_layers(layers, n)
+  unknown = sorted(set(widths or {}) - set(NARROWABLE))
+  if unknown:
+    raise ValueError(f"widths {unknown} cannot be narrowed: only {', '.join(NARROWABLE)}")
 
-  student = model_lib.Encoder(student_config(teacher.cfg, len(layers)))
+  cfg = student_config(teacher.cfg, len(layers)).replace(**(widths or {}))
+  check_narrower(teacher.cfg, cfg)
+  student = model_lib.Encoder(cfg)
   fresh = model_lib.init_params(student, jax.random.key(seed))
   # Every embedding table the student has, which is the teacher's less BERT's token types.
   params = {
@@ -66,5 +100,6 @@ def student_from_teacher(teacher: model_lib.Encoder, teacher_params, layers: Seq
       "mlm_head": dict(teacher_params["mlm_head"]) if copy_head else
                   {**fresh["mlm_head"], "bias": teacher_params["mlm_head"]["bias"]},
   }
+  params = select_weights(params, fresh)  # the identity at the teacher's widths
   # The student owns its arrays: copying makes donation of the student's buffers safe.
   return student, jax.tree.map(lambda x: jax.numpy.array(x, copy=True), params)

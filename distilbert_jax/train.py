@@ -154,9 +154,15 @@ def student_config(config, teacher_cfg: model_lib.EncoderConfig | None, read_con
   if init == "teacher":
     changed = [f"{k}={getattr(cfg, k)}" for k in _COPIED_SHAPE if getattr(cfg, k) != getattr(base, k)]
     if changed:
-      raise ConfigError(f"student.init='teacher' copies the teacher's layers, which fixes the student's shape, but "
-                        f"student.overrides set {', '.join(changed)}: set --config.student.init=random for a student "
-                        "of another depth, width or head count (student.layers picks the depth of a copied one)")
+      raise ConfigError(f"student.init='teacher' copies the teacher's layers, which fixes the student's depth, "
+                        f"vocabulary and positions, but student.overrides set {', '.join(changed)}: set "
+                        "--config.student.init=random for such a student (student.layers picks the depth of a "
+                        f"copied one; {', '.join(student_lib.NARROWABLE)} may narrow)")
+    try:
+      student_lib.check_narrower(base, cfg)
+    except ValueError as e:
+      raise ConfigError(f"--config.student.overrides: {e}; set --config.student.init=random for a wider "
+                        "student") from None
   if teacher_cfg is not None:
     check_pair(teacher_cfg, cfg, config.loss)
     layer_loss_config(config.layer_loss, teacher_cfg, cfg)  # refuses a layer map or widths that cannot meet
@@ -167,9 +173,9 @@ def student_config(config, teacher_cfg: model_lib.EncoderConfig | None, read_con
   return cfg
 
 
-# The shape a student copied from its teacher's layers inherits (overriding one needs a random student).
-_COPIED_SHAPE = ("num_layers", "hidden_size", "num_heads", "intermediate_size", "vocab_size",
-                 "max_position_embeddings")
+# The shape a student copied from its teacher's layers inherits (overriding one needs a random student); its
+# widths may narrow (student.select_weights).
+_COPIED_SHAPE = ("num_layers", "vocab_size", "max_position_embeddings")
 
 
 def _student_layers(config, teacher_cfg: model_lib.EncoderConfig) -> tuple[int, ...]:
@@ -198,8 +204,10 @@ def build_models(config) -> tuple[model_lib.Encoder | None, Any, model_lib.Encod
     read_config = lambda _: loaded.cfg  # noqa: E731
   cfg = student_config(config, teacher.cfg if teacher is not None else None, read_config)
   if init == "teacher":
+    widths = {k: getattr(cfg, k) for k in student_lib.NARROWABLE if getattr(cfg, k) != getattr(teacher.cfg, k)}
     _, student_params = student_lib.student_from_teacher(teacher, teacher_params, _student_layers(config, teacher.cfg),
-                                                         copy_head=config.student.copy_head, seed=config.seed)
+                                                         copy_head=config.student.copy_head, seed=config.seed,
+                                                         widths=widths)
   elif init == "random":
     student_params = jax.device_get(model_lib.init_params(model_lib.Encoder(cfg), jax.random.key(config.seed)))
   return teacher, teacher_params, model_lib.Encoder(cfg), student_params
@@ -269,6 +277,23 @@ def projection_shapes(layer_loss, teacher_cfg, student_cfg) -> dict[str, tuple[i
   wanted = layer_loss.projection == "always" or (layer_loss.projection == "auto" and differ)
   return {name: (student_cfg.hidden_size, teacher_cfg.hidden_size) for name in ("hidden", "embedding")
           if wanted and layer_loss[f"alpha_{name}"] > 0}
+
+
+def check_saved_projections(ckpts, config, teacher, student):
+  """Refuses to resume checkpoints whose train state holds other layer-loss projections than this run's
+  (switching alpha_hidden / alpha_embedding / projection between 0 and on changes the state's shape)."""
+  _, saved = ckpts.saved_config()
+  if saved is None or teacher is None:
+    return
+  saved_layer = config.layer_loss.copy_and_resolve_references()
+  saved_layer.update(saved.get("config", {}).get("layer_loss", {}))
+  before = sorted(projection_shapes(saved_layer, teacher.cfg, student.cfg))
+  now = sorted(projection_shapes(config.layer_loss, teacher.cfg, student.cfg))
+  if before != now:
+    raise ConfigError(
+        f"{ckpts.directory} holds a run trained with layer-loss projections {before or 'none'}, this config needs "
+        f"{now or 'none'}: resume with the saved run's --config.layer_loss settings (alpha_hidden, alpha_embedding, "
+        "projection), or give another --workdir")
 
 
 def init_projections(shapes: dict[str, tuple[int, int]], seed: int) -> dict:
@@ -518,6 +543,7 @@ def _run(config, workdir: pathlib.Path, stop) -> dict:
   probs_V = jax.device_put(jnp.asarray(x.probs_V), fns.replicated)
 
   with trainer.run_checkpoints(workdir, config.train, student.cfg.to_dict()) as ckpts:
+    check_saved_projections(ckpts, config, teacher, student)
     start, state = trainer.restore_or_init(ckpts, fns, x.student_params, batches)
     x.student_params = x.teacher_params = None
     is_main = jax.process_index() == 0

@@ -85,3 +85,37 @@ def test_mask_torch_selects_like_the_reference(scheme):
   assert torch.equal(labels[chosen], ids[chosen])  # labels are the original ids
   assert torch.equal(out[~chosen], ids[~chosen])  # only chosen positions change
   assert (out[chosen] == bench.MASK).float().mean() > 0.5  # 80% become [MASK]
+
+
+def test_jax_variants_are_timed_beside_the_default():
+  (result,) = bench.main(TINY + ["--ce", "masked", "--torch-head", "gather", "--jax-variant",
+                                 "rbg:train.dropout_rng=rbg"])
+  assert set(result["sides"]) == {"JAX", "JAX[rbg]", "PyTorch-gather"}
+  assert result["sides"]["JAX[rbg]"]["last_losses"]["loss"] != result["sides"]["JAX"]["last_losses"]["loss"]
+  assert set(result["ratios"]) == {"JAX[rbg]", "PyTorch-gather"}
+  assert bench.parse_variant("a:x.y=3,z=rbg") == ("a", {"x.y": 3, "z": "rbg"})
+  with pytest.raises(ValueError, match="NAME:KEY=VALUE"):
+    bench.parse_variant("no-settings")
+
+
+def test_profile_shares_concurrent_time_and_names_each_phase(tmp_path):
+  import profile_step
+  # A alone for 2 s, A and B together for 2 s, B alone for 2 s: 6 s of wall time, 3 s each.
+  shares = profile_step.shared_durations([("A", 0.0, 4.0), ("B", 2.0, 6.0), ("C", 7.0, 8.0)])
+  assert shares == {"A": 3.0, "B": 3.0, "C": 1.0}
+  assert profile_step.jax_phase("jit(traced)/jvp(teacher)/Encoder/layer_1/mlp/wi/dot_general") == "teacher forward"
+  assert profile_step.jax_phase("jit(traced)/transpose(jvp(student))/Encoder/layer_0/mlp") == "student backward"
+  assert profile_step.jax_phase("jit(traced)/jvp(Encoder.mlm_logits)/mlm_head/dot_general") == "heads + losses forward"
+  assert profile_step.jax_kind("jit(traced)/jvp(teacher)/Encoder/layer_2/mlp_norm/reduce_sum [dot]") == "matmul"
+  assert profile_step.jax_kind("jit(traced)/jvp(student)/Encoder/layer_0/Dropout_1/jit(_bernoulli)/jit(_uniform)"
+                               "/while") == "dropout bits"
+  result = profile_step.main(["--config", "tiny", "--batch", "8", "--seq", "32", "--steps", "1", "--ce", "masked",
+                              "--json", str(tmp_path / "p.json")])
+  jax_side, torch_side = result["JAX"], result["PyTorch-gather"]
+  for side in (jax_side, torch_side):
+    assert side["wall"] > 0 and side["top"]
+    assert 0 < sum(side["kinds"].values()) <= side["wall"] * 1.05
+  for phase in ("teacher forward", "student forward", "student backward", "optimizer"):
+    assert jax_side["phases"].get(phase, 0) > 0, phase
+  assert set(jax_side["phases"]) <= set(profile_step.PHASES) and set(jax_side["kinds"]) <= set(profile_step.KINDS)
+  assert (tmp_path / "p.json").exists()

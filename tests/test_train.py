@@ -623,21 +623,51 @@ def test_layer_maps_and_widths_that_cannot_meet_are_refused(overrides, layer_los
   assert "\n" not in str(info.value)
 
 
-def test_a_copied_student_keeps_the_teacher_shape_and_cosine_needs_one_width():
+def test_a_copied_student_keeps_the_teacher_depth_may_narrow_and_cosine_needs_one_width():
   teacher_cfg = _models()[0].cfg
   c = _step_config()
-  c.student.overrides.update(hidden_size=16, num_heads=4)
-  with pytest.raises(train.ConfigError, match="student.init='teacher' copies.*hidden_size=16.*init=random"):
+  c.student.overrides.update(num_layers=3)
+  with pytest.raises(train.ConfigError, match="student.init='teacher' copies.*num_layers=3.*init=random"):
     train.student_config(c, teacher_cfg)
-  c.student.init = "random"
+  c.student.overrides = {"hidden_size": 64}
+  with pytest.raises(train.ConfigError, match="can only be narrower, but hidden_size 64 > 32.*init=random"):
+    train.student_config(c, teacher_cfg)
+  c.student.overrides = {"hidden_size": 16, "num_heads": 4}
   with pytest.raises(train.ConfigError, match="alpha_cos=0"):
     train.student_config(c, teacher_cfg)
   c.loss.alpha_cos = 0.0
+  assert train.student_config(c, teacher_cfg).hidden_size == 16  # narrowed from the teacher (weight selection)
+  c.student.init = "random"
   c.layer_loss.alpha_hidden = 1.0
   assert train.student_config(c, teacher_cfg).hidden_size == 16
   c.teacher = ""
   with pytest.raises(train.ConfigError, match="there is none"):
     train.layer_loss_config(c.layer_loss, None, train.student_config(c, teacher_cfg))
+
+
+def test_a_narrower_student_is_selected_from_the_teacher_and_trains():
+  """Weight selection: 32 -> 16 hidden, 4 -> 2 heads of 8 -> 8 units, 64 -> 24 feed-forward; every tensor is the
+  leading block of the teacher layer it comes from, and the student takes a distillation step."""
+  teacher, tp, _, _ = _models()
+  student, sp = distilbert_jax.student_from_teacher(
+      teacher, tp, layers=[1], widths=dict(hidden_size=16, num_heads=2, intermediate_size=24))
+  assert (student.cfg.hidden_size, student.cfg.num_heads, student.cfg.head_size) == (16, 2, 8)
+  q_t, q_s = tp["layer_1"]["attention"]["query"]["kernel"], sp["layer_0"]["attention"]["query"]["kernel"]
+  assert q_t.shape == (32, 4, 8) and q_s.shape == (16, 2, 8)
+  np.testing.assert_array_equal(q_s, q_t[:16, :2, :])
+  np.testing.assert_array_equal(sp["layer_0"]["mlp"]["wi"]["kernel"], tp["layer_1"]["mlp"]["wi"]["kernel"][:16, :24])
+  np.testing.assert_array_equal(sp["embeddings"]["word_embeddings"]["embedding"],
+                                tp["embeddings"]["word_embeddings"]["embedding"][:, :16])
+  shapes = jax.eval_shape(lambda: distilbert_jax.init_params(student, jax.random.key(0)))
+  assert jax.tree.map(lambda a: a.shape, sp) == jax.tree.map(lambda a: a.shape, shapes)
+  config = _step_config(alpha_cos=0.0)
+  config.layer_loss.update(alpha_hidden=1.0, alpha_relations=1.0, relation_heads=4)
+  state, metrics, _ = _one_step(config, (1, 1, 1), (teacher, tp, student, jax.device_get(sp)), _batch())
+  assert np.isfinite(metrics["loss"]) and metrics["layer_hidden"] > 0 and metrics["layer_relations"] > 0
+  with pytest.raises(ValueError, match="can only be narrower, but num_heads 8 > 4"):
+    distilbert_jax.student_from_teacher(teacher, tp, layers=[1], widths=dict(num_heads=8))
+  with pytest.raises(ValueError, match=r"widths \['num_layers'\] cannot be narrowed"):
+    distilbert_jax.student_from_teacher(teacher, tp, layers=[1], widths=dict(num_layers=1))
 
 
 def test_uniform_layer_map_by_default():
@@ -690,6 +720,13 @@ def test_a_narrow_student_distils_through_the_layer_losses_and_exports(tmp_path,
   with torch.no_grad():
     theirs = ref.eval()(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
   assert np.abs(ours - theirs)[mask > 0].max() < 1e-4
+  # Resuming without the projections' terms would change the train state's shape: refused before any restore.
+  before = {f: f.read_bytes() for f in (tmp_path / "checkpoints").rglob("*") if f.is_file()}
+  c.train.steps = 6
+  c.layer_loss.update(alpha_hidden=0.0, alpha_embedding=0.0)
+  with pytest.raises(train.ConfigError, match=r"projections \['embedding', 'hidden'\], this config needs none"):
+    train.run(c, tmp_path)
+  assert {f: f.read_bytes() for f in (tmp_path / "checkpoints").rglob("*") if f.is_file()} == before
 
 
 @pytest.mark.parametrize("recipe", ["tinybert", "minilm", "minilmv2"])

@@ -12,8 +12,9 @@ library dot, a loop) is one trace event, and thunks run concurrently on the runt
 instant of the step is shared equally among the thunks running then: the shares add up to the wall time.
 A thunk is named by its HLO instruction, whose `op_name` metadata (the JAX name stack: `student`, `teacher`,
 `masking`, `optimizer` scopes from train.py and trainer.py, Flax module paths, `transpose(...)` for the
-backward pass) says where it comes from. A fusion is named after its root operation, so a matmul fused with
-its bias and residual counts as "matmul" and a normalisation fused after a matmul as "layernorm".
+backward pass) says where it comes from. A fusion is named after its root operation; one that holds a matrix
+product (marked "[dot]") counts as "matmul" whatever its root (a product fused with its bias, residual and the
+next LayerNorm's mean is mostly the product).
 
 PyTorch: the step's phases are timed with the clock (each phase ends synchronised; a CPU runs ops in
 order) and `torch.profiler` gives each aten operation's self time.
@@ -70,10 +71,20 @@ def parse_args(argv=None):
 # ------------------------------------------------------------------------------------------------ JAX
 
 def hlo_op_names(hlo_text: str) -> dict[str, str]:
-  """{instruction name: its op_name metadata} for every instruction of a compiled module's text."""
+  """{instruction name: its op_name metadata} for every instruction of a compiled module's text; the name of a
+  fusion that contains a matrix product gets the suffix " [dot]" (its root may be a reduction or an add)."""
+  with_dot, current = set(), None
+  for line in hlo_text.splitlines():
+    head = re.match(r"^(?:ENTRY )?%([\w.\-]+) \(", line)
+    if head:
+      current = head.group(1)
+    elif current and re.search(r" (dot|convolution)\(", line):
+      with_dot.add(current)
   names = {}
   for m in re.finditer(r'^\s*(?:ROOT )?%?([\w.\-]+) = [^\n]*?metadata=\{[^}\n]*?op_name="([^"]*)"', hlo_text, re.M):
-    names.setdefault(m.group(1), m.group(2))
+    calls = re.search(r"calls=%([\w.\-]+)", m.group(0))
+    dot = " [dot]" if calls and calls.group(1) in with_dot else ""
+    names.setdefault(m.group(1), m.group(2) + dot)
   return names
 
 
@@ -133,7 +144,7 @@ def jax_kind(op: str) -> str:
     return "dropout bits"
   if "dropout" in lower:
     return "dropout apply"
-  if leaf == "dot_general" or leaf.startswith("dot"):
+  if leaf == "dot_general" or leaf.startswith("dot") or op.endswith(" [dot]"):
     return "matmul"
   if "norm" in op:
     return "layernorm"
