@@ -285,7 +285,7 @@ def check_saved_projections(ckpts, config, teacher, student):
   _, saved = ckpts.saved_config()
   if saved is None or teacher is None:
     return
-  saved_layer = config.layer_loss.copy_and_resolve_references()
+  saved_layer = default_config().layer_loss  # a run saved before layer losses existed had none
   saved_layer.update(saved.get("config", {}).get("layer_loss", {}))
   before = sorted(projection_shapes(saved_layer, teacher.cfg, student.cfg))
   now = sorted(projection_shapes(config.layer_loss, teacher.cfg, student.cfg))
