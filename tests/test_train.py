@@ -557,8 +557,14 @@ def test_one_step_with_each_layer_loss(term):
   assert set(train.student_params(state.params)) == set(models[3])
 
 
-def test_layer_losses_are_the_same_on_every_mesh():
-  """Every layer loss on at once; the projections split by their logical axes (embed, embed_out) on FSDP x tensor."""
+LAYER_METRICS = ("loss", "mlm", "ce", "layer_hidden", "layer_embedding", "layer_attention", "layer_value_relation",
+                 "layer_relations", "grad_norm")
+
+
+def test_layer_losses_are_the_same_on_every_mesh_with_bf16_remat_and_memory_lean_logits():
+  """Every layer loss on at once with grad_accum 2; the projections split by their logical axes (embed,
+  embed_out) on FSDP x tensor. Issue 14 at scale: with chunked (memory-lean) vocabulary logits too, the same
+  figures; in bfloat16 with rematerialised layers, the same within bf16's precision."""
   config = _step_config(alpha_cos=0.0)
   config.layer_loss.update(alpha_hidden=1.0, alpha_embedding=0.5, alpha_attention=1.0, alpha_value_relation=1.0,
                            alpha_relations=1.0, relation_heads=4, layer_map=((1, 2),))
@@ -566,38 +572,24 @@ def test_layer_losses_are_the_same_on_every_mesh():
   models, batch = _narrow_models(), _batch()
   ref_state, ref_metrics, _ = _one_step(config, (1, 1, 1), models, batch)
   state, metrics, on_device = _one_step(config, (2, 2, 2), models, batch)
-  for key in ("loss", "mlm", "ce", "layer_hidden", "layer_embedding", "layer_attention", "layer_value_relation",
-              "layer_relations", "grad_norm"):
+  for key in LAYER_METRICS:
     np.testing.assert_allclose(metrics[key], ref_metrics[key], rtol=1e-5, atol=1e-5, err_msg=key)
   for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(ref_state.params)):
     np.testing.assert_allclose(a, b, atol=1e-5)
   kernel = on_device.params[train.LOSS_PARAMS]["hidden"]["kernel"]
   assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
 
-
-def test_layer_losses_with_bf16_remat_and_memory_lean_logits():
-  """Issue 14 at scale: every layer loss with chunked (memory-lean) vocabulary logits and grad_accum 2 on FSDP x
-  tensor gives the float32 step's figures; in bfloat16 with rematerialised layers, the same within bf16's
-  precision."""
-  config = _step_config(alpha_cos=0.0)
-  config.layer_loss.update(alpha_hidden=1.0, alpha_embedding=0.5, alpha_attention=1.0, alpha_value_relation=1.0,
-                           alpha_relations=1.0, relation_heads=4, layer_map=((1, 2),))
-  config.optim.grad_accum = 2
-  models, batch = _narrow_models(), _batch()
-  _, ref, _ = _one_step(config, (1, 1, 1), models, batch)
   lean = config.copy_and_resolve_references()
   lean.loss.chunk_size = 48  # 256 rows per micro-batch: 6 chunks, the last one padded
   _, chunked, _ = _one_step(lean, (2, 2, 2), models, batch)
-  keys = ("loss", "mlm", "ce", "layer_hidden", "layer_embedding", "layer_attention", "layer_value_relation",
-          "layer_relations", "grad_norm")
-  for key in keys:
-    np.testing.assert_allclose(chunked[key], ref[key], rtol=1e-5, atol=1e-5, err_msg=key)
+  for key in LAYER_METRICS:
+    np.testing.assert_allclose(chunked[key], ref_metrics[key], rtol=1e-5, atol=1e-5, err_msg=key)
   teacher, tp, student, sp = models
   bf16 = lambda m: distilbert_jax.Encoder(m.cfg.replace(dtype="bfloat16", remat=True))  # noqa: E731
   _, low, _ = _one_step(lean, (2, 2, 2), (bf16(teacher), tp, bf16(student), sp), batch)
-  for key in keys:
+  for key in LAYER_METRICS:
     assert np.isfinite(low[key]), key
-    np.testing.assert_allclose(low[key], ref[key], rtol=0.05, atol=0.02, err_msg=key)
+    np.testing.assert_allclose(low[key], ref_metrics[key], rtol=0.05, atol=0.02, err_msg=key)
 
 
 @pytest.mark.parametrize("overrides,layer_loss,message", [
