@@ -34,6 +34,7 @@ from typing import Mapping
 
 import jax
 import ml_collections
+import numpy as np
 
 log = logging.getLogger("distilbert_jax.distributed")
 
@@ -200,3 +201,12 @@ def barrier(name: str):
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices(name)
+
+
+def agree(flag: bool) -> bool:
+  """Process 0's `flag` on every process: a yes/no that only process 0 can answer (it alone scores the
+  held-out split) but every process must act on alike."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag, dtype=np.int32)))

@@ -290,6 +290,36 @@ class MetricsWriter:
     self.close()
 
 
+def read_curve(workdir: str | os.PathLike) -> list[dict]:
+  """The held-out learning curve of a run's `metrics.jsonl`: step, accuracy, loss, and the training tokens
+  and minutes up to that step (summed from the logged rates, so time spent evaluating is not counted)."""
+  path = pathlib.Path(workdir) / "metrics.jsonl"
+  rows = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+  curve, seconds, tokens, last_step = [], 0.0, 0.0, 0
+  for row in rows:
+    if "steps_per_s" in row:
+      dt = (row["step"] - last_step) / row["steps_per_s"]
+      seconds, tokens, last_step = seconds + dt, tokens + row["tokens_per_s"] * dt, row["step"]
+    if "heldout_mlm_accuracy" in row:
+      curve.append({"step": row["step"], "accuracy": row["heldout_mlm_accuracy"], "loss": row["heldout_mlm_loss"],
+                    "tokens": tokens, "minutes": seconds / 60})
+  return curve
+
+
+def plateau(curve: list[dict], points: float) -> dict:
+  """Whether held-out accuracy rose by less than `points` percentage points over the last quarter of the run
+  (from the last point at or before 3/4 of the last point's step to the last point). A curve of fewer than
+  two points has not plateaued."""
+  if len(curve) < 2:
+    return {"rise_last_quarter_points": None, "reached": False}
+  last = curve[-1]
+  quarter_start = last["step"] - last["step"] / 4
+  before = [p for p in curve if p["step"] <= quarter_start] or curve[:1]
+  rise = 100 * (last["accuracy"] - before[-1]["accuracy"])
+  return {"rise_last_quarter_points": rise, "from_step": before[-1]["step"], "to_step": last["step"],
+          "reached": rise < points}
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Progress and throughput
 

@@ -109,6 +109,10 @@ def default_config() -> ml_collections.ConfigDict:
   # > 0: every this many steps, the student's held-out masked-LM accuracy and loss on data.eval_batches
   # batches (logged as heldout_mlm_accuracy / heldout_mlm_loss; a learning curve, at the cost of a pause).
   c.train.eval_every = 0
+  # > 0: stop at the plateau, when the held-out accuracy (the curve above) has risen by less than this many
+  # percentage points over the last quarter of the steps so far; the run then ends (saved, evaluated,
+  # exported) at that step, and running it again does not train further. Needs eval_every.
+  c.train.stop_at_plateau = 0.0
   # At the end, with a teacher: also time teacher and student as deployed (encoder + classification head, and
   # encoder + masked-LM head) at these batch sizes and print the student's speed-up (empty: not timed).
   c.train.speed_batches = ()
@@ -556,21 +560,42 @@ def _run(config, workdir: pathlib.Path, stop) -> dict:
       score = _heldout_score(config, x.data_dir, x.probs_V, x.specials, student, params)
       return {"heldout_mlm_accuracy": score.accuracy, "heldout_mlm_loss": score.loss}
 
+    curve = []  # the held-out curve so far (process 0), for train.stop_at_plateau
+
+    def plateau_reached(step_done, scores) -> bool:
+      if is_main and scores:
+        curve.append({"step": step_done, "accuracy": scores["heldout_mlm_accuracy"]})
+      p = metrics.plateau(curve, config.train.stop_at_plateau)
+      reached = is_main and p["reached"]
+      if reached:
+        log.info("held-out accuracy rose %.2f points from step %d to %d (< %g): the plateau, stopping at step %d "
+                 "of %d", p["rise_last_quarter_points"], p["from_step"], p["to_step"], config.train.stop_at_plateau,
+                 step_done, config.train.steps)
+      return distributed.agree(reached)
+
     flops_per_token = metrics.distillation_flops_per_token(
         student.cfg, teacher.cfg if teacher is not None else None, config.data.max_len,
         **logit_fractions(config, teacher is not None))
     with metrics.MetricsWriter(workdir, enabled=is_main) as writer:
       writer.truncate_after(start)
+      total_steps = config.train.steps
+      if config.train.stop_at_plateau and has_heldout:
+        curve.extend(p for p in metrics.read_curve(workdir) if is_main)
+        if start and curve and curve[-1]["step"] == start and plateau_reached(start, None):
+          total_steps = start  # stopped at the plateau before: evaluate and export, train no further
       result = trainer.fit(
           state, lambda s, b: fns.step(s, teacher_params, b, probs_V), batches, mesh, ckpts=ckpts, writer=writer,
-          start=start, total_steps=config.train.steps, log_every=config.train.log_every,
+          start=start, total_steps=total_steps, log_every=config.train.log_every,
           ckpt_every=config.train.ckpt_every, flops_per_token=flops_per_token, compute_dtype=config.compute.dtype,
           progress=config.train.progress, run_config={"config": config.to_dict(), "model": student.cfg.to_dict()},
-          eval_every=config.train.eval_every if has_heldout else 0, evaluate_fn=learning_curve)
+          eval_every=config.train.eval_every if has_heldout else 0, evaluate_fn=learning_curve,
+          stop_when=plateau_reached if config.train.stop_at_plateau and has_heldout else None)
     if result.preempted:
       return trainer.stopped_early(ckpts, result.step)
 
     summary = {"step": result.step, "workdir": str(workdir)}
+    if config.train.stop_at_plateau and has_heldout and is_main:
+      summary["plateau"] = metrics.plateau(curve, config.train.stop_at_plateau)
     # Collectives: every process gathers, process 0 uses them; the layer losses' projections are not the student's.
     final = student_params(sharding.to_host(result.state.params))
     if has_heldout:
@@ -659,7 +684,7 @@ def adapt_teacher(config, workdir: pathlib.Path) -> str | None:
 # Every numeric setting of a run and its range (validation.RANGES).
 RANGES = {
     "train.steps": ">0", "train.log_every": ">0", "train.ckpt_every": ">0", "train.keep": ">0",
-    "train.eval_every": ">=0",
+    "train.eval_every": ">=0", "train.stop_at_plateau": ">=0",
     "data.batch_size": ">0", "data.max_len": ">0", "data.min_len": ">=0", "data.held_out_fraction": "[0,1)",
     "data.eval_batches": ">=0",
     "mlm.prob": "(0,1]", "mlm.smoothing": ">=0", "mlm.word_mask": "[0,1]", "mlm.word_keep": "[0,1]",
@@ -692,6 +717,10 @@ def validate_config(config):
   if config.layer_loss.projection not in PROJECTIONS:
     raise ConfigError(f"--config.layer_loss.projection={config.layer_loss.projection!r}: use one of {PROJECTIONS}")
   validation.check_choice("--config.train.dropout_rng", config.train.dropout_rng, trainer.DROPOUT_RNGS)
+  if config.train.stop_at_plateau and not (config.train.eval_every and config.data.eval_batches):
+    raise ConfigError(f"--config.train.stop_at_plateau={config.train.stop_at_plateau} judges the held-out curve, "
+                      "which is not measured: set --config.train.eval_every (e.g. 300) and "
+                      "--config.data.eval_batches (e.g. 40), or stop_at_plateau=0")
   if config.data.strategy not in data.STRATEGIES:
     raise ConfigError(f"data.strategy {config.data.strategy!r}: use one of {data.STRATEGIES}")
   if config.mlm.scheme not in masking.SCHEMES:

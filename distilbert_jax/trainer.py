@@ -274,19 +274,22 @@ class FitResult:
   state: Any  # the TrainState after the last step run
   step: int  # updates applied
   preempted: bool  # stopped early by SIGTERM / Orbax's preemption notice (a checkpoint of `step` is saved)
+  converged: bool = False  # stopped early because `stop_when` said so after an evaluation (`step` is saved)
 
 
 def fit(state: TrainState, step_fn, batches, mesh, *, ckpts: checkpoint.RunCheckpoints, writer: metrics.MetricsWriter,
         start: int, total_steps: int, log_every: int, ckpt_every: int, run_config: dict, flops_per_token: float,
-        compute_dtype: str = "float32", progress: bool = True, eval_every: int = 0, evaluate_fn=None) -> FitResult:
+        compute_dtype: str = "float32", progress: bool = True, eval_every: int = 0, evaluate_fn=None,
+        stop_when=None) -> FitResult:
   """The loop shared by distillation and fine-tuning: steps, logging, checkpoints, preemption, NaN stop.
 
   `step_fn(state, global_batch) -> (state, metrics)` is the jitted step (state donated); its metrics hold at
   least `loss`, `grad_norm` and `tokens` (non-pad tokens of the batch). `batches` yields this process's
   rows and has `get_state()` (saved with each checkpoint). Metrics of step n are read while step n+1 runs,
   so the host never waits for the device except to log, save or, every `eval_every` steps, call
-  `evaluate_fn(step, state) -> dict | None`, whose scalars are logged at that step. The caller owns (and
-  closes) `writer` and `ckpts`.
+  `evaluate_fn(step, state) -> dict | None`, whose scalars are logged at that step. After each evaluation,
+  `stop_when(step, scalars) -> bool` (called on every process, which must all answer alike) may end the run
+  there: the step is saved and the result says `converged`. The caller owns (and closes) `writer` and `ckpts`.
   """
   peak = metrics.peak_flops_per_device(dtype=compute_dtype)
   bar = metrics.Progress(total_steps, start, enabled=progress and jax.process_index() == 0)
@@ -320,7 +323,7 @@ def fit(state: TrainState, step_fn, batches, mesh, *, ckpts: checkpoint.RunCheck
     ckpts.save(step_done, state, batches.get_state(), run_config, force=force)
     last_saved = step_done
 
-  preempted = False
+  preempted = converged = False
   done = start
   with stop_signal() as stop:
     try:
@@ -338,21 +341,22 @@ def fit(state: TrainState, step_fn, batches, mesh, *, ckpts: checkpoint.RunCheck
           extra = evaluate_fn(done, state)
           if extra:
             writer.write(done, extra)
-        must_save = done % ckpt_every == 0 or done == total_steps
+          converged = stop_when is not None and stop_when(done, extra)
+        must_save = done % ckpt_every == 0 or done == total_steps or converged
         preempted = stop.requested or ckpts.reached_preemption(done)
         if must_save or preempted:
           if pending is not None:
             finish(*pending)  # never save a state whose loss is not finite
           pending = None
-          save(done, force=preempted)
-        if preempted:
+          save(done, force=preempted or converged)
+        if preempted or converged:
           break
       if pending is not None:
         finish(*pending)
     finally:
       bar.close()
       ckpts.wait()
-  return FitResult(state=state, step=done, preempted=preempted)
+  return FitResult(state=state, step=done, preempted=preempted, converged=converged)
 
 
 # ------------------------------------------------------------------------------------------------ a run's start and end

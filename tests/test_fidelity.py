@@ -6,6 +6,8 @@ import pathlib
 import numpy as np
 import pytest
 
+from distilbert_jax import metrics
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -22,12 +24,12 @@ fidelity_config = _load(ROOT / "configs" / "fidelity.py", "fidelity_config")
 
 def test_plateau_is_the_rise_over_the_last_quarter():
   curve = [{"step": s, "accuracy": a} for s, a in [(100, 0.10), (200, 0.20), (300, 0.296), (400, 0.30)]]
-  p = fidelity.plateau(curve, 0.5)
+  p = metrics.plateau(curve, 0.5)
   assert p["from_step"] == 300 and p["to_step"] == 400
   assert p["rise_last_quarter_points"] == pytest.approx(0.4) and p["reached"]
   curve[-1]["accuracy"] = 0.31
-  assert not fidelity.plateau(curve, 0.5)["reached"]
-  assert not fidelity.plateau(curve[:1], 0.5)["reached"]
+  assert not metrics.plateau(curve, 0.5)["reached"]
+  assert not metrics.plateau(curve[:1], 0.5)["reached"]
 
 
 def test_curve_counts_tokens_and_minutes_from_the_logged_rates(tmp_path):
@@ -36,7 +38,7 @@ def test_curve_counts_tokens_and_minutes_from_the_logged_rates(tmp_path):
           {"step": 20, "steps_per_s": 5.0, "tokens_per_s": 1000.0},
           {"step": 20, "heldout_mlm_accuracy": 0.2, "heldout_mlm_loss": 4.0}]
   (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-  curve = fidelity.read_curve(tmp_path)
+  curve = metrics.read_curve(tmp_path)
   assert [c["step"] for c in curve] == [10, 20]
   assert curve[0]["tokens"] == 500.0 and curve[0]["minutes"] == pytest.approx(5 / 60)  # 10 steps at 2/s
   assert curve[1]["tokens"] == 500.0 + 2000.0 and curve[1]["minutes"] == pytest.approx(7 / 60)

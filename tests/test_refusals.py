@@ -93,6 +93,9 @@ TRAIN_CASES = [  # (id, extra flags, phrase the one line must hold)
     ("log_every 0", ("--config.train.log_every=0",), "--config.train.log_every must be > 0"),
     ("eval_every -1", ("--config.train.eval_every=-1",), "--config.train.eval_every must be >= 0"),
     ("keep 0", ("--config.train.keep=0",), "--config.train.keep must be > 0"),
+    ("plateau without a curve", ("--config.train.stop_at_plateau=0.5",),
+     "--config.train.stop_at_plateau=0.5 judges the held-out curve, which is not measured: set "
+     "--config.train.eval_every"),
     ("batch 0", ("--config.data.batch_size=0",), "--config.data.batch_size must be > 0"),
     ("batch vs devices", ("--config.data.batch_size=12",), "must divide by data-parallel size 8"),
     ("held-out 1.5", ("--config.data.held_out_fraction=1.5",), "--config.data.held_out_fraction must be in [0, 1)"),

@@ -397,6 +397,27 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path, tiny_teacher, data_cach
   assert checkpoint.RunCheckpoints(tmp_path).latest_step() == 4
 
 
+def test_a_run_stops_at_the_plateau_and_stays_stopped(tmp_path, tiny_teacher, data_cache, test_data):
+  """With a threshold no rise can reach, the second held-out point is the plateau: the run saves, evaluates
+  and exports there; run again it trains no further; without the threshold it carries on to train.steps."""
+  c = tiny.get_config(str(tiny_teacher))
+  c.data.cache_dir, c.data.corpus_dir = str(data_cache), str(test_data / "corpus")
+  c.train.update(steps=6, eval_every=2, ckpt_every=100, stop_at_plateau=101.0)
+  summary = train.run(c, tmp_path)
+  assert summary["step"] == 4 and summary["plateau"]["reached"]
+  assert (summary["plateau"]["from_step"], summary["plateau"]["to_step"]) == (2, 4)
+  assert checkpoint.RunCheckpoints(tmp_path).latest_step() == 4
+  assert checkpoint.is_model_dir(tmp_path / "final")
+  def logged_steps():
+    return [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert max(logged_steps()) == 4
+  again = train.run(c, tmp_path)
+  assert again["step"] == 4 and max(logged_steps()) == 4
+  c.train.stop_at_plateau = 0.0
+  assert train.run(c, tmp_path)["step"] == 6
+  assert checkpoint.RunCheckpoints(tmp_path).latest_step() == 6
+
+
 def test_bf16_and_remat_step_is_close_to_float32():
   models, batch = _models(), _batch()
   config = _step_config()

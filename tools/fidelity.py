@@ -40,6 +40,7 @@ import ml_collections
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from distilbert_jax import checkpoint, data, evaluate, finetune, train, trainer  # noqa: E402
+from distilbert_jax.metrics import plateau, read_curve  # noqa: E402
 
 STAGES = ("teacher", "students", "mlm", "finetune", "speed", "report")
 DESCRIPTIONS = {
@@ -107,33 +108,6 @@ def _distill_base(cfg) -> ml_collections.ConfigDict:
 
 # ------------------------------------------------------------------------------------------------ teacher
 
-def read_curve(workdir: pathlib.Path) -> list[dict]:
-  """The held-out curve of a run: step, accuracy, loss, training tokens and minutes up to that step."""
-  path = workdir / "metrics.jsonl"
-  rows = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
-  curve, seconds, tokens, last_step = [], 0.0, 0.0, 0
-  for row in rows:
-    if "steps_per_s" in row:
-      dt = (row["step"] - last_step) / row["steps_per_s"]
-      seconds, tokens, last_step = seconds + dt, tokens + row["tokens_per_s"] * dt, row["step"]
-    if "heldout_mlm_accuracy" in row:
-      curve.append({"step": row["step"], "accuracy": row["heldout_mlm_accuracy"], "loss": row["heldout_mlm_loss"],
-                    "tokens": tokens, "minutes": seconds / 60})
-  return curve
-
-
-def plateau(curve: list[dict], points: float) -> dict:
-  """Whether held-out accuracy rose by less than `points` percentage points over the last quarter of the run."""
-  if len(curve) < 2:
-    return {"rise_last_quarter_points": None, "reached": False}
-  last = curve[-1]
-  quarter_start = last["step"] - last["step"] / 4
-  before = [p for p in curve if p["step"] <= quarter_start] or curve[:1]
-  rise = 100 * (last["accuracy"] - before[-1]["accuracy"])
-  return {"rise_last_quarter_points": rise, "from_step": before[-1]["step"], "to_step": last["step"],
-          "reached": rise < points}
-
-
 def _teacher_run_config(cfg, lr: float, steps: int, eval_every: int) -> ml_collections.ConfigDict:
   c = cfg.teacher_recipe.copy_and_resolve_references()
   c.data.cache_dir = cfg.cache_dir
@@ -141,6 +115,8 @@ def _teacher_run_config(cfg, lr: float, steps: int, eval_every: int) -> ml_colle
   c.optim.lr = lr
   c.train.steps = steps
   c.train.eval_every = eval_every
+  if steps <= cfg.teacher_sweep.steps:
+    c.train.stop_at_plateau = 0.0  # a sweep run, or a teacher run as short: the steps asked for
   c.train.progress = False
   return c
 
