@@ -243,7 +243,7 @@ class Result:
   memory: dict[str, int] = dataclasses.field(default_factory=dict)  # memory_analysis fields, per device
   peak_bytes: int | None = None
   peak_estimated: bool = False  # memory_analysis had no peak: arguments + outputs - aliased + temps + code
-  formula_flops: float | None = None  # metrics.distillation_flops_per_token x tokens of the step
+  formula_flops: float | None = None  # train.step_flops_per_token x tokens of the step
   traced_flops: float | None = None  # matmuls of the traced step, loop bodies x trip count
   compiled_flops: float | None = None  # cost_analysis, all devices: every op, loop bodies once
   compiled_loops: int = 0  # while loops left in the compiled program
@@ -354,9 +354,7 @@ def compile_step(config, mesh, teacher, student, batch: int, seq: int, hbm_bytes
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # older jax: one dict per program
   # cost_analysis describes one device's SPMD program; the other two figures count the whole step.
   compiled_flops = float(cost["flops"]) * mesh.size if cost and "flops" in cost else None
-  per_token = metrics.distillation_flops_per_token(
-      student.cfg, teacher.cfg if teacher is not None else None, seq,
-      **train.logit_fractions(config, teacher is not None))
+  per_token = train.step_flops_per_token(config, teacher, student, seq)
   return Result(batch, seq, hbm_bytes, seconds, fits=peak <= hbm_bytes, memory=memory, peak_bytes=peak,
                 peak_estimated=estimated, formula_flops=metrics.flops_per_step(per_token, batch * seq),
                 traced_flops=traced_matmul_flops(traced.jaxpr.jaxpr), compiled_flops=compiled_flops,
@@ -402,7 +400,7 @@ def report(result: Result) -> str:
   formula, tokens = result.formula_flops, result.batch * result.seq
   lines += [
       "FLOPs per step, all devices:",
-      f"  formula         {formula:.3e}  (metrics.distillation_flops_per_token × {tokens:,} tokens)",
+      f"  formula         {formula:.3e}  (train.step_flops_per_token × {tokens:,} tokens)",
       f"  traced matmuls  {result.traced_flops:.3e}  ({result.traced_flops / formula:.2f} × formula; loops × trip "
       "count, recomputation included)",
   ]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 import tensorboardX
@@ -94,6 +94,32 @@ def distillation_flops_per_token(student_cfg: EncoderConfig, teacher_cfg: Encode
   if teacher_cfg is not None:
     teacher = encoder_flops_per_token(teacher_cfg, seq_len, with_logits=teacher_logit_fraction)
   return teacher + 3.0 * student
+
+
+def layer_loss_flops_per_token(layer_loss, student_cfg: EncoderConfig, teacher_cfg: EncoderConfig, seq_len: int,
+                               projections: Iterable[str] = ()) -> float:
+  """Matmul FLOPs per token that the layer losses add to a distillation step (`losses.LayerLossConfig`).
+
+  A relation softmax(a·bᵀ/√K) over L keys costs 2·L·W per token for features of width W (all heads
+  together: W = D, whatever the head count); the student's side counts ×3 (forward and backward), the
+  frozen teacher's ×1. A learned projection D_s → D_t is a trained matmul on the student's side: 3·2·D_s·D_t.
+
+      attention KL        per (student, teacher) pair: q·kᵀ of both models
+      value relation      the last pair: v·vᵀ of both
+      MiniLMv2 relations  the last pair: q·qᵀ, k·kᵀ, v·vᵀ of both
+      hidden-state MSE    per pair, when a "hidden" projection is in `projections` (else elementwise: 0)
+      embedding MSE       when an "embedding" projection is in `projections`
+
+  `projections`: the names of the learned projections the run has (`train.projection_shapes`).
+  """
+  l, d_s, d_t = seq_len, student_cfg.hidden_size, teacher_cfg.hidden_size
+  relation = 3 * 2 * l * d_s + 2 * l * d_t
+  pairs = len(layer_loss.layer_map)
+  on = lambda name: layer_loss.weight(name) > 0  # noqa: E731
+  projection = 3 * 2 * d_s * d_t
+  return float(on("attention") * pairs * relation + on("value_relation") * relation + on("relations") * 3 * relation
+               + on("hidden") * ("hidden" in projections) * pairs * projection
+               + on("embedding") * ("embedding" in projections) * projection)
 
 
 def flops_per_step(flops_per_token: float, tokens: int) -> float:

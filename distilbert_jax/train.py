@@ -573,9 +573,7 @@ def _run(config, workdir: pathlib.Path, stop) -> dict:
                  step_done, config.train.steps)
       return distributed.agree(reached)
 
-    flops_per_token = metrics.distillation_flops_per_token(
-        student.cfg, teacher.cfg if teacher is not None else None, config.data.max_len,
-        **logit_fractions(config, teacher is not None))
+    flops_per_token = step_flops_per_token(config, teacher, student, config.data.max_len)
     with metrics.MetricsWriter(workdir, enabled=is_main) as writer:
       writer.truncate_after(start)
       total_steps = config.train.steps
@@ -606,6 +604,18 @@ def _run(config, workdir: pathlib.Path, stop) -> dict:
     if stop.requested:  # the final checkpoint is saved: the next run evaluates and exports
       return trainer.stopped_early(ckpts, result.step, stage="evaluation")
     return trainer.finish_run(workdir, student, final, x.tokenizer_path, summary, ckpts, export=config.train.export)
+
+
+def step_flops_per_token(config, teacher, student, seq_len: int) -> float:
+  """Model FLOPs per token of the distillation step (metrics.py): the models, and the layer losses' relations
+  and projections."""
+  per_token = metrics.distillation_flops_per_token(student.cfg, teacher.cfg if teacher is not None else None,
+                                                   seq_len, **logit_fractions(config, teacher is not None))
+  if teacher is not None:
+    per_token += metrics.layer_loss_flops_per_token(
+        layer_loss_config(config.layer_loss, teacher.cfg, student.cfg), student.cfg, teacher.cfg, seq_len,
+        projection_shapes(config.layer_loss, teacher.cfg, student.cfg))
+  return per_token
 
 
 def logit_fractions(config, distilling: bool) -> dict:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import distilbert_jax
-from distilbert_jax import checkpoint, masking, sharding, train, trainer
+from distilbert_jax import aot, checkpoint, masking, sharding, train, trainer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "configs"))
@@ -576,6 +576,31 @@ def test_one_step_with_each_layer_loss(term):
     start = train.init_projections({term: (16, 32)}, config.seed)[term]["kernel"]
     assert not np.array_equal(kernel, start), "the projection learns"
   assert set(train.student_params(state.params)) == set(models[3])
+
+
+def _traced_step_flops(config, models) -> float:
+  teacher, tp, student, sp = models
+  mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+  fns = train.build_step(config, mesh, student, teacher, jax.eval_shape(lambda: sp), mask_token_id=4)
+  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in _batch().items()}
+  traced = fns.step.trace(fns.abstract_state, jax.eval_shape(lambda: tp), batch,
+                          jax.ShapeDtypeStruct((211,), np.float32))
+  return aot.traced_matmul_flops(traced.jaxpr.jaxpr)
+
+
+@pytest.mark.parametrize("term,pairs", [("hidden", ((1, 1), (1, 2))), ("embedding", ()),
+                                        ("attention", ((1, 1), (1, 2))), ("value_relation", ()), ("relations", ())])
+def test_the_flops_formula_counts_each_layer_loss(term, pairs):
+  """What each layer loss adds to the traced step's matrix products is what the formula (and so MFU) counts."""
+  config = _step_config(alpha_cos=0.0, alpha_ce=0.0)
+  models = _narrow_models()
+  without = _traced_step_flops(config, models)
+  config.layer_loss.update({f"alpha_{term}": 1.0, "relation_heads": 8, "layer_map": pairs})
+  added = _traced_step_flops(config, models) - without
+  teacher, _, student, _ = models
+  per_token = train.step_flops_per_token(config, teacher, student, 32) - train.step_flops_per_token(
+      _step_config(alpha_cos=0.0, alpha_ce=0.0), teacher, student, 32)
+  assert added > 0 and per_token * 8 * 32 == pytest.approx(added, rel=1e-9)
 
 
 LAYER_METRICS = ("loss", "mlm", "ce", "layer_hidden", "layer_embedding", "layer_attention", "layer_value_relation",
