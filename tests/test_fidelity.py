@@ -73,6 +73,37 @@ def test_targets_from_seeded_results():
   assert fidelity.mean_sd([0.1, 0.3]) == pytest.approx((0.2, np.std([0.1, 0.3], ddof=1)))
 
 
+def test_layer_loss_and_narrow_variants(tiny_teacher, tmp_path):
+  """Issue 14's rows: each recipe and shape gives a config the trainer accepts (configs only, nothing trained)."""
+  cfg = fidelity_config.get_config(f"tiny:{tiny_teacher}")
+  base = fidelity._distill_base(cfg)
+  teacher_cfg = fidelity.checkpoint.load_config(tiny_teacher)  # 2 layers, width 64, 4 heads of 16
+  tinybert = fidelity.variant_config(base, "tinybert@1x32", str(tiny_teacher), 0, tmp_path)
+  assert tinybert.student.layers == (0,) and tinybert.loss.alpha_cos == 0.0
+  assert dict(tinybert.student.overrides) == dict(hidden_size=32, num_heads=2, intermediate_size=64)
+  assert (tinybert.layer_loss.alpha_hidden, tinybert.layer_loss.alpha_embedding) == (1.0, 1.0)
+  assert tinybert.layer_loss.alpha_attention == 0.0  # 2 heads against 4: no head-by-head term
+  same_width = fidelity.variant_config(base, "tinybert", str(tiny_teacher), 0, tmp_path)
+  assert same_width.layer_loss.alpha_attention == 1.0 and same_width.loss.alpha_cos == 0.0
+  minilm = fidelity.variant_config(base, "minilmv2@2x32", str(tiny_teacher), 1, tmp_path)
+  assert minilm.student.layers == (0, 1) and minilm.layer_loss.layer_map == ((2, 2),)
+  assert minilm.layer_loss.relation_heads == 4 and minilm.seed == 1
+  full = fidelity.variant_config(base, "full", str(tiny_teacher), 0, tmp_path)
+  assert full.loss.alpha_cos > 0 and not full.layer_loss.alpha_relations
+  for c in (tinybert, same_width, minilm, full):
+    fidelity.train.student_config(c, teacher_cfg)  # refuses what cannot run
+  assert fidelity.relation_heads(fidelity.train.model_lib.EncoderConfig.bert(hidden_size=384, num_heads=12), 256) == 8
+  assert fidelity.relation_heads(fidelity.train.model_lib.EncoderConfig.bert(hidden_size=384, num_heads=12), 384) == 12
+  assert fidelity.shapes_of(cfg) == {"": "full", "@1x32": "tinybert@1x32"}
+  cfg.variants = ("no_cos", "minilmv2@1x32", "full", "tinybert@1x32")
+  assert fidelity.shapes_of(cfg) == {"": "full", "@1x32": "minilmv2@1x32"}
+  for bad, message in (("tinybert@3", "LAYERSxWIDTH"), ("distil", "unknown variant"), ("full@0x32", "LAYERSxWIDTH")):
+    with pytest.raises(ValueError, match=message):
+      fidelity.parse_variant(bad)
+  with pytest.raises(ValueError, match="heads of its size 16"):
+    fidelity.variant_config(base, "full@1x40", str(tiny_teacher), 0, tmp_path)
+
+
 @pytest.mark.slow
 def test_study_end_to_end_on_the_tiny_preset_and_its_resume(tmp_path, tiny_teacher, data_cache, test_data,
                                                              monkeypatch):
@@ -100,7 +131,7 @@ def test_study_end_to_end_on_the_tiny_preset_and_its_resume(tmp_path, tiny_teach
   monkeypatch.setattr(fidelity.finetune, "run", interrupted_finetune)
   with pytest.raises(KeyboardInterrupt):
     fidelity.run_study(cfg, out, command="test")
-  assert calls["train"] == 2 + 1 + 3 * 2  # sweep (2 rates), teacher, 3 variants x 2 seeds
+  assert calls["train"] == 2 + 1 + 4 * 2  # sweep (2 rates), teacher, 4 variants x 2 seeds
   calls.update(train=0, finetune=0)
   monkeypatch.setattr(fidelity.finetune, "run", real_finetune)
   results = fidelity.run_study(cfg, out, command="test")
@@ -131,8 +162,11 @@ def test_study_end_to_end_on_the_tiny_preset_and_its_resume(tmp_path, tiny_teach
   assert all(0 <= r["accuracy"] <= 1 for r in results["finetune"])
   speed = results["speed"]
   assert set(speed["speedup"]) == {f"{h}_speedup_batch{b}" for h in ("cls", "mlm") for b in (1, 2)}
+  assert set(speed["shapes"]["@1x32"]["speedup"]) == set(speed["speedup"])  # the narrow student timed too
+  assert results["mlm"]["tinybert@1x32/seed0"]["parameters"] < results["mlm"]["full/seed0"]["parameters"]
   report = (out / "REPORT.md").read_text()
-  for text in ("## Targets", "`full`", "`mlm_only`", "`no_cos`", "`full_D`", "King James", "seed"):
+  for text in ("## Targets", "`full`", "`mlm_only`", "`no_cos`", "`full_D`", "King James", "seed",
+               "## Layer losses and narrower students", "`tinybert@1x32`"):
     assert text in report
   assert (out / "fidelity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert json.loads((out / "results.json").read_text())["teacher"]["path"] == teacher["path"]

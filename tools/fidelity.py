@@ -50,6 +50,13 @@ DESCRIPTIONS = {
     "no_ce": "without L_ce",
     "no_cos": "without L_cos",
     "no_mlm": "without L_mlm",
+    "tinybert": "L_ce + L_mlm + TinyBERT's hidden-state and embedding MSE and attention KL, teacher init",
+    "minilmv2": "L_ce + L_mlm + MiniLMv2's q-q, k-k, v-v relations (last layers), teacher init",
+}
+# The layer-loss recipes (issue 14): weights of config.layer_loss; the layer map is uniform unless given.
+LAYER_RECIPES = {
+    "tinybert": dict(alpha_hidden=1.0, alpha_embedding=1.0, alpha_attention=1.0),
+    "minilmv2": dict(alpha_relations=1.0),  # relation heads: `relation_heads`
 }
 # The paper's GLUE macro-score change against the full loss with teacher init (Sanh et al. 2019, Table 4).
 PAPER_GLUE_DELTA = {"no_ce": -2.96, "no_cos": -1.46, "no_mlm": -0.31, "random_init": -3.69}
@@ -184,31 +191,93 @@ def teacher_stage(cfg, out: pathlib.Path, given: str) -> dict:
 
 # ------------------------------------------------------------------------------------------------ students
 
+def parse_variant(name: str) -> tuple[str, tuple[int, int] | None]:
+  """"RECIPE" or "RECIPE@LxD" (a student of L layers of width D) -> (recipe, (L, D) or None)."""
+  recipe, _, shape = name.partition("@")
+  if recipe not in DESCRIPTIONS:
+    raise ValueError(f"unknown variant {name!r}: a recipe of {', '.join(DESCRIPTIONS)}, optionally @LAYERSxWIDTH "
+                     "(e.g. tinybert@6x256)")
+  if not shape:
+    return recipe, None
+  layers, _, width = shape.partition("x")
+  if not (layers.isdigit() and width.isdigit() and int(layers) > 0 and int(width) > 0):
+    raise ValueError(f"variant {name!r}: the shape is LAYERSxWIDTH (e.g. 6x256)")
+  return recipe, (int(layers), int(width))
+
+
+def relation_heads(teacher_cfg, student_width: int) -> int:
+  """MiniLMv2's relation heads: the teacher's head count (the paper's choice for base-size teachers), or the
+  largest count below it that divides both widths (a 256-wide student of a 384-wide, 12-head teacher: 8)."""
+  return max(r for r in range(1, teacher_cfg.num_heads + 1)
+             if teacher_cfg.hidden_size % r == 0 and student_width % r == 0)
+
+
+def describe(name: str) -> str:
+  recipe, shape = parse_variant(name)
+  return DESCRIPTIONS[recipe] + (f"; {shape[0]} layers of width {shape[1]}" if shape else "")
+
+
+def _reshape(c: ml_collections.ConfigDict, shape: tuple[int, int], teacher_cfg) -> None:
+  """A student of `shape` (layers, width) from the teacher: layers picked evenly, narrower widths by weight
+  selection (student.select_weights) with the teacher's head size; L_cos is off when the widths differ, as
+  it compares hidden states."""
+  layers, width = shape
+  head_size = teacher_cfg.hidden_size // teacher_cfg.num_heads
+  if layers > teacher_cfg.num_layers or width > teacher_cfg.hidden_size or width % head_size:
+    raise ValueError(f"student shape {layers}x{width}: at most the teacher's {teacher_cfg.num_layers} layers and "
+                     f"width {teacher_cfg.hidden_size}, in heads of its size {head_size}")
+  c.student.layers = tuple(i * teacher_cfg.num_layers // layers for i in range(layers))
+  if width != teacher_cfg.hidden_size:
+    ratio = width / teacher_cfg.hidden_size
+    c.student.overrides.update(hidden_size=width, num_heads=width // head_size,
+                               intermediate_size=int(teacher_cfg.intermediate_size * ratio))
+    c.loss.alpha_cos = 0.0
+
+
 def variant_config(base: ml_collections.ConfigDict, name: str, teacher: str, seed: int, out: pathlib.Path
                    ) -> ml_collections.ConfigDict:
   """The distillation config of one variant and seed: `base` with the finished teacher and one change.
 
   `mlm_only` starts from exactly the `full` student's initial weights (saved once per seed) and trains
-  without a teacher; `random_init` draws its weights from `seed`.
+  without a teacher; `random_init` draws its weights from `seed`. The layer-loss recipes keep L_ce and
+  L_mlm and put their layer terms in place of L_cos. `RECIPE@LxD` changes the student's shape.
   """
+  recipe, shape = parse_variant(name)
   c = base.copy_and_resolve_references()
   c.seed = seed
   c.teacher = teacher
   c.teacher_mlm.steps = 0
+  teacher_cfg = checkpoint.load_config(teacher)
+  if shape is not None:
+    _reshape(c, shape, teacher_cfg)
+  if recipe in LAYER_RECIPES:
+    c.loss.alpha_cos = 0.0
+    c.layer_loss.update(LAYER_RECIPES[recipe])
+    width = c.student.overrides.get("hidden_size", teacher_cfg.hidden_size)
+    if recipe == "tinybert" and width != teacher_cfg.hidden_size:
+      c.layer_loss.alpha_attention = 0.0  # head by head: a narrower student has fewer heads; the MSE terms only
+    if recipe == "minilmv2":
+      c.layer_loss.relation_heads = relation_heads(teacher_cfg, width)
+      c.layer_loss.layer_map = ((len(c.student.layers), teacher_cfg.num_layers),)
+  name = recipe
   if name in ("no_ce", "no_cos", "no_mlm"):
     c.loss[f"alpha_{name[3:]}"] = 0.0
   elif name == "random_init":
     c.student.init = "random"
   elif name == "mlm_only":
-    init = out / "students" / "mlm_only" / f"init_seed{seed}"
+    full = "full" + name_shape(shape)
+    init = out / "students" / ("mlm_only" + name_shape(shape)) / f"init_seed{seed}"
     if not checkpoint.is_model_dir(init):
-      _, _, student, params = train.build_models(variant_config(base, "full", teacher, seed, out))
+      _, _, student, params = train.build_models(variant_config(base, full, teacher, seed, out))
       checkpoint.save_model(init, student, params)
     c.teacher = ""
     c.student.init = str(init)
-  elif name != "full":
-    raise ValueError(f"unknown variant {name!r}; valid: {', '.join(DESCRIPTIONS)}")
+    c.student.layers, c.student.overrides = (), ml_collections.ConfigDict()  # the saved student has its shape
   return c
+
+
+def name_shape(shape: tuple[int, int] | None) -> str:
+  return f"@{shape[0]}x{shape[1]}" if shape else ""
 
 
 def student_workdir(out: pathlib.Path, variant: str, seed: int) -> pathlib.Path:
@@ -225,7 +294,7 @@ def students_stage(cfg, out: pathlib.Path, teacher: str, run_missing: bool = Tru
       workdir = student_workdir(out, variant, seed)
       done = _read_json(workdir / "study.json")
       if done is None and run_missing:
-        print(f"[students] {variant} seed {seed}: {DESCRIPTIONS[variant]}", flush=True)
+        print(f"[students] {variant} seed {seed}: {describe(variant)}", flush=True)
         t0 = time.time()
         summary = train.run(variant_config(base, variant, teacher, seed, out), workdir)
         if summary.get("preempted"):
@@ -350,20 +419,44 @@ def finetune_stage(cfg, out: pathlib.Path, teacher: str, run_missing: bool = Tru
   return [r for r in rows if r is not None]
 
 
+def shapes_of(cfg) -> dict[str, str]:
+  """{shape label: the variant timed for it}: the first variant of each student shape ("" is the default
+  3 layers of the teacher's width; "full" stands for it when it is in the study)."""
+  shapes: dict[str, str] = {}
+  for variant in sorted(cfg.variants, key=lambda v: v != "full"):
+    shapes.setdefault(name_shape(parse_variant(variant)[1]), variant)
+  return shapes
+
+
 def speed_stage(cfg, out: pathlib.Path, teacher: str, run_missing: bool = True) -> dict:
-  done = _read_json(out / "speed.json")
-  student = student_workdir(out, "full" if "full" in cfg.variants else cfg.variants[0], cfg.seeds[0]) / "final"
-  if done is None and run_missing and checkpoint.is_model_dir(student):
-    print("[speed] teacher and student, same inputs", flush=True)
-    models = {"teacher": checkpoint.load_any(teacher), "student": checkpoint.load_any(str(student))}
+  """The teacher and one student of each shape in the study timed on the same inputs, as deployed.
+
+  speed.json: {"teacher": tokens/s by head and batch, "student": the default shape's, "speedup": its
+  speed-ups, "shapes": {"@LxD": {"student": ..., "speedup": ...}} for the other shapes, device, seq_len}."""
+  done = _read_json(out / "speed.json") or {}
+  wanted = {shape: student_workdir(out, variant, cfg.seeds[0]) / "final" for shape, variant in shapes_of(cfg).items()}
+  missing = {shape: path for shape, path in wanted.items()
+             if (shape not in done.get("shapes", {}) if shape else "student" not in done)}
+  ready = {shape: path for shape, path in missing.items() if checkpoint.is_model_dir(path)}
+  if run_missing and ready:
+    print(f"[speed] teacher and {len(ready)} student shape(s), same inputs", flush=True)
+    models = {"teacher": checkpoint.load_any(teacher),
+              **{f"student{shape}": checkpoint.load_any(str(path)) for shape, path in ready.items()}}
     figures = evaluate.speed_report(models, tuple(cfg.eval.speed_batches), cfg.eval.speed_seq_len)
     import jax
-    done = {**figures, "device": jax.devices()[0].device_kind, "platform": jax.devices()[0].platform,
-            "seq_len": cfg.eval.speed_seq_len,
-            "speedup": {k.replace("tokens_per_s", "speedup"): figures["student"][k] / figures["teacher"][k]
-                        for k in figures["student"]}}
+    done.setdefault("teacher", figures["teacher"])  # the first timing's teacher stays the reference
+    done.update(device=jax.devices()[0].device_kind, platform=jax.devices()[0].platform,
+                seq_len=cfg.eval.speed_seq_len)
+    for shape in ready:
+      student = figures[f"student{shape}"]
+      entry = {"student": student, "teacher": figures["teacher"],
+               "speedup": {k.replace("tokens_per_s", "speedup"): student[k] / figures["teacher"][k] for k in student}}
+      if shape:
+        done.setdefault("shapes", {})[shape] = entry
+      else:
+        done.update(student=student, speedup=entry["speedup"], teacher=figures["teacher"])
     _write_json(out / "speed.json", done)
-  return done or {}
+  return done
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -463,6 +556,35 @@ def _teacher_lines(info: dict) -> list[str]:
   return lines + [""]
 
 
+def shape_speedup(speed: dict, variant: str, key: str = "cls_speedup_batch32") -> float | None:
+  shape = name_shape(parse_variant(variant)[1])
+  figures = speed.get("shapes", {}).get(shape, {}) if shape else speed
+  return figures.get("speedup", {}).get(key)
+
+
+def _layer_lines(cfg, results: dict) -> list[str]:
+  """Issue 14's table: the triple loss against TinyBERT's and MiniLMv2's layer losses, per student shape."""
+  names = [v for v in cfg.variants if parse_variant(v)[0] in ("full", *LAYER_RECIPES)]
+  if not any(parse_variant(v)[0] in LAYER_RECIPES or parse_variant(v)[1] for v in names):
+    return []
+  mlm, rows, speed = results["mlm"], results["finetune"], results["speed"]
+  lines = ["", "## Layer losses and narrower students", "",
+           "The same budget and seeds; every student starts from the teacher (layers picked evenly; a narrower one "
+           "by weight selection: the leading block of each of the teacher's tensors). A narrower student has no "
+           "L_cos (the widths differ); TinyBERT's attention KL goes head by head and is left out where the student "
+           "has other heads than the teacher. Speed-up: encoder + classification head, batch 32.", "",
+           "| student | recipe | parameters | in-domain, uniform | out-of-domain, uniform | fine-tuned mean | "
+           "speed-up |", "|---|---|---:|---:|---:|---:|---:|"]
+  for name in names:
+    params = [mlm[m]["parameters"] for m in _members(name, mlm)]
+    up = shape_speedup(speed, name)
+    lines.append(f"| `{name}` | {describe(name)} | {f'{params[0] / 1e6:.1f}M' if params else '—'} | "
+                 f"{_pct(mlm_values(mlm, name, 'in_domain', 'uniform_mlm_accuracy'))} | "
+                 f"{_pct(mlm_values(mlm, name, 'out_of_domain', 'uniform_mlm_accuracy'))} | "
+                 f"{_pct(finetune_values(rows, name))} | {f'{up:.2f}×' if up else '—'} |")
+  return lines
+
+
 def write_report(cfg, results: dict, out: pathlib.Path, command: str) -> str:
   mlm, rows, speed = results["mlm"], results["finetune"], results["speed"]
   d = cfg.distill
@@ -488,7 +610,8 @@ def write_report(cfg, results: dict, out: pathlib.Path, command: str) -> str:
   for name in row_names(cfg):
     cells = [_pct(mlm_values(mlm, name, corpus, key)) for corpus, key, _ in MLM_COLUMNS]
     ppl = mean_sd(mlm_values(mlm, name, "in_domain", "uniform_perplexity"))
-    lines.append(f"| `{name}` | {DESCRIPTIONS.get(name, 'plateaued masked-LM teacher')} | " + " | ".join(cells)
+    lines.append(f"| `{name}` | {describe(name) if name != 'teacher' else 'plateaued masked-LM teacher'} | "
+                 + " | ".join(cells)
                  + f" | {ppl[0]:.1f} ± {ppl[1]:.1f} |")
   f = cfg.finetune
   lines += ["", "## Fine-tuned accuracy (sentiment sentences)", "",
@@ -509,6 +632,7 @@ def write_report(cfg, results: dict, out: pathlib.Path, command: str) -> str:
   for name in ("teacher", "student"):
     lines.append(f"| {name} | " + " | ".join(f"{v:,.0f}" for v in speed.get(name, {}).values()) + " |")
   lines.append("| speed-up | " + " | ".join(f"{v:.2f}×" for v in speed.get("speedup", {}).values()) + " |")
+  lines += _layer_lines(cfg, results)
   lines += ["", "![teacher curve, masked-LM accuracy and fine-tuned accuracy per model](fidelity.png)", ""]
   text = "\n".join(lines)
   (out / "REPORT.md").write_text(text)
