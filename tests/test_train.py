@@ -468,6 +468,20 @@ def test_preemption_during_teacher_adaptation_stops_and_resumes(tmp_path, tiny_t
   assert teacher_steps == [2, 4]  # log_every 2: resumed at 3, not restarted
 
 
+def test_the_teacher_adapts_with_berts_uniform_masking_on_packed_rows(tmp_path, monkeypatch):
+  """The adaptation sub-run masks as BERT was pretrained and packs its rows, whatever the distillation uses."""
+  c = tiny.get_config("/some/teacher")
+  c.teacher_mlm.update(steps=7, lr=3e-4, batch_size=4)
+  c.mlm.smoothing, c.data.strategy = 0.7, "bucket"
+  seen = {}
+  monkeypatch.setattr(train, "run", lambda sub, folder: seen.update(config=sub, folder=folder) or {"step": 7})
+  assert train.adapt_teacher(c, tmp_path) == str(tmp_path / "teacher" / "final")
+  sub = seen["config"]
+  assert (sub.mlm.smoothing, sub.data.strategy, sub.data.batch_size) == (0.0, "pack", 4)
+  assert (sub.train.steps, sub.optim.lr, sub.teacher, sub.student.init) == (7, 3e-4, "", "/some/teacher")
+  assert (c.mlm.smoothing, c.data.strategy) == (0.7, "bucket")  # the distillation's own settings are untouched
+
+
 def test_a_corpus_without_examples_is_a_one_line_config_error(tmp_path, minilm_path):
   (tmp_path / "short.txt").write_text("Call me Ishmael.\n")
   config = train.default_config()
