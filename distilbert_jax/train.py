@@ -581,9 +581,13 @@ def _run(config, workdir: pathlib.Path, stop) -> dict:
       writer.truncate_after(start)
       total_steps = config.train.steps
       if config.train.stop_at_plateau and has_heldout:
-        curve.extend(p for p in metrics.read_curve(workdir) if is_main)
-        if start and curve and curve[-1]["step"] == start and plateau_reached(start, None):
-          total_steps = start  # stopped at the plateau before: evaluate and export, train no further
+        if is_main:
+          curve.extend(metrics.read_curve(workdir))
+        ended = bool(start and curve and curve[-1]["step"] == start
+                     and metrics.plateau(curve, config.train.stop_at_plateau)["reached"])
+        if distributed.agree(ended):  # every process asks, process 0 answers
+          log.info("the run stopped at its plateau at step %d before: evaluating and exporting it", start)
+          total_steps = start  # train no further
       result = trainer.fit(
           state, lambda s, b: fns.step(s, teacher_params, b, probs_V), batches, mesh, ckpts=ckpts, writer=writer,
           start=start, total_steps=total_steps, log_every=config.train.log_every,
