@@ -694,10 +694,30 @@ def adapt_teacher(config, workdir: pathlib.Path) -> str | None:
   sub.data.eval_batches = 0
   folder = workdir / "teacher"
   if not checkpoint.is_model_dir(folder / "final"):
+    _keep_saved_data_settings(sub, folder)
     print(f"adapting the teacher by masked-LM for {sub.train.steps} steps in {folder}", flush=True)
     if run(sub, folder).get("preempted"):
       return None
   return str(folder / "final")
+
+
+def _keep_saved_data_settings(sub, folder: pathlib.Path) -> None:
+  """An adaptation interrupted under other masking or batching settings (e.g. before they changed) resumes
+  with the settings it was saved with: its data iterator's saved position is only valid for those."""
+  if not (folder / "checkpoints").is_dir():
+    return
+  ckpts = checkpoint.RunCheckpoints(folder)
+  try:
+    _, saved = ckpts.saved_config()
+  finally:
+    ckpts.close()
+  saved = (saved or {}).get("config", {})
+  for section, key in (("mlm", "smoothing"), ("data", "strategy")):
+    value = saved.get(section, {}).get(key)
+    if value is not None and value != sub[section][key]:
+      log.warning("the teacher's adaptation in %s was started with %s.%s=%r: resuming it so", folder, section, key,
+                  value)
+      sub[section][key] = value
 
 
 # Every numeric setting of a run and its range (validation.RANGES).

@@ -2,6 +2,7 @@
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -480,6 +481,32 @@ def test_the_teacher_adapts_with_berts_uniform_masking_on_packed_rows(tmp_path, 
   assert (sub.mlm.smoothing, sub.data.strategy, sub.data.batch_size) == (0.0, "pack", 4)
   assert (sub.train.steps, sub.optim.lr, sub.teacher, sub.student.init) == (7, 3e-4, "", "/some/teacher")
   assert (c.mlm.smoothing, c.data.strategy) == (0.7, "bucket")  # the distillation's own settings are untouched
+
+
+def test_an_adaptation_saved_under_other_data_settings_resumes_with_them(tmp_path, tiny_teacher, data_cache,
+                                                                          test_data, monkeypatch):
+  """Stopped before the adaptation's masking and batching became uniform / packed, it finishes as it began
+  (its data iterator's saved position is only valid for those settings)."""
+  c = tiny.get_config(str(tiny_teacher))
+  c.data.cache_dir, c.data.corpus_dir = str(data_cache), str(test_data / "corpus")
+  c.teacher_mlm.update(steps=4, smoothing=0.7, strategy="bucket")
+  c.train.ckpt_every = 2
+  real_run, seen = train.run, []
+
+  def recording_run(sub, folder, steps=None):
+    seen.append((sub.mlm.smoothing, sub.data.strategy))
+    if steps:
+      sub.train.steps = steps
+    return real_run(sub, folder)
+
+  monkeypatch.setattr(train, "run", lambda sub, folder: recording_run(sub, folder, steps=2))  # an interruption
+  train.adapt_teacher(c, tmp_path)
+  shutil.rmtree(tmp_path / "teacher" / "final")
+  c.teacher_mlm.update(smoothing=0.0, strategy="pack")  # today's defaults
+  monkeypatch.setattr(train, "run", recording_run)
+  assert checkpoint.is_model_dir(train.adapt_teacher(c, tmp_path))
+  assert seen == [(0.7, "bucket"), (0.7, "bucket")]
+  assert checkpoint.RunCheckpoints(tmp_path / "teacher").latest_step() == 4
 
 
 def test_a_corpus_without_examples_is_a_one_line_config_error(tmp_path, minilm_path):
