@@ -13,8 +13,9 @@ heldout_mlm_accuracy), which is the curve the plateau is judged on: the run stop
 the last quarter of its steps so far is under 0.5 points (train.stop_at_plateau). An interrupted run resumes from its newest checkpoint when the same
 command is run again; WORKDIR/final is the teacher for `--config.teacher=` and `tools/fidelity.py --teacher`.
 
-Presets: "cpu" (default) — batch 32 x 128, 6,000 steps: about 3.5 hours on 2 CPU cores (1.9 s/step, measured
-on the demo's 16 x 128 adaptation at 1.0 s/step); "gpu" — batch 128 x 128 in bfloat16, the steps chosen by
+Presets: "cpu" (default) — batch 32 x 128, at most 6,000 steps (it stops earlier at its plateau): 4.1 s/step on
+2 CPU cores on 2026-12-05 (a slow day for that machine; about half that on a fast one), so hours, resumed
+across interruptions; "gpu" — batch 128 x 128 in bfloat16, the steps chosen by
 tools/fidelity.py from the time budget (see REPORT.md for the run that was made); "tiny" — a few steps, for
 tests. Learning rate: from the sweep recorded in REPORT.md.
 """
