@@ -375,8 +375,12 @@ def test_distillation_lowers_the_loss_and_beats_random_init(tmp_path, minilm_pat
   c.teacher_mlm.steps = 0
   c.student.init = "random"
   scratch = train.run(c, tmp_path / "random")
-  assert distilled["teacher_heldout_mlm_accuracy"] == scratch["teacher_heldout_mlm_accuracy"] > 0.03
-  assert distilled["student_heldout_mlm_accuracy"] > scratch["student_heldout_mlm_accuracy"] + 0.01
+  # The teacher adapts under BERT's uniform masking (train.adapt_teacher): it is judged there, well above the
+  # ~6% of always predicting the commonest token.
+  t = distilled["teacher_heldout_uniform_mlm_accuracy"]
+  assert t == scratch["teacher_heldout_uniform_mlm_accuracy"] > 0.10, (distilled, scratch)
+  for key in ("student_heldout_mlm_accuracy", "student_heldout_uniform_mlm_accuracy"):
+    assert distilled[key] > scratch[key] + 0.01, (key, distilled, scratch)
 
 
 def test_checkpoint_restores_onto_another_mesh(tmp_path, tiny_teacher, data_cache, test_data):
