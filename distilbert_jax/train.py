@@ -569,7 +569,7 @@ def _run(config, workdir: pathlib.Path, stop) -> dict:
       if is_main and scores:
         curve.append({"step": step_done, "accuracy": scores["heldout_mlm_accuracy"]})
       p = metrics.plateau(curve, config.train.stop_at_plateau)
-      reached = is_main and p["reached"]
+      reached = is_main and len(curve) >= PLATEAU_MIN_POINTS and p["reached"]
       if reached:
         log.info("held-out accuracy rose %.2f points from step %d to %d (< %g): the plateau, stopping at step %d "
                  "of %d", p["rise_last_quarter_points"], p["from_step"], p["to_step"], config.train.stop_at_plateau,
@@ -583,7 +583,7 @@ def _run(config, workdir: pathlib.Path, stop) -> dict:
       if config.train.stop_at_plateau and has_heldout:
         if is_main:
           curve.extend(metrics.read_curve(workdir))
-        ended = bool(start and curve and curve[-1]["step"] == start
+        ended = bool(start and len(curve) >= PLATEAU_MIN_POINTS and curve[-1]["step"] == start
                      and metrics.plateau(curve, config.train.stop_at_plateau)["reached"])
         if distributed.agree(ended):  # every process asks, process 0 answers
           log.info("the run stopped at its plateau at step %d before: evaluating and exporting it", start)
@@ -611,6 +611,11 @@ def _run(config, workdir: pathlib.Path, stop) -> dict:
     if stop.requested:  # the final checkpoint is saved: the next run evaluates and exports
       return trainer.stopped_early(ckpts, result.step, stage="evaluation")
     return trainer.finish_run(workdir, student, final, x.tokenizer_path, summary, ckpts, export=config.train.export)
+
+
+# train.stop_at_plateau judges a curve of at least this many held-out points: early on, the last quarter of
+# the steps so far is one evaluation interval, and one flat point must not end a run while it still learns.
+PLATEAU_MIN_POINTS = 4
 
 
 def step_flops_per_token(config, teacher, student, seq_len: int) -> float:
@@ -692,6 +697,7 @@ def adapt_teacher(config, workdir: pathlib.Path) -> str | None:
   sub.data.strategy = config.teacher_mlm.strategy
   sub.train.export = True
   sub.data.eval_batches = 0
+  sub.train.eval_every, sub.train.stop_at_plateau = 0, 0.0  # the run's curve and plateau are the student's
   folder = workdir / "teacher"
   if not checkpoint.is_model_dir(folder / "final"):
     _keep_saved_data_settings(sub, folder)
@@ -756,10 +762,12 @@ def validate_config(config):
   if config.layer_loss.projection not in PROJECTIONS:
     raise ConfigError(f"--config.layer_loss.projection={config.layer_loss.projection!r}: use one of {PROJECTIONS}")
   validation.check_choice("--config.train.dropout_rng", config.train.dropout_rng, trainer.DROPOUT_RNGS)
-  if config.train.stop_at_plateau and not (config.train.eval_every and config.data.eval_batches):
+  if config.train.stop_at_plateau and not (config.train.eval_every and config.data.eval_batches
+                                           and config.data.held_out_fraction):
     raise ConfigError(f"--config.train.stop_at_plateau={config.train.stop_at_plateau} judges the held-out curve, "
-                      "which is not measured: set --config.train.eval_every (e.g. 300) and "
-                      "--config.data.eval_batches (e.g. 40), or stop_at_plateau=0")
+                      "which is not measured: set --config.train.eval_every (e.g. 300), "
+                      "--config.data.eval_batches (e.g. 40) and --config.data.held_out_fraction (e.g. 0.05), "
+                      "or stop_at_plateau=0")
   for flag, strategy in (("data.strategy", config.data.strategy), ("teacher_mlm.strategy", config.teacher_mlm.strategy)):
     if strategy not in data.STRATEGIES:
       raise ConfigError(f"{flag} {strategy!r}: use one of {data.STRATEGIES}")

@@ -76,6 +76,7 @@ def test_targets_from_seeded_results():
 def test_layer_loss_and_narrow_variants(tiny_teacher, tmp_path):
   """Issue 14's rows: each recipe and shape gives a config the trainer accepts (configs only, nothing trained)."""
   cfg = fidelity_config.get_config(f"tiny:{tiny_teacher}")
+  cfg.lock()  # as the command line loads it
   base = fidelity._distill_base(cfg)
   teacher_cfg = fidelity.checkpoint.load_config(tiny_teacher)  # 2 layers, width 64, 4 heads of 16
   tinybert = fidelity.variant_config(base, "tinybert@1x32", str(tiny_teacher), 0, tmp_path)

@@ -403,14 +403,15 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path, tiny_teacher, data_cach
 
 
 def test_a_run_stops_at_the_plateau_and_stays_stopped(tmp_path, tiny_teacher, data_cache, test_data):
-  """With a threshold no rise can reach, the second held-out point is the plateau: the run saves, evaluates
-  and exports there; run again it trains no further; without the threshold it carries on to train.steps."""
+  """With a threshold no rise can reach, the fourth held-out point (train.PLATEAU_MIN_POINTS) is the plateau:
+  the run saves, evaluates and exports there; run again it trains no further; without the threshold it
+  carries on to train.steps."""
   c = tiny.get_config(str(tiny_teacher))
   c.data.cache_dir, c.data.corpus_dir = str(data_cache), str(test_data / "corpus")
-  c.train.update(steps=6, eval_every=2, ckpt_every=100, stop_at_plateau=101.0)
+  c.train.update(steps=6, eval_every=1, ckpt_every=100, stop_at_plateau=101.0)
   summary = train.run(c, tmp_path)
-  assert summary["step"] == 4 and summary["plateau"]["reached"]
-  assert (summary["plateau"]["from_step"], summary["plateau"]["to_step"]) == (2, 4)
+  assert train.PLATEAU_MIN_POINTS == 4 and summary["step"] == 4 and summary["plateau"]["reached"]
+  assert (summary["plateau"]["from_step"], summary["plateau"]["to_step"]) == (3, 4)
   assert checkpoint.RunCheckpoints(tmp_path).latest_step() == 4
   assert checkpoint.is_model_dir(tmp_path / "final")
   def logged_steps():
@@ -478,12 +479,15 @@ def test_the_teacher_adapts_with_berts_uniform_masking_on_packed_rows(tmp_path, 
   c = tiny.get_config("/some/teacher")
   c.teacher_mlm.update(steps=7, lr=3e-4, batch_size=4)
   c.mlm.smoothing, c.data.strategy = 0.7, "bucket"
+  c.train.update(eval_every=50, stop_at_plateau=0.5)  # the student's curve and plateau, not the sub-run's
   seen = {}
   monkeypatch.setattr(train, "run", lambda sub, folder: seen.update(config=sub, folder=folder) or {"step": 7})
   assert train.adapt_teacher(c, tmp_path) == str(tmp_path / "teacher" / "final")
   sub = seen["config"]
   assert (sub.mlm.smoothing, sub.data.strategy, sub.data.batch_size) == (0.0, "pack", 4)
   assert (sub.train.steps, sub.optim.lr, sub.teacher, sub.student.init) == (7, 3e-4, "", "/some/teacher")
+  assert (sub.train.eval_every, sub.train.stop_at_plateau) == (0, 0.0)
+  train.validate_config(sub)  # the sub-run is one the trainer accepts
   assert (c.mlm.smoothing, c.data.strategy) == (0.7, "bucket")  # the distillation's own settings are untouched
 
 

@@ -40,6 +40,7 @@ import ml_collections
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from distilbert_jax import checkpoint, data, evaluate, finetune, train, trainer  # noqa: E402
+from distilbert_jax import student as student_lib  # noqa: E402
 from distilbert_jax.metrics import plateau, read_curve  # noqa: E402
 
 STAGES = ("teacher", "students", "mlm", "finetune", "speed", "report")
@@ -182,7 +183,7 @@ def teacher_stage(cfg, out: pathlib.Path, given: str) -> dict:
     raise KeyboardInterrupt
   curve = read_curve(out / "teacher")
   info = {"path": str(out / "teacher" / "final"), "given": False, "sweep": swept, "lr": swept["best_lr"],
-          "steps": steps, "batch_size": c.data.batch_size, "max_len": c.data.max_len, "seconds": time.time() - t0,
+          "steps": summary.get("step", steps), "batch_size": c.data.batch_size, "max_len": c.data.max_len, "seconds": time.time() - t0,
           "heldout_mlm_accuracy": summary.get("student_heldout_mlm_accuracy"), "curve": curve,
           "plateau": plateau(curve, cfg.plateau_points)}
   _write_json(out / "teacher.json", info)
@@ -229,8 +230,8 @@ def _reshape(c: ml_collections.ConfigDict, shape: tuple[int, int], teacher_cfg) 
   c.student.layers = tuple(i * teacher_cfg.num_layers // layers for i in range(layers))
   if width != teacher_cfg.hidden_size:
     ratio = width / teacher_cfg.hidden_size
-    c.student.overrides.update(hidden_size=width, num_heads=width // head_size,
-                               intermediate_size=int(teacher_cfg.intermediate_size * ratio))
+    c.student.overrides = ml_collections.ConfigDict(dict(hidden_size=width, num_heads=width // head_size,
+                                                         intermediate_size=int(teacher_cfg.intermediate_size * ratio)))
     c.loss.alpha_cos = 0.0
 
 
@@ -258,7 +259,8 @@ def variant_config(base: ml_collections.ConfigDict, name: str, teacher: str, see
       c.layer_loss.alpha_attention = 0.0  # head by head: a narrower student has fewer heads; the MSE terms only
     if recipe == "minilmv2":
       c.layer_loss.relation_heads = relation_heads(teacher_cfg, width)
-      c.layer_loss.layer_map = ((len(c.student.layers), teacher_cfg.num_layers),)
+      depth = len(c.student.layers or student_lib.default_layers(teacher_cfg.num_layers))
+      c.layer_loss.layer_map = ((depth, teacher_cfg.num_layers),)
   name = recipe
   if name in ("no_ce", "no_cos", "no_mlm"):
     c.loss[f"alpha_{name[3:]}"] = 0.0
