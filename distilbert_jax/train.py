@@ -46,10 +46,8 @@ def default_config() -> ml_collections.ConfigDict:
   # Teacher: a Hugging Face folder or hub name, or a JAX model folder (tools/convert.py hf2jax). Empty:
   # no teacher, plain masked-LM training of the student.
   c.teacher = ""
-  # Masked-LM adaptation of the teacher on the corpus before distilling (for a teacher without a trained MLM
-  # head); its run lives in WORKDIR/teacher and is reused by later runs. It masks as BERT was pretrained
-  # (`smoothing` 0: 15% of the tokens, all alike, not the distillation's rare-token masking) on packed rows
-  # (`strategy`; no padding): at the same steps a much stronger teacher (BENCHMARKS.md "Distillation demo").
+  # Masked-LM adaptation of the teacher before distilling (a teacher without a trained MLM head), in
+  # WORKDIR/teacher, reused by later runs; masked as BERT was pretrained (uniformly, `smoothing` 0) on packed rows.
   c.teacher_mlm = ml_collections.ConfigDict(dict(steps=0, lr=2e-4, head_lr_scale=10.0, batch_size=0,
                                                  smoothing=0.0, strategy="pack"))
 
@@ -106,15 +104,13 @@ def default_config() -> ml_collections.ConfigDict:
                                            head_lr_scale=1.0))
   c.train = ml_collections.ConfigDict(dict(steps=1000, log_every=10, ckpt_every=200, keep=3, async_checkpoint=True,
                                            allow_model_change=False, export=True, progress=True))
-  # The dropout bits' generator: "threefry" (JAX's default), "rbg" or "unsafe_rbg" (XLA's RngBitGenerator,
-  # cheaper on CPU); the masking always uses threefry (trainer.DROPOUT_RNGS).
+  # Dropout bits: "threefry" (JAX's default), "rbg" or "unsafe_rbg" (trainer.DROPOUT_RNGS; masking: threefry).
   c.train.dropout_rng = "threefry"
   # > 0: every this many steps, the student's held-out masked-LM accuracy and loss on data.eval_batches
   # batches (logged as heldout_mlm_accuracy / heldout_mlm_loss; a learning curve, at the cost of a pause).
   c.train.eval_every = 0
-  # > 0: stop at the plateau, when the held-out accuracy (the curve above) has risen by less than this many
-  # percentage points over the last quarter of the steps so far; the run then ends (saved, evaluated,
-  # exported) at that step, and running it again does not train further. Needs eval_every.
+  # > 0: end the run (saved, evaluated, exported; a rerun trains no further) once that curve rose by less than
+  # this many points over the last quarter of the steps so far (`PlateauStop`). Needs eval_every.
   c.train.stop_at_plateau = 0.0
   # At the end, with a teacher: also time teacher and student as deployed (encoder + classification head, and
   # encoder + masked-LM head) at these batch sizes and print the student's speed-up (empty: not timed).
@@ -563,44 +559,25 @@ def _run(config, workdir: pathlib.Path, stop) -> dict:
       score = _heldout_score(config, x.data_dir, x.probs_V, x.specials, student, params)
       return {"heldout_mlm_accuracy": score.accuracy, "heldout_mlm_loss": score.loss}
 
-    curve = []  # the held-out curve so far (process 0), for train.stop_at_plateau
-
-    def plateau_reached(step_done, scores) -> bool:
-      if is_main and scores:
-        curve.append({"step": step_done, "accuracy": scores["heldout_mlm_accuracy"]})
-      p = metrics.plateau(curve, config.train.stop_at_plateau)
-      reached = is_main and len(curve) >= PLATEAU_MIN_POINTS and p["reached"]
-      if reached:
-        log.info("held-out accuracy rose %.2f points from step %d to %d (< %g): the plateau, stopping at step %d "
-                 "of %d", p["rise_last_quarter_points"], p["from_step"], p["to_step"], config.train.stop_at_plateau,
-                 step_done, config.train.steps)
-      return distributed.agree(reached)
-
+    plateau = PlateauStop(config.train.stop_at_plateau, is_main) if config.train.stop_at_plateau and has_heldout \
+        else None
     flops_per_token = step_flops_per_token(config, teacher, student, config.data.max_len)
     with metrics.MetricsWriter(workdir, enabled=is_main) as writer:
       writer.truncate_after(start)
-      total_steps = config.train.steps
-      if config.train.stop_at_plateau and has_heldout:
-        if is_main:
-          curve.extend(metrics.read_curve(workdir))
-        ended = bool(start and len(curve) >= PLATEAU_MIN_POINTS and curve[-1]["step"] == start
-                     and metrics.plateau(curve, config.train.stop_at_plateau)["reached"])
-        if distributed.agree(ended):  # every process asks, process 0 answers
-          log.info("the run stopped at its plateau at step %d before: evaluating and exporting it", start)
-          total_steps = start  # train no further
+      ended = plateau is not None and plateau.ended_before(workdir, start)
       result = trainer.fit(
           state, lambda s, b: fns.step(s, teacher_params, b, probs_V), batches, mesh, ckpts=ckpts, writer=writer,
-          start=start, total_steps=total_steps, log_every=config.train.log_every,
+          start=start, total_steps=start if ended else config.train.steps, log_every=config.train.log_every,
           ckpt_every=config.train.ckpt_every, flops_per_token=flops_per_token, compute_dtype=config.compute.dtype,
           progress=config.train.progress, run_config={"config": config.to_dict(), "model": student.cfg.to_dict()},
           eval_every=config.train.eval_every if has_heldout else 0, evaluate_fn=learning_curve,
-          stop_when=plateau_reached if config.train.stop_at_plateau and has_heldout else None)
+          stop_when=plateau)
     if result.preempted:
       return trainer.stopped_early(ckpts, result.step)
 
     summary = {"step": result.step, "workdir": str(workdir)}
-    if config.train.stop_at_plateau and has_heldout and is_main:
-      summary["plateau"] = metrics.plateau(curve, config.train.stop_at_plateau)
+    if plateau is not None and is_main:
+      summary["plateau"] = plateau.state()
     # Collectives: every process gathers, process 0 uses them; the layer losses' projections are not the student's.
     final = student_params(sharding.to_host(result.state.params))
     if has_heldout:
@@ -616,6 +593,40 @@ def _run(config, workdir: pathlib.Path, stop) -> dict:
 # train.stop_at_plateau judges a curve of at least this many held-out points: early on, the last quarter of
 # the steps so far is one evaluation interval, and one flat point must not end a run while it still learns.
 PLATEAU_MIN_POINTS = 4
+
+
+class PlateauStop:
+  """`train.stop_at_plateau`: the held-out curve so far (kept by process 0, which alone scores it) and whether
+  it has flattened (metrics.plateau); every process gets process 0's answer (distributed.agree)."""
+
+  def __init__(self, points: float, is_main: bool):
+    self.points, self.is_main, self.curve = points, is_main, []
+
+  def state(self) -> dict:
+    return metrics.plateau(self.curve, self.points)
+
+  def _reached(self) -> bool:
+    return self.is_main and len(self.curve) >= PLATEAU_MIN_POINTS and self.state()["reached"]
+
+  def ended_before(self, workdir: pathlib.Path, start: int) -> bool:
+    """Reads the curve the workdir logged up to `start`; whether the run already stopped there."""
+    if self.is_main:
+      self.curve = metrics.read_curve(workdir)
+    ended = distributed.agree(bool(start and self.curve and self.curve[-1]["step"] == start and self._reached()))
+    if ended:
+      log.info("the run stopped at its plateau at step %d before: evaluating and exporting it", start)
+    return ended
+
+  def __call__(self, step: int, scores: dict | None) -> bool:
+    """trainer.fit's `stop_when`: after each held-out evaluation, whether to end the run here."""
+    if self.is_main and scores:
+      self.curve.append({"step": step, "accuracy": scores["heldout_mlm_accuracy"]})
+    reached = self._reached()
+    if reached:
+      p = self.state()
+      log.info("held-out accuracy rose %.2f points from step %d to %d (< %g): the plateau, stopping at step %d",
+               p["rise_last_quarter_points"], p["from_step"], p["to_step"], self.points, step)
+    return distributed.agree(reached)
 
 
 def step_flops_per_token(config, teacher, student, seq_len: int) -> float:
