@@ -446,17 +446,16 @@ def speed_stage(cfg, out: pathlib.Path, teacher: str, run_missing: bool = True) 
               **{f"student{shape}": checkpoint.load_any(str(path)) for shape, path in ready.items()}}
     figures = evaluate.speed_report(models, tuple(cfg.eval.speed_batches), cfg.eval.speed_seq_len)
     import jax
-    done.setdefault("teacher", figures["teacher"])  # the first timing's teacher stays the reference
-    done.update(device=jax.devices()[0].device_kind, platform=jax.devices()[0].platform,
-                seq_len=cfg.eval.speed_seq_len)
-    for shape in ready:
+    device = {"device": jax.devices()[0].device_kind, "platform": jax.devices()[0].platform}
+    done.update(device, seq_len=cfg.eval.speed_seq_len)
+    for shape in ready:  # each speed-up against the teacher timed beside it, on the device named with it
       student = figures[f"student{shape}"]
-      entry = {"student": student, "teacher": figures["teacher"],
+      entry = {"student": student, "teacher": figures["teacher"], **device,
                "speedup": {k.replace("tokens_per_s", "speedup"): student[k] / figures["teacher"][k] for k in student}}
       if shape:
         done.setdefault("shapes", {})[shape] = entry
       else:
-        done.update(student=student, speedup=entry["speedup"], teacher=figures["teacher"])
+        done.update(entry)
     _write_json(out / "speed.json", done)
   return done
 
