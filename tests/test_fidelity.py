@@ -105,6 +105,21 @@ def test_layer_loss_and_narrow_variants(tiny_teacher, tmp_path):
     fidelity.variant_config(base, "full@1x40", str(tiny_teacher), 0, tmp_path)
 
 
+def test_a_misspelt_variant_fails_at_the_start(tiny_teacher, tmp_path):
+  """A bad row is refused before the teacher stage (a name) or before any student trains (a shape the teacher
+  cannot be narrowed to), not hours in when its turn comes; the CLI prints it as a one-line error."""
+  cfg = fidelity_config.get_config(f"tiny:{tiny_teacher}")
+  cfg.variants = ("full", "ful")
+  with pytest.raises(fidelity.ConfigError, match="unknown variant 'ful'"):
+    fidelity.run_study(cfg, tmp_path / "a", stages=("teacher", "students"))
+  assert not (tmp_path / "a" / "teacher.json").exists()
+  cfg.variants = ("full", "full@9x64")
+  with pytest.raises(fidelity.ConfigError, match="student shape 9x64: at most the teacher's 2 layers"):
+    fidelity.run_study(cfg, tmp_path / "b", teacher=str(tiny_teacher), stages=("students",))
+  assert not (tmp_path / "b" / "students").exists()
+  assert issubclass(fidelity.ConfigError, fidelity.trainer.USER_ERRORS)
+
+
 @pytest.mark.slow
 def test_study_end_to_end_on_the_tiny_preset_and_its_resume(tmp_path, tiny_teacher, data_cache, test_data,
                                                              monkeypatch):

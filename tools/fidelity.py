@@ -42,6 +42,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from distilbert_jax import checkpoint, data, evaluate, finetune, train, trainer  # noqa: E402
 from distilbert_jax import student as student_lib  # noqa: E402
 from distilbert_jax.metrics import plateau, read_curve  # noqa: E402
+from distilbert_jax.validation import ConfigError  # noqa: E402
 
 STAGES = ("teacher", "students", "mlm", "finetune", "speed", "report")
 DESCRIPTIONS = {
@@ -196,13 +197,13 @@ def parse_variant(name: str) -> tuple[str, tuple[int, int] | None]:
   """"RECIPE" or "RECIPE@LxD" (a student of L layers of width D) -> (recipe, (L, D) or None)."""
   recipe, _, shape = name.partition("@")
   if recipe not in DESCRIPTIONS:
-    raise ValueError(f"unknown variant {name!r}: a recipe of {', '.join(DESCRIPTIONS)}, optionally @LAYERSxWIDTH "
+    raise ConfigError(f"unknown variant {name!r}: a recipe of {', '.join(DESCRIPTIONS)}, optionally @LAYERSxWIDTH "
                      "(e.g. tinybert@6x256)")
   if not shape:
     return recipe, None
   layers, _, width = shape.partition("x")
   if not (layers.isdigit() and width.isdigit() and int(layers) > 0 and int(width) > 0):
-    raise ValueError(f"variant {name!r}: the shape is LAYERSxWIDTH (e.g. 6x256)")
+    raise ConfigError(f"variant {name!r}: the shape is LAYERSxWIDTH (e.g. 6x256)")
   return recipe, (int(layers), int(width))
 
 
@@ -218,15 +219,32 @@ def describe(name: str) -> str:
   return DESCRIPTIONS[recipe] + (f"; {shape[0]} layers of width {shape[1]}" if shape else "")
 
 
+def check_shape(shape: tuple[int, int], teacher_cfg) -> int:
+  """Refuses a student shape the teacher cannot be narrowed to; returns the teacher's head size."""
+  layers, width = shape
+  head_size = teacher_cfg.hidden_size // teacher_cfg.num_heads
+  if layers > teacher_cfg.num_layers or width > teacher_cfg.hidden_size or width % head_size:
+    raise ConfigError(f"student shape {layers}x{width}: at most the teacher's {teacher_cfg.num_layers} layers and "
+                      f"width {teacher_cfg.hidden_size}, in heads of its size {head_size}")
+  return head_size
+
+
+def check_variants(cfg, teacher: str = "") -> None:
+  """Every variant of the study parsed (and, given the teacher, its shape checked against it) before anything
+  trains, so that a misspelt row fails at the start rather than hours in, when its turn comes."""
+  teacher_cfg = checkpoint.load_config(teacher) if teacher else None
+  for name in cfg.variants:
+    _, shape = parse_variant(name)
+    if shape is not None and teacher_cfg is not None:
+      check_shape(shape, teacher_cfg)
+
+
 def _reshape(c: ml_collections.ConfigDict, shape: tuple[int, int], teacher_cfg) -> None:
   """A student of `shape` (layers, width) from the teacher: layers picked evenly, narrower widths by weight
   selection (student.select_weights) with the teacher's head size; L_cos is off when the widths differ, as
   it compares hidden states."""
   layers, width = shape
-  head_size = teacher_cfg.hidden_size // teacher_cfg.num_heads
-  if layers > teacher_cfg.num_layers or width > teacher_cfg.hidden_size or width % head_size:
-    raise ValueError(f"student shape {layers}x{width}: at most the teacher's {teacher_cfg.num_layers} layers and "
-                     f"width {teacher_cfg.hidden_size}, in heads of its size {head_size}")
+  head_size = check_shape(shape, teacher_cfg)
   c.student.layers = tuple(i * teacher_cfg.num_layers // layers for i in range(layers))
   if width != teacher_cfg.hidden_size:
     ratio = width / teacher_cfg.hidden_size
@@ -676,6 +694,7 @@ def run_study(cfg, out: pathlib.Path, *, teacher: str = "", stages=STAGES, comma
   out.mkdir(parents=True, exist_ok=True)
   trainer.enable_compilation_cache(cfg.cache_dir)  # the seeds of one variant compile once
   results = {"config": cfg.to_dict()}
+  check_variants(cfg)  # before the teacher's hours
   if "teacher" in stages or teacher:
     results["teacher"] = teacher_stage(cfg, out, teacher)
   else:
@@ -683,6 +702,7 @@ def run_study(cfg, out: pathlib.Path, *, teacher: str = "", stages=STAGES, comma
   if results["teacher"] is None:
     raise FileNotFoundError(f"no teacher: run the 'teacher' stage or pass --teacher DIR")
   teacher_path = results["teacher"]["path"]
+  check_variants(cfg, teacher_path)
   # In this order, so that a study cut short by a time limit has its cheaper figures first. A stage not asked
   # for only collects what earlier runs finished (for the report).
   stage_fns = {"students": students_stage, "mlm": mlm_stage, "speed": speed_stage, "finetune": finetune_stage}
