@@ -55,6 +55,7 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
   d.train.ckpt_every = 1000
   d.train.keep = 1
   d.train.progress = False
+  d.train.eval_teacher = False  # the mlm stage scores the one teacher once, not beside each of the 33 students
   c.distill = d
 
   # Held-out masked-LM scoring: in-domain (the corpus's held-out documents) and out-of-domain (the King

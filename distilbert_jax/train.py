@@ -115,6 +115,10 @@ def default_config() -> ml_collections.ConfigDict:
   # At the end, with a teacher: also time teacher and student as deployed (encoder + classification head, and
   # encoder + masked-LM head) at these batch sizes and print the student's speed-up (empty: not timed).
   c.train.speed_batches = ()
+  # At the end, with a teacher: score it on the held-out split beside the student (the demo's side-by-side
+  # figures) and time it (speed_batches). The fidelity study, whose students share one teacher, scores it once
+  # itself.
+  c.train.eval_teacher = True
   c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1), rules=dict(sharding.DEFAULT_RULES)))
   # Several processes (TPU pod slices, GPU hosts, CPU trials): see distributed.py; detected on Cloud TPU.
   c.distributed = distributed.default_config()
@@ -581,10 +585,11 @@ def _run(config, workdir: pathlib.Path, stop) -> dict:
     # Collectives: every process gathers, process 0 uses them; the layer losses' projections are not the student's.
     final = student_params(sharding.to_host(result.state.params))
     if has_heldout:
-      host_teacher = sharding.to_host(teacher_params) if teacher is not None else None
+      scored = teacher if config.train.eval_teacher else None
+      host_teacher = sharding.to_host(teacher_params) if scored is not None else None
       if is_main:
         maskings = {"": x.probs_V, "uniform_": _token_probs(x.train_ds, x.specials, 0.0)}
-        summary.update(_evaluate(config, x.data_dir, maskings, x.specials, teacher, host_teacher, student, final))
+        summary.update(_evaluate(config, x.data_dir, maskings, x.specials, scored, host_teacher, student, final))
     if stop.requested:  # the final checkpoint is saved: the next run evaluates and exports
       return trainer.stopped_early(ckpts, result.step, stage="evaluation")
     return trainer.finish_run(workdir, student, final, x.tokenizer_path, summary, ckpts, export=config.train.export)

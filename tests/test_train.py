@@ -560,10 +560,13 @@ def test_a_few_distillation_steps_per_family(request, tmp_path, family, strategy
   c.student.layers = ()  # every other teacher layer
   c.train.update(steps=4, ckpt_every=4, log_every=1)
   c.data.eval_batches = 1
+  c.train.eval_teacher = family == "roberta"  # scored beside the student at the end, or not (the study's setting)
   summary = train.run(c, tmp_path)
   losses = _losses(tmp_path)
   assert len(losses) == 4 and np.all(np.isfinite(losses)) and losses[-1] != losses[0]
   assert 0 <= summary["student_heldout_mlm_accuracy"] <= 1
+  assert ("teacher_heldout_mlm_accuracy" in summary) == ("teacher_heldout_uniform_mlm_accuracy" in summary) \
+      == c.train.eval_teacher
   exported, info = transformers.AutoModelForMaskedLM.from_pretrained(str(tmp_path / "export"),
                                                                      output_loading_info=True)
   assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
