@@ -587,20 +587,21 @@ def _layer_lines(cfg, results: dict) -> list[str]:
   if not any(parse_variant(v)[0] in LAYER_RECIPES or parse_variant(v)[1] for v in names):
     return []
   mlm, rows, speed = results["mlm"], results["finetune"], results["speed"]
+  batch = max(cfg.eval.speed_batches)
   lines = ["", "## Layer losses and narrower students", "",
            "The same budget and seeds; every student starts from the teacher (layers picked evenly; a narrower one "
            "by weight selection: the leading block of each of the teacher's tensors). A narrower student has no "
            "L_cos (the widths differ); TinyBERT's attention KL goes head by head and is left out where the student "
-           "has other heads than the teacher. Speed-up: encoder + classification head, batch 32.", "",
+           f"has other heads than the teacher. Speed-up: encoder + classification head, batch {batch}.", "",
            "| student | recipe | parameters | in-domain, uniform | out-of-domain, uniform | fine-tuned mean | "
            "speed-up |", "|---|---|---:|---:|---:|---:|---:|"]
   for name in names:
     params = [mlm[m]["parameters"] for m in _members(name, mlm)]
-    up = shape_speedup(speed, name)
+    up = shape_speedup(speed, name, f"cls_speedup_batch{batch}")
     lines.append(f"| `{name}` | {describe(name)} | {f'{params[0] / 1e6:.1f}M' if params else '—'} | "
                  f"{_pct(mlm_values(mlm, name, 'in_domain', 'uniform_mlm_accuracy'))} | "
                  f"{_pct(mlm_values(mlm, name, 'out_of_domain', 'uniform_mlm_accuracy'))} | "
-                 f"{_pct(finetune_values(rows, name))} | {f'{up:.2f}×' if up else '—'} |")
+                 f"{_pct(finetune_values(rows, name))} | {f'{up:.2f}×' if up is not None else '—'} |")
   return lines
 
 
@@ -728,6 +729,7 @@ def main():
   def _main(argv):
     del argv
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax narrates every save at INFO (35 lines a student)
     unknown = set(stages_flag.value) - set(STAGES)
     if unknown:
       print(f"error: unknown stage(s) {sorted(unknown)}; valid: {', '.join(STAGES)}", file=sys.stderr)
