@@ -89,13 +89,30 @@ def test_mask_torch_selects_like_the_reference(scheme):
 
 def test_jax_variants_are_timed_beside_the_default():
   (result,) = bench.main(TINY + ["--ce", "masked", "--torch-head", "gather", "--jax-variant",
-                                 "rbg:train.dropout_rng=rbg"])
-  assert set(result["sides"]) == {"JAX", "JAX[rbg]", "PyTorch-gather"}
-  assert result["sides"]["JAX[rbg]"]["last_losses"]["loss"] != result["sides"]["JAX"]["last_losses"]["loss"]
-  assert set(result["ratios"]) == {"JAX[rbg]", "PyTorch-gather"}
+                                 "rbg:train.dropout_rng=rbg", "--jax-variant",
+                                 "nodrop:model.dropout_rate=0.0,model.attention_dropout_rate=0.0"])
+  assert set(result["sides"]) == {"JAX", "JAX[rbg]", "JAX[nodrop]", "PyTorch-gather"}
+  losses = {side: result["sides"][side]["last_losses"]["loss"] for side in ("JAX", "JAX[rbg]", "JAX[nodrop]")}
+  assert len(set(losses.values())) == 3, losses  # other dropout bits; no dropout at all
+  assert set(result["ratios"]) == {"JAX[rbg]", "JAX[nodrop]", "PyTorch-gather"}
   assert bench.parse_variant("a:x.y=3,z=rbg") == ("a", {"x.y": 3, "z": "rbg"})
   with pytest.raises(ValueError, match="NAME:KEY=VALUE"):
     bench.parse_variant("no-settings")
+
+
+def test_model_settings_of_a_variant_change_both_models_and_nothing_else():
+  import ml_collections
+  from distilbert_jax import model as model_lib
+  settings = {"model.dropout_rate": 0.0, "model.hidden_act": "gelu_new", "train.steps": 7}
+  model = model_lib.Encoder(model_lib.EncoderConfig.bert(hidden_size=32, num_layers=1, num_heads=2))
+  changed = bench.with_model_settings(model, settings)
+  assert (changed.cfg.dropout_rate, changed.cfg.hidden_act) == (0.0, "gelu_new")
+  assert changed.cfg.replace(dropout_rate=0.1, hidden_act="gelu") == model.cfg
+  assert bench.with_model_settings(model, {"train.steps": 7}) is model
+  config = bench.with_settings(ml_collections.ConfigDict({"train": {"steps": 1}}), settings)
+  assert config.train.steps == 7 and "model" not in config
+  with pytest.raises(SystemExit, match="no field drop_rate"):
+    bench.with_model_settings(model, {"model.drop_rate": 0.0})
 
 
 def test_profile_shares_concurrent_time_and_names_each_phase(tmp_path):

@@ -107,7 +107,8 @@ def parse_args(argv=None):
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--jax-variant", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
                  help="a further JAX side timed beside the others, the run config with these settings (e.g. "
-                      "rbg:train.dropout_rng=rbg); repeatable")
+                      "rbg:train.dropout_rng=rbg), or both models' with model.FIELD (an EncoderConfig field, e.g. "
+                      "nodrop:model.dropout_rate=0.0,model.attention_dropout_rate=0.0); repeatable")
   args = p.parse_args(argv)
   try:
     args.jax_variant = dict(parse_variant(v) for v in args.jax_variant)
@@ -140,9 +141,12 @@ def parse_variant(text: str) -> tuple[str, dict]:
 
 
 def with_settings(config, settings: dict):
-  """A copy of the run config with dotted `settings` applied (each key must exist)."""
+  """A copy of the run config with dotted `settings` applied (each key must exist; `model.*` keys are not the
+  run config's: `with_model_settings`)."""
   config = config.copy_and_resolve_references()
   for key, value in settings.items():
+    if key.startswith("model."):
+      continue
     *parents, leaf = key.split(".")
     node = config
     for part in parents:
@@ -151,6 +155,17 @@ def with_settings(config, settings: dict):
       raise SystemExit(f"--jax-variant: the config has no setting {key!r}")
     node[leaf] = value
   return config
+
+
+def with_model_settings(model: model_lib.Encoder, settings: dict) -> model_lib.Encoder:
+  """The model with the `model.FIELD` settings applied to its EncoderConfig (same parameters, another
+  computation: dropout rates, the activation, the attention path, remat)."""
+  fields = {key.removeprefix("model."): value for key, value in settings.items() if key.startswith("model.")}
+  known = {f.name for f in dataclasses.fields(model.cfg)}
+  unknown = sorted(set(fields) - known)
+  if unknown:
+    raise SystemExit(f"--jax-variant: EncoderConfig has no field {', '.join(unknown)}")
+  return model_lib.Encoder(model.cfg.replace(**fields)) if fields else model
 
 
 # ------------------------------------------------------------------------------------------------ setup
@@ -483,7 +498,9 @@ def bench_variant(setup: Setup, restrict: bool) -> dict:
   torch_batches = [{k: torch.as_tensor(v, dtype=torch.long, device=dev) for k, v in b.items()} for b in setup.batches]
   sides: dict[str, Callable[[list[int]], dict]] = {"JAX": jax_run}
   for name, settings in args.jax_variant.items():
-    sides[f"JAX[{name}]"] = _jax_step(setup, with_settings(config, settings), setup.student, setup.teacher)
+    sides[f"JAX[{name}]"] = _jax_step(setup, with_settings(config, settings),
+                                      with_model_settings(setup.student, settings),
+                                      with_model_settings(setup.teacher, settings))
   for head in heads:
     step = TorchStep(load_torch(setup.folders["student"], dev).train(), load_torch(setup.folders["teacher"], dev),
                      config, setup.probs_V, device=dev, bf16=bf16, head=head)
