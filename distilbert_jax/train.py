@@ -58,10 +58,9 @@ def default_config() -> ml_collections.ConfigDict:
   # EncoderConfig fields of a randomly initialised student (e.g. num_layers); a teacher's config fills the rest.
   c.student.overrides = ml_collections.ConfigDict()
 
-  # How the student computes (EncoderConfig fields; none changes the parameters, so a run may resume with
-  # others): compute dtype, per-layer rematerialisation and its policy, attention through einsum or
-  # jax.nn.dot_product_attention ("dot_product"; "cudnn" on NVIDIA GPUs in bf16). The teacher gets dtype and
-  # attention.
+  # How the student computes (EncoderConfig fields that leave the parameters alone, so a resume may change
+  # them): dtype, per-layer remat and its policy, attention via einsum or jax.nn.dot_product_attention
+  # ("dot_product"; "cudnn" on NVIDIA GPUs in bf16). The teacher gets dtype and attention.
   c.compute = ml_collections.ConfigDict(dict(dtype="float32", remat=False, remat_policy="full", attention="einsum"))
 
   c.data = ml_collections.ConfigDict()
@@ -88,14 +87,12 @@ def default_config() -> ml_collections.ConfigDict:
   # per device for 14% more matmul FLOPs, so it is off (0) unless memory is what limits the batch.
   c.loss.chunk_size = 0
   # Layer losses beside the triple loss (losses.LayerLossConfig), each on when its weight is > 0 (with a teacher):
-  # TinyBERT's hidden-state and embedding MSE (through learned projections), the attention-distribution KL per
-  # head, MiniLM's value relation and MiniLMv2's query/key/value relations over `relation_heads` heads (0: the
-  # teacher's head count). `layer_map`: (student layer, teacher layer) pairs, 1-based ((0, 0) would be the
-  # embeddings); empty: TinyBERT's uniform map, student layer m -> teacher layer m·N/M. The relation terms use
-  # the last pair: MiniLM is alpha_attention=alpha_value_relation=1 with layer_map=((M, N),) (last to last),
-  # MiniLMv2 alpha_relations=1 with the pair of its choice. `projection`: "auto" (a learned D_s x D_t
-  # projection for the MSE terms when the widths differ), "always", or "never" (the widths must agree). The
-  # projections are trained with the student (in the train state) and never exported.
+  # TinyBERT's hidden-state and embedding MSE (through learned projections), attention-distribution KL per head,
+  # MiniLM's value relation, MiniLMv2's query/key/value relations over `relation_heads` heads (0: the teacher's).
+  # `layer_map`: 1-based (student, teacher) layer pairs ((0, 0): embeddings); empty: TinyBERT's uniform map
+  # m -> m·N/M; relation terms use the last pair (MiniLM: alpha_attention = alpha_value_relation = 1, ((M, N),)).
+  # `projection`: "auto" (a learned D_s x D_t projection for the MSE terms when the widths differ), "always" or
+  # "never" (the widths must agree); projections train with the student (in its state), never exported.
   c.layer_loss = ml_collections.ConfigDict(dict(
       alpha_hidden=0.0, alpha_embedding=0.0, alpha_attention=0.0, alpha_value_relation=0.0, alpha_relations=0.0,
       relation_heads=0, layer_map=(), projection="auto"))
@@ -112,13 +109,11 @@ def default_config() -> ml_collections.ConfigDict:
   # > 0: end the run (saved, evaluated, exported; a rerun trains no further) once that curve rose by less than
   # this many points over the last quarter of the steps so far (`PlateauStop`). Needs eval_every.
   c.train.stop_at_plateau = 0.0
-  # At the end, with a teacher: also time teacher and student as deployed (encoder + classification head, and
-  # encoder + masked-LM head) at these batch sizes and print the student's speed-up (empty: not timed).
-  c.train.speed_batches = ()
-  # At the end, with a teacher: score it on the held-out split beside the student (the demo's side-by-side
-  # figures) and time it (speed_batches). The fidelity study, whose students share one teacher, scores it once
-  # itself.
+  # At the end, with a teacher: score it beside the student on the held-out split (eval_teacher; the fidelity
+  # study, whose students share one teacher, scores it once itself), and time both as deployed (encoder +
+  # classification head, encoder + masked-LM head) at the speed_batches sizes (empty: not timed).
   c.train.eval_teacher = True
+  c.train.speed_batches = ()
   c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1), rules=dict(sharding.DEFAULT_RULES)))
   # Several processes (TPU pod slices, GPU hosts, CPU trials): see distributed.py; detected on Cloud TPU.
   c.distributed = distributed.default_config()
@@ -585,11 +580,10 @@ def _run(config, workdir: pathlib.Path, stop) -> dict:
     # Collectives: every process gathers, process 0 uses them; the layer losses' projections are not the student's.
     final = student_params(sharding.to_host(result.state.params))
     if has_heldout:
-      scored = teacher if config.train.eval_teacher else None
-      host_teacher = sharding.to_host(teacher_params) if scored is not None else None
+      host_teacher = sharding.to_host(teacher_params) if teacher is not None else None
       if is_main:
         maskings = {"": x.probs_V, "uniform_": _token_probs(x.train_ds, x.specials, 0.0)}
-        summary.update(_evaluate(config, x.data_dir, maskings, x.specials, scored, host_teacher, student, final))
+        summary.update(_evaluate(config, x.data_dir, maskings, x.specials, teacher, host_teacher, student, final))
     if stop.requested:  # the final checkpoint is saved: the next run evaluates and exports
       return trainer.stopped_early(ckpts, result.step, stage="evaluation")
     return trainer.finish_run(workdir, student, final, x.tokenizer_path, summary, ckpts, export=config.train.export)
@@ -665,9 +659,9 @@ def _heldout_score(config, data_dir, probs_V, specials, model, params) -> evalua
 
 def _evaluate(config, data_dir, probs_by_prefix: dict, specials, teacher, teacher_params, student,
               student_params) -> dict:
-  """Held-out scores of the student (and teacher) under each masking of `probs_by_prefix` ({"": the run's own
-  masking, "uniform_": BERT's uniform masking}), printed side by side; with `train.speed_batches`, their speed
-  as deployed."""
+  """Held-out scores of the student (and, with train.eval_teacher, the teacher) under each masking of
+  `probs_by_prefix` ({"": the run's own masking, "uniform_": BERT's uniform masking}), printed side by side;
+  with `train.speed_batches`, their speed as deployed."""
   out, lines = {}, []
   for prefix, probs_V in probs_by_prefix.items():
     s = _heldout_score(config, data_dir, probs_V, specials, student, student_params)
@@ -675,7 +669,7 @@ def _evaluate(config, data_dir, probs_by_prefix: dict, specials, teacher, teache
     out[f"student_heldout_{prefix}mlm_loss"] = s.loss
     label = "the run's masking" if not prefix else prefix.rstrip("_") + " masking"
     line = f"held-out masked-LM accuracy, {label} ({s.num_predictions} predictions): student {s.accuracy:.2%}"
-    if teacher is not None:
+    if teacher is not None and config.train.eval_teacher:
       t = _heldout_score(config, data_dir, probs_V, specials, teacher, teacher_params)
       out[f"teacher_heldout_{prefix}mlm_accuracy"] = t.accuracy
       out[f"teacher_heldout_{prefix}mlm_loss"] = t.loss

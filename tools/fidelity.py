@@ -198,7 +198,7 @@ def parse_variant(name: str) -> tuple[str, tuple[int, int] | None]:
   recipe, _, shape = name.partition("@")
   if recipe not in DESCRIPTIONS:
     raise ConfigError(f"unknown variant {name!r}: a recipe of {', '.join(DESCRIPTIONS)}, optionally @LAYERSxWIDTH "
-                     "(e.g. tinybert@6x256)")
+                      "(e.g. tinybert@6x256)")
   if not shape:
     return recipe, None
   layers, _, width = shape.partition("x")
