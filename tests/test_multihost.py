@@ -180,3 +180,30 @@ def test_two_processes_train_resume_and_match_one_process(tmp_path, tiny_teacher
   for key in ("student_heldout_mlm_loss", "teacher_heldout_mlm_loss"):
     assert s_got[key] == pytest.approx(s_ref[key], rel=1e-5), key
   assert (multi / "export" / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_two_processes_stop_at_the_plateau_together(tmp_path, tiny_teacher, data_cache, test_data):
+  """train.stop_at_plateau across 2 processes: process 0 alone scores the held-out split and judges the curve,
+  and both must stop at the same step (one training on alone would hang in its next collective). Run again,
+  both read that the run already stopped there and train no further."""
+  workdir = tmp_path / "run"
+  c = _config(tiny_teacher, data_cache, test_data, 6)
+  command = ("-m", "distilbert_jax.train", f"--config={ROOT / 'configs' / 'tiny.py'}:{tiny_teacher}",
+             f"--workdir={workdir}", *_overrides(c), "--config.train.eval_every=1",
+             "--config.train.stop_at_plateau=101.0")  # no rise reaches it: the 4th held-out point is the plateau
+  code, out = _launch(tmp_path, *command, timeout=900)
+  assert code == 0, out
+  assert "the plateau, stopping at step 4" in out, out
+  assert checkpoint.RunCheckpoints(workdir).latest_step() == 4, out
+  summary = json.loads((workdir / "summary.json").read_text())
+  assert summary["step"] == 4 and summary["plateau"]["reached"]
+  assert max(x["step"] for x in _lines(workdir)) == 4
+
+  code, out = _launch(tmp_path, *command, timeout=900)
+  assert code == 0, out
+  for i in range(2):
+    assert any(line.startswith(f"[p{i}]") and "stopped at its plateau at step 4 before" in line
+               for line in out.splitlines()), out
+  assert checkpoint.RunCheckpoints(workdir).latest_step() == 4
+  assert max(x["step"] for x in _lines(workdir)) == 4
