@@ -96,6 +96,7 @@ def write_archive(path: pathlib.Path, members: dict[str, pathlib.Path]) -> int:
   with tarfile.open(staged, "w:xz") as tar:
     for name, local in sorted(members.items()):
       tar.add(local, arcname=name)
+  staged.chmod(0o644)  # a temporary file starts private
   staged.replace(path)
   return path.stat().st_size
 
