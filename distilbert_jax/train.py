@@ -580,10 +580,12 @@ def _run(config, workdir: pathlib.Path, stop) -> dict:
     # Collectives: every process gathers, process 0 uses them; the layer losses' projections are not the student's.
     final = student_params(sharding.to_host(result.state.params))
     if has_heldout:
-      host_teacher = sharding.to_host(teacher_params) if teacher is not None else None
+      # The teacher's weights come to the host only when _evaluate scores or times it.
+      scored = teacher if config.train.eval_teacher or config.train.speed_batches else None
+      host_teacher = sharding.to_host(teacher_params) if scored is not None else None
       if is_main:
         maskings = {"": x.probs_V, "uniform_": _token_probs(x.train_ds, x.specials, 0.0)}
-        summary.update(_evaluate(config, x.data_dir, maskings, x.specials, teacher, host_teacher, student, final))
+        summary.update(_evaluate(config, x.data_dir, maskings, x.specials, scored, host_teacher, student, final))
     if stop.requested:  # the final checkpoint is saved: the next run evaluates and exports
       return trainer.stopped_early(ckpts, result.step, stage="evaluation")
     return trainer.finish_run(workdir, student, final, x.tokenizer_path, summary, ckpts, export=config.train.export)

