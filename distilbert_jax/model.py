@@ -79,7 +79,9 @@ class EncoderConfig:
 
   `family` only decides the Hugging Face naming and the defaults of the constructors (`bert`, `distilbert`,
   `roberta`, `flaubert`); what the model computes is decided by the fields alone.
-  `dtype` is the compute dtype (bfloat16 on TPUs), `param_dtype` the storage dtype of the parameters.
+  `dtype` is the compute dtype (bfloat16 on TPUs), `param_dtype` the storage dtype of the parameters. Matrix
+  products take their operands in `dtype` and accumulate in float32 (`accumulate_f32`), as TPUs and
+  PyTorch's autocast do; the masked-LM logits stay float32.
   `attention`, `remat` and `remat_policy` change how the model computes, not what (module docstring).
   """
   family: str = "bert"
@@ -263,12 +265,25 @@ def _layer_norm(cfg: EncoderConfig, name: str | None = None):
       scale_init=_ones(("embed",)), bias_init=_zeros(("embed",)), name=name)
 
 
+def accumulate_f32(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kw):
+  """`lax.dot_general` accumulating in float32 and returning the operands' dtype.
+
+  In float32 this is the plain product. In bfloat16 it is the product a bf16 unit computes (TPU MXUs, CPUs
+  with AMX or AVX512-BF16): bf16 x bf16 -> float32 sums. XLA's CPU backend only takes its fast bf16 path
+  for this form; a bf16-out product runs at float32 speed there (BENCHMARKS.md "bfloat16 products").
+  """
+  del preferred_element_type  # always float32
+  out = jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                            preferred_element_type=jnp.float32, **kw)
+  return out.astype(jnp.result_type(lhs, rhs))
+
+
 def _dense(cfg: EncoderConfig, features: int | tuple[int, ...], kernel_axes: tuple[str, ...], name: str,
            axis: int | tuple[int, ...] = -1):
   """A (general) dense layer whose kernel and bias carry logical axis names."""
   num_out = 1 if isinstance(features, int) else len(features)
   return nn.DenseGeneral(
-      features, axis=axis, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+      features, axis=axis, dtype=cfg.dtype, param_dtype=cfg.param_dtype, dot_general=accumulate_f32,
       kernel_init=_init(cfg, kernel_axes), bias_init=_zeros(kernel_axes[-num_out:]), name=name)
 
 
@@ -304,9 +319,11 @@ class Embeddings(nn.Module):
       x_BxLxD = x_BxLxD + self.word_embeddings(type_ids_BxL)
     return self.dropout(self.layer_norm(x_BxLxD), deterministic=deterministic)
 
-  def attend(self, x_NxD):
-    """Logits against the word embeddings (the tied MLM decoder)."""
-    return self.word_embeddings.attend(x_NxD)
+  def attend(self, h_xD):
+    """float32 logits against the word embeddings (the tied MLM decoder), from operands in the compute dtype."""
+    dtype = self.cfg.dtype
+    table_VxD = self.word_embeddings.embedding
+    return jnp.einsum("...d,vd->...v", h_xD.astype(dtype), table_VxD.astype(dtype), preferred_element_type=jnp.float32)
 
 
 @functools.lru_cache(maxsize=None)
@@ -345,13 +362,15 @@ class SelfAttention(nn.Module):
       # BENCHMARKS.md "Where the CPU step's time goes").
       q_BxHxLxK, k_BxHxLxK, v_BxHxLxK = (jnp.swapaxes(x, 1, 2) for x in (q_BxLxHxK, k_BxLxHxK, v_BxLxHxK))
       q_BxHxLxK = q_BxHxLxK / jnp.sqrt(cfg.head_size).astype(q_BxHxLxK.dtype)
-      scores_BxHxLxL = jnp.einsum("bhqk,bhtk->bhqt", q_BxHxLxK, k_BxHxLxK)
+      scores_BxHxLxL = jnp.einsum("bhqk,bhtk->bhqt", q_BxHxLxK, k_BxHxLxK, preferred_element_type=jnp.float32)
       # Additive mask as transformers builds it: 0 where attended, the float32 minimum where masked.
       bias_Bx1xQxL = jnp.where(attend_Bx1xQxL, 0.0, jnp.finfo(jnp.float32).min)
       # Softmax in float32: bf16 scores would lose the small probabilities.
-      probs_BxHxLxL = jax.nn.softmax(scores_BxHxLxL.astype(jnp.float32) + bias_Bx1xQxL, axis=-1)
+      probs_BxHxLxL = jax.nn.softmax(scores_BxHxLxL + bias_Bx1xQxL, axis=-1)
       dropped = nn.Dropout(cfg.attention_dropout_rate)(probs_BxHxLxL, deterministic=deterministic)
-      ctx_BxLxHxK = jnp.swapaxes(jnp.einsum("bhqt,bhtk->bhqk", dropped.astype(cfg.dtype), v_BxHxLxK), 1, 2)
+      ctx_BxHxLxK = jnp.einsum("bhqt,bhtk->bhqk", dropped.astype(cfg.dtype), v_BxHxLxK,
+                               preferred_element_type=jnp.float32)
+      ctx_BxLxHxK = jnp.swapaxes(ctx_BxHxLxK.astype(cfg.dtype), 1, 2)
     out_BxLxD = _dense(cfg, cfg.hidden_size, ("heads", "kv", "embed"), "out", axis=(-2, -1))(ctx_BxLxHxK)
     return out_BxLxD, probs_BxHxLxL, qkv
 
@@ -415,7 +434,7 @@ class MlmHead(nn.Module):
       h_NxD = _layer_norm(cfg, "transform_norm")(ACTIVATIONS[cfg.mlm_head_act or cfg.hidden_act](h_NxD))
     bias_V = self.param("bias", _zeros(("vocab",)), (cfg.vocab_size,), cfg.param_dtype)
     # Logits in float32: the losses take log-softmax over 30k classes.
-    return add_bias(embeddings.attend(h_NxD).astype(jnp.float32), bias_V.astype(jnp.float32))
+    return add_bias(embeddings.attend(h_NxD), bias_V.astype(jnp.float32))
 
 
 @jax.custom_vjp
