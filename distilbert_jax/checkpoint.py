@@ -57,6 +57,26 @@ class _DropDiskFullTracebacks(logging.Filter):
 _DISK_FULL_FILTER = _DropDiskFullTracebacks()
 
 
+class _DropUnreadStepReads(logging.Filter):
+  """A damaged checkpoint fails one of Orbax's parallel reads; the others fail too, after `restore` has caught
+  the first and reported the step in its own words, and asyncio logs each of them with a traceback ("Task
+  exception was never retrieved") whenever the garbage collector meets it, perhaps much later. Those records
+  are dropped for the step folders `restore` could not read (`unreadable`); any other asyncio error keeps its."""
+
+  def __init__(self):
+    super().__init__()
+    self.unreadable: set[str] = set()
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if not self.unreadable or "never retrieved" not in str(record.msg):
+      return True
+    text = record.getMessage() + (str(record.exc_info[1]) if record.exc_info and record.exc_info[1] else "")
+    return not any(folder in text for folder in self.unreadable)
+
+
+_UNREAD_STEP_FILTER = _DropUnreadStepReads()
+
+
 def _free_path(path: pathlib.Path) -> pathlib.Path:
   """`path`, or `path-2`, `path-3`, ...: the first name not taken (moving a folder aside never clashes)."""
   candidate, n = path, 1
@@ -140,6 +160,7 @@ class RunCheckpoints:
   def __init__(self, workdir: str | os.PathLike, *, keep: int = 3, async_save: bool = True):
     self.directory = pathlib.Path(workdir).absolute() / "checkpoints"
     logging.getLogger("absl").addFilter(_DISK_FULL_FILTER)  # adding it again is a no-op
+    logging.getLogger("asyncio").addFilter(_UNREAD_STEP_FILTER)
     self.manager = ocp.CheckpointManager(
         self.directory, item_names=("state", "data", "config"),
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
@@ -215,6 +236,7 @@ class RunCheckpoints:
         restored = self._restore_step(candidate, abstract_state)
       except Exception as e:  # pylint: disable=broad-except  (damage shows as Orbax, TensorStore or OS errors)
         failures.append((candidate, e))
+        _UNREAD_STEP_FILTER.unreadable.add(str(self.directory / str(candidate)) + os.sep)
         continue
       if failures:
         self._move_damaged(failures, restored[0])
