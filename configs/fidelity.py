@@ -48,6 +48,7 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
   d.data.demo_corpus = True
   d.data.max_len = 128
   d.data.held_out_fraction = 0.05
+  d.data.split_seed = 56  # the teacher's split (configs/teacher_mlm.py): no run trains on the documents scored
   d.data.strategy = "pack"
   d.data.eval_batches = 40
   d.loss.restrict_ce_to_mask = True

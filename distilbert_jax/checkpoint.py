@@ -77,7 +77,7 @@ class _DropUnreadStepReads(logging.Filter):
 _UNREAD_STEP_FILTER = _DropUnreadStepReads()
 
 
-def _free_path(path: pathlib.Path) -> pathlib.Path:
+def free_path(path: pathlib.Path) -> pathlib.Path:
   """`path`, or `path-2`, `path-3`, ...: the first name not taken (moving a folder aside never clashes)."""
   candidate, n = path, 1
   while candidate.exists():
@@ -188,7 +188,7 @@ class RunCheckpoints:
           "--workdir, or pass --config.train.allow_model_change=True to move them aside and start afresh")
     self.manager.wait_until_finished()
     self.manager.close()
-    aside = _free_path(self.directory.with_name(f"checkpoints.replaced-{step}"))
+    aside = free_path(self.directory.with_name(f"checkpoints.replaced-{step}"))
     self.directory.rename(aside)
     log.warning("moved the checkpoints of another model to %s", aside)
     self.__init__(self.directory.parent, keep=self.manager._options.max_to_keep,
@@ -252,7 +252,7 @@ class RunCheckpoints:
     """Renames the unreadable steps out of the manager's sight and tells it."""
     if jax.process_index() == 0:
       for step, error in failures:
-        aside = _free_path(self.directory / f"{step}.damaged")
+        aside = free_path(self.directory / f"{step}.damaged")
         (self.directory / str(step)).rename(aside)
         log.warning("checkpoint %d could not be read (%s): moved it to %s; resuming from step %d", step,
                     _first_line(error), aside, restored_step)

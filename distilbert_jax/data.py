@@ -734,6 +734,8 @@ def prepare_tokenized(sources: Sequence[str], tokenizer: str, cache_dir: PathLik
     validation.ConfigError: a local source that is missing or not text (before anything is tokenized).
     EmptyCorpusError: the sources give no example (the caller words the advice).
   """
+  if not held_out_fraction:
+    seed = 0  # it draws the held-out documents only: with none, every seed names the same folder
   out = tokenized_folder(cache_dir, sources, tokenizer, max_len=max_len, min_len=min_len,
                          held_out_fraction=held_out_fraction, seed=seed, text_field=text_field)
 

@@ -73,6 +73,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.max_len = 128
   c.data.min_len = 12
   c.data.held_out_fraction = 0.05
+  # Decides which documents are held out, apart from `seed`: runs of several seeds (the fidelity study's
+  # students, the teacher) hold out, and are scored on, the same documents, none of which any of them trains on.
+  c.data.split_seed = 56
   c.data.strategy = "bucket"  # "pad", "bucket" or "pack"
   c.data.batch_size = 32  # global, over all processes
   c.data.eval_batches = 20  # held-out batches scored at the end (0: none)
@@ -466,7 +469,7 @@ def prepare_data(config, tokenizer_path: str) -> pathlib.Path:
   try:
     return data.prepare_tokenized(_sources(config), tokenizer_path, config.data.cache_dir, max_len=config.data.max_len,
                                   min_len=config.data.min_len, held_out_fraction=config.data.held_out_fraction,
-                                  seed=config.seed, text_field=config.data.text_field,
+                                  seed=config.data.split_seed, text_field=config.data.text_field,
                                   process_index=jax.process_index(), sync=distributed.barrier)
   except data.EmptyCorpusError as e:
     raise ConfigError(f"--config.data.sources: {e}: give more text") from None
@@ -743,7 +746,7 @@ RANGES = {
     "train.steps": ">0", "train.log_every": ">0", "train.ckpt_every": ">0", "train.keep": ">0",
     "train.eval_every": ">=0", "train.stop_at_plateau": ">=0",
     "data.batch_size": ">0", "data.max_len": ">0", "data.min_len": ">=0", "data.held_out_fraction": "[0,1)",
-    "data.eval_batches": ">=0",
+    "data.split_seed": ">=0", "data.eval_batches": ">=0",
     "mlm.prob": "(0,1]", "mlm.smoothing": ">=0", "mlm.word_mask": "[0,1]", "mlm.word_keep": "[0,1]",
     "mlm.word_rand": "[0,1]",
     "loss.temperature": ">0", "loss.alpha_ce": ">=0", "loss.alpha_mlm": ">=0", "loss.alpha_cos": ">=0",

@@ -211,8 +211,8 @@ def test_the_other_failed_reads_of_a_damaged_step_do_not_log_tracebacks_later(tm
 def test_moving_aside_never_clashes(tmp_path):
   (tmp_path / "6.damaged").mkdir()
   (tmp_path / "6.damaged-2").mkdir()
-  assert checkpoint._free_path(tmp_path / "6.damaged") == tmp_path / "6.damaged-3"  # pylint: disable=protected-access
-  assert checkpoint._free_path(tmp_path / "7.damaged") == tmp_path / "7.damaged"  # pylint: disable=protected-access
+  assert checkpoint.free_path(tmp_path / "6.damaged") == tmp_path / "6.damaged-3"
+  assert checkpoint.free_path(tmp_path / "7.damaged") == tmp_path / "7.damaged"
 
 
 # ------------------------------------------------------------------------------------------------ disk full
@@ -221,7 +221,7 @@ def test_moving_aside_never_clashes(tmp_path):
 def test_disk_full_while_saving_is_one_line_and_the_previous_checkpoint_restores(
     reference, tmp_path, tiny_teacher, data_cache, test_data, capsys, monkeypatch):
   workdir = tmp_path / "w"
-  write = ocp.JsonCheckpointHandler._save_fn  # pylint: disable=protected-access
+  write = ocp.JsonCheckpointHandler._save_fn
 
   async def disk_full_at_step_6(self, x, directory):
     if pathlib.Path(directory).parent.name.startswith("6."):  # <workdir>/checkpoints/6.orbax-checkpoint-tmp-*/...

@@ -186,3 +186,125 @@ def test_study_end_to_end_on_the_tiny_preset_and_its_resume(tmp_path, tiny_teach
     assert text in report
   assert (out / "fidelity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert json.loads((out / "results.json").read_text())["teacher"]["path"] == teacher["path"]
+
+
+# ------------------------------------------------------------------------------------------------ resuming safely
+
+def _tiny_cfg(tiny_teacher, data_cache=None, test_data=None):
+  cfg = fidelity_config.get_config(f"tiny:{tiny_teacher}")
+  if data_cache is not None:
+    cfg.cache_dir, cfg.corpus_dir = str(data_cache), str(test_data / "corpus")
+  return cfg
+
+
+def test_every_student_holds_out_the_documents_the_study_scores(tiny_teacher, tmp_path, monkeypatch):
+  """The held-out split is drawn by data.split_seed, not by the run's seed: the students of every seed, the
+  teacher and the in-domain scoring tokenize with the same split, so no student trains on a scored document."""
+  splits = []
+  monkeypatch.setattr(fidelity.data, "prepare_tokenized", lambda *a, **kw: splits.append(kw) or tmp_path)
+  cfg = _tiny_cfg(tiny_teacher)
+  base = fidelity._distill_base(cfg)
+  students = [fidelity.variant_config(base, v, str(tiny_teacher), seed, tmp_path)
+              for v in ("full", "no_cos") for seed in (0, 1, 2)]
+  assert len({c.seed for c in students}) == 3
+  for c in students:
+    fidelity.train.prepare_data(c, str(tiny_teacher))
+  fidelity.in_domain_split(cfg, str(tiny_teacher))
+  teacher_run = cfg.teacher_recipe.copy_and_resolve_references()
+  fidelity.train.prepare_data(teacher_run, str(tiny_teacher))
+  keys = ("seed", "held_out_fraction", "min_len", "max_len")
+  assert len(splits) == len(students) + 2 and {tuple(kw[k] for k in keys) for kw in splits} == {(56, 0.05, 12, 64)}
+  teacher_cpu = fidelity_config._teacher_recipe("cpu")
+  assert (teacher_cpu.data.split_seed, teacher_cpu.data.held_out_fraction) == (56, 0.05)
+
+
+def test_a_student_begun_with_other_settings_is_refused_before_anything_runs(tiny_teacher, tmp_path, monkeypatch):
+  runs = []
+  monkeypatch.setattr(fidelity.train, "run", lambda c, w: runs.append(w) or {"preempted": True})
+  cfg = _tiny_cfg(tiny_teacher)
+  out = tmp_path / "study"
+  with pytest.raises(KeyboardInterrupt):  # the first student starts (and is "preempted"): its settings are kept
+    fidelity.run_study(cfg, out, teacher=str(tiny_teacher), stages=("students",))
+  assert runs == [out / "students" / "full" / "seed0"]
+  cfg.distill.train.steps = 8
+  with pytest.raises(fidelity.ConfigError, match=r"students/full/seed0 was made with other settings \("
+                                                 r"train.steps: 4 then, 8 now\).*move .* away"):
+    fidelity.run_study(cfg, out, teacher=str(tiny_teacher), stages=("students",))
+  assert len(runs) == 1
+  cfg.distill.train.steps = 4
+  cfg.cache_dir = str(tmp_path / "elsewhere")  # a place, not a setting: the run resumes
+  with pytest.raises(KeyboardInterrupt):
+    fidelity.run_study(cfg, out, teacher=str(tiny_teacher), stages=("students",))
+  assert len(runs) == 2
+  with pytest.raises(fidelity.ConfigError, match="moby"):
+    fidelity.check_settings({"eval.max_batches": 2}, {"eval.max_batches": 3}, pathlib.Path("moby"))
+  fidelity.check_settings(None, {"eval.max_batches": 3}, tmp_path)  # made before settings were kept
+
+
+def test_the_teacher_is_checked_and_one_study_keeps_one_teacher(tiny_teacher, tmp_path):
+  cfg = _tiny_cfg(tiny_teacher)
+  out = tmp_path / "study"
+  for bad, message in ((tmp_path / "none", "no such folder"), (tmp_path, "not a model folder")):
+    with pytest.raises(fidelity.ConfigError, match=message):
+      fidelity.teacher_stage(cfg, out, str(bad))
+    assert not (out / "teacher.json").exists()
+  run_dir = tmp_path / "run"
+  (run_dir / "checkpoints").mkdir(parents=True)
+  with pytest.raises(fidelity.ConfigError, match="training workdir: give .*/run/final once its run has ended"):
+    fidelity.teacher_stage(cfg, out, str(run_dir))
+  info = fidelity.teacher_stage(cfg, out, str(tiny_teacher))
+  assert info["path"] == str(tiny_teacher) and fidelity.teacher_stage(cfg, out, "") == info
+  other = tmp_path / "other_teacher"
+  fidelity.shutil.copytree(tiny_teacher, other)
+  with pytest.raises(fidelity.ConfigError, match=f"made with the teacher {tiny_teacher}, not {other}"):
+    fidelity.teacher_stage(cfg, out, str(other))
+
+
+def test_a_failing_run_is_recorded_and_the_study_goes_on(tiny_teacher, tmp_path, monkeypatch):
+  attempts = []
+
+  def run(config, workdir):
+    attempts.append(workdir.parent.name)
+    if workdir.parent.name == "no_cos":
+      raise fidelity.trainer.NonFiniteLossError("the loss is nan at step 3")
+    return {"step": config.train.steps, "student_heldout_mlm_accuracy": 0.5}
+
+  monkeypatch.setattr(fidelity.train, "run", run)
+  cfg = _tiny_cfg(tiny_teacher)
+  cfg.variants = ("full", "no_cos", "no_mlm")
+  cfg.seeds = (0,)
+  out = tmp_path / "study"
+  results = fidelity.students_stage(cfg, out, str(tiny_teacher))
+  assert attempts == ["full", "no_cos", "no_mlm"] and sorted(results) == ["full/seed0", "no_mlm/seed0"]
+  assert [(f["run"], f["error"]) for f in fidelity.failures(out)] == [
+      ("student no_cos seed 0", "NonFiniteLossError: the loss is nan at step 3")]
+  fidelity.students_stage(cfg, out, str(tiny_teacher))
+  assert len(attempts) == 3  # the same settings fail the same way: not tried again
+  cfg.distill.loss.temperature = 1.0  # another recipe: the finished runs are refused ...
+  with pytest.raises(fidelity.ConfigError, match="full/seed0 was made with other settings"):
+    fidelity.students_stage(cfg, out, str(tiny_teacher))
+  for variant in ("full", "no_mlm"):
+    (out / "students" / variant / "seed0").rename(tmp_path / variant)
+  fidelity.students_stage(cfg, out, str(tiny_teacher))  # ... and the failed one is moved aside and made again
+  assert attempts[3:] == ["full", "no_cos", "no_mlm"]
+  assert [f["settings"]["loss.temperature"] for f in fidelity.failures(out)] == [1.0]  # failed again, once listed
+  assert (out / "students" / "no_cos" / "seed0.failed" / "failed.json").is_file()
+  link = out / "students" / "full" / "seed0" / "teacher" / "final"
+  assert link.resolve() == tiny_teacher.resolve()
+  moved = tmp_path / "moved_teacher"
+  fidelity.shutil.copytree(tiny_teacher, moved)
+  link.unlink()
+  link.symlink_to(tmp_path / "gone", target_is_directory=True)  # a teacher moved away since
+  fidelity._link_teacher(link.parents[1], str(moved))
+  assert link.resolve() == moved.resolve()
+
+
+def test_seeds_pair_with_the_teachers_fine_tuning_seeds_and_partial_seeds_wait(tiny_teacher):
+  cfg = _tiny_cfg(tiny_teacher)
+  cfg.seeds = (0, 1, 5)
+  with pytest.raises(fidelity.ConfigError, match=r"seeds \(0, 1, 5\).*teacher_seeds is \(0, 1\)"):
+    fidelity.check_variants(cfg)
+  rows = [{"model": "full/seed0", "seed": 0, "domain": d, "accuracy": a} for d, a in (("imdb", 0.8), ("yelp", 0.6))]
+  rows.append({"model": "full/seed1", "seed": 1, "domain": "imdb", "accuracy": 0.9})  # yelp not yet run
+  assert fidelity.finetune_values(rows, "full") == [pytest.approx(0.7)]
+  assert fidelity.finetune_values(rows, "full", "imdb") == [0.8, 0.9]

@@ -24,6 +24,13 @@ study resumes where it stopped; `--stages` runs a subset):
              masked-LM head), batch 1 and 32
   report     OUT/REPORT.md (tables with mean ± standard deviation over seeds, the targets met or missed),
              OUT/fidelity.png, OUT/results.json
+
+Resuming is safe: every run keeps the settings it was made with (study_settings.json; places such as the
+cache folder aside) and a result made under other settings than the config now gives is refused, naming the
+setting, rather than mixed into a row; OUT keeps one teacher (teacher.json). Every student of every seed holds
+out the same documents (distill.data.split_seed, the teacher's split), which the in-domain scores are taken
+on. A run that fails by itself (a diverging recipe) is written to its failed.json and listed in the report;
+the study goes on, and tries it again only under other settings.
 """
 from __future__ import annotations
 
@@ -76,6 +83,40 @@ def _write_json(path: pathlib.Path, value) -> None:
   tmp = path.with_suffix(".tmp")
   tmp.write_text(json.dumps(value, indent=2) + "\n")
   tmp.replace(path)  # a result file is whole or absent
+
+
+# Settings that name places (they change between machines: a study made on a GPU and reported here) or only
+# how a run is narrated and saved (resume is bit-exact whatever they are); every other setting shapes a result.
+PLACES = ("teacher", "student.init", "model", "cache_dir", "corpus_dir", "sentiment_dir", "kjv_dir",
+          "data.cache_dir", "data.corpus_dir", "data.tokenizer", "distill.teacher",
+          "train.progress", "train.log_every", "train.ckpt_every", "train.keep", "train.export")
+
+
+def settings_of(config) -> dict:
+  """The settings a result was made with: `config` (a ConfigDict or dict) flattened to {"a.b": value} in
+  JSON's types, less PLACES."""
+  flat = {}
+
+  def walk(prefix, value):
+    if isinstance(value, dict):
+      for k, v in value.items():
+        walk(f"{prefix}{k}.", v)
+    else:
+      flat[prefix[:-1]] = value
+
+  walk("", config.to_dict() if hasattr(config, "to_dict") else config)
+  return json.loads(json.dumps({k: v for k, v in flat.items() if k not in PLACES}))
+
+
+def check_settings(made_with: dict | None, settings: dict, folder: pathlib.Path) -> None:
+  """Refuses to reuse (or resume) a result made with other settings than the study's config now gives it: a
+  student resumed with another number of steps would mix two schedules, and its row would be neither."""
+  if made_with is None or made_with == settings:
+    return
+  keys = sorted(k for k in set(made_with) | set(settings) if made_with.get(k) != settings.get(k))
+  changed = "; ".join(f"{k}: {made_with.get(k)!r} then, {settings.get(k)!r} now" for k in keys[:4])
+  raise ConfigError(f"{folder} was made with other settings ({changed}{'; ...' if len(keys) > 4 else ''}): rerun "
+                    f"with the settings it was made with, or move {folder} away to make it again with these")
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -155,13 +196,37 @@ def sweep(cfg, out: pathlib.Path) -> dict:
   return {"runs": results, "best_lr": best["lr"]}
 
 
+def check_teacher(path: str) -> None:
+  """A finished model: a JAX model folder (a run's WORKDIR/final) or a Hugging Face folder; not a run's
+  workdir, whose newest checkpoint would change under a run still going."""
+  if not pathlib.Path(path).is_dir():
+    raise ConfigError(f"--teacher {path}: no such folder")
+  if checkpoint.is_run_dir(path):
+    raise ConfigError(f"--teacher {path} is a training workdir: give {path}/final once its run has ended")
+  try:
+    checkpoint.load_config(path)
+  except Exception as e:  # pylint: disable=broad-except  (whatever a folder that is no model raises)
+    raise ConfigError(f"--teacher {path} is not a model folder ({type(e).__name__}: {e}): give a run's "
+                      "WORKDIR/final or a Hugging Face model folder") from None
+
+
 def teacher_stage(cfg, out: pathlib.Path, given: str) -> dict:
+  """The study's teacher: the one OUT was made with (teacher.json), else `given` (a finished model folder;
+  its run's curve when it has one), else one trained here. Another teacher than the one OUT's students
+  learned from is refused."""
   done = _read_json(out / "teacher.json")
+  given_path = str(pathlib.Path(given).expanduser().absolute()) if given else ""
+  if given:
+    check_teacher(given_path)
   if done is not None:
+    if given and done["path"] != given_path:
+      raise ConfigError(f"{out} was made with the teacher {done['path']}, not {given_path}: give --teacher "
+                        f"{done['path']} (or none), or another --out for a study of this teacher (the same teacher "
+                        f"moved: set its new place as \"path\" in {out / 'teacher.json'})")
     return done
   if given:
-    info = {"path": str(pathlib.Path(given).absolute()), "given": True}
-    workdir = pathlib.Path(given).parent
+    info = {"path": given_path, "given": True}
+    workdir = pathlib.Path(given_path).parent
     info["curve"] = read_curve(workdir)
     info["plateau"] = plateau(info["curve"], cfg.plateau_points)
     _write_json(out / "teacher.json", info)
@@ -184,7 +249,8 @@ def teacher_stage(cfg, out: pathlib.Path, given: str) -> dict:
     raise KeyboardInterrupt
   curve = read_curve(out / "teacher")
   info = {"path": str(out / "teacher" / "final"), "given": False, "sweep": swept, "lr": swept["best_lr"],
-          "steps": summary.get("step", steps), "batch_size": c.data.batch_size, "max_len": c.data.max_len, "seconds": time.time() - t0,
+          "steps": summary.get("step", steps), "batch_size": c.data.batch_size, "max_len": c.data.max_len,
+          "seconds": time.time() - t0,
           "heldout_mlm_accuracy": summary.get("student_heldout_mlm_accuracy"), "curve": curve,
           "plateau": plateau(curve, cfg.plateau_points)}
   _write_json(out / "teacher.json", info)
@@ -232,6 +298,10 @@ def check_shape(shape: tuple[int, int], teacher_cfg) -> int:
 def check_variants(cfg, teacher: str = "") -> None:
   """Every variant of the study parsed (and, given the teacher, its shape checked against it) before anything
   trains, so that a misspelt row fails at the start rather than hours in, when its turn comes."""
+  if "full" in cfg.variants and not set(cfg.seeds) <= set(cfg.finetune.teacher_seeds):
+    raise ConfigError(f"seeds {tuple(cfg.seeds)}: each is also a fine-tuning seed of the teacher, whose fine-tuned "
+                      f"model of that seed teaches DistilBERT (D) of the same seed; finetune.teacher_seeds is "
+                      f"{tuple(cfg.finetune.teacher_seeds)}")
   teacher_cfg = checkpoint.load_config(teacher) if teacher else None
   for name in cfg.variants:
     _, shape = parse_variant(name)
@@ -304,31 +374,88 @@ def student_workdir(out: pathlib.Path, variant: str, seed: int) -> pathlib.Path:
   return out / "students" / variant / f"seed{seed}"
 
 
+# A run that fails by itself (a recipe that diverges, a variant the trainer refuses) is recorded in its
+# workdir's failed.json and the study goes on; it is tried again only under other settings.
+RUN_ERRORS = (trainer.NonFiniteLossError, ConfigError)
+SETTINGS_FILE = "study_settings.json"
+FAILED_FILE = "failed.json"
+
+
+def _check_workdir(workdir: pathlib.Path, settings: dict) -> None:
+  """Refuses a workdir begun under other settings (check_settings), unless its run failed: that one is
+  moved aside (`_run_once`) and made again."""
+  if not (workdir / FAILED_FILE).is_file():
+    check_settings(_read_json(workdir / SETTINGS_FILE), settings, workdir)
+
+
+def _run_once(workdir: pathlib.Path, settings: dict, label: str, run) -> dict | None:
+  """`run()`'s result for `workdir`, made under `settings`: None when it fails now, or failed before under the
+  same settings. A run that failed under others is moved aside to WORKDIR.failed[-n] (its checkpoints would
+  mix two schedules) and made afresh."""
+  _check_workdir(workdir, settings)
+  failed = _read_json(workdir / FAILED_FILE)
+  if failed is not None:
+    if failed["settings"] == settings:
+      return None
+    aside = checkpoint.free_path(workdir.with_name(workdir.name + ".failed"))
+    workdir.rename(aside)
+    print(f"[retry] {label}: the failed run under other settings moved to {aside}", flush=True)
+  _write_json(workdir / SETTINGS_FILE, settings)
+  try:
+    return run()
+  except RUN_ERRORS as e:
+    print(f"[failed] {label}: {e}", flush=True)
+    _write_json(workdir / FAILED_FILE, {"run": label, "error": f"{type(e).__name__}: {e}", "settings": settings})
+    return None
+
+
+def failures(out: pathlib.Path) -> list[dict]:
+  """The runs that failed (their failed.json), less those moved aside to be made again."""
+  return [json.loads(p.read_text()) for p in sorted(out.glob(f"*/**/{FAILED_FILE}"))
+          if ".failed" not in p.parent.name]
+
+
+def _link_teacher(workdir: pathlib.Path, teacher: str) -> None:
+  """The demo's layout: WORKDIR/teacher/final is the teacher, for evaluate and finetune."""
+  link = workdir / "teacher" / "final"
+  if link.is_symlink() and not link.exists():  # a teacher moved since: point at where it is now
+    link.unlink()
+  if not link.exists():
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(pathlib.Path(teacher).absolute(), target_is_directory=True)
+
+
 def students_stage(cfg, out: pathlib.Path, teacher: str, run_missing: bool = True) -> dict:
   base = _distill_base(cfg)
   if run_missing:
     base.data.tokenizer = base.data.tokenizer or checkpoint.load_config(teacher).tokenizer
+  runs = [(variant, seed, student_workdir(out, variant, seed)) for variant in cfg.variants for seed in cfg.seeds]
+  configs = {}
+  if run_missing:  # every config first: one made with other settings is refused before any run starts
+    for variant, seed, workdir in runs:
+      configs[workdir] = variant_config(base, variant, teacher, seed, out)
+      _check_workdir(workdir, settings_of(configs[workdir]))
   results = {}
-  for variant in cfg.variants:
-    for seed in cfg.seeds:
-      workdir = student_workdir(out, variant, seed)
-      done = _read_json(workdir / "study.json")
-      if done is None and run_missing:
-        print(f"[students] {variant} seed {seed}: {describe(variant)}", flush=True)
+  for variant, seed, workdir in runs:
+    done = _read_json(workdir / "study.json")
+    if done is None and run_missing:
+      print(f"[students] {variant} seed {seed}: {describe(variant)}", flush=True)
+
+      def run(config=configs[workdir], workdir=workdir, variant=variant, seed=seed):
         t0 = time.time()
-        summary = train.run(variant_config(base, variant, teacher, seed, out), workdir)
+        summary = train.run(config, workdir)
         if summary.get("preempted"):
           raise KeyboardInterrupt
-        link = workdir / "teacher" / "final"  # the demo's layout: evaluate and finetune find the teacher
-        if not link.exists():
-          link.parent.mkdir(parents=True, exist_ok=True)
-          link.symlink_to(pathlib.Path(teacher).absolute(), target_is_directory=True)
-        done = {"variant": variant, "seed": seed, "seconds": time.time() - t0,
-                "heldout_mlm_accuracy": summary.get("student_heldout_mlm_accuracy"),
-                "curve": read_curve(workdir)}
-        _write_json(workdir / "study.json", done)
+        return {"variant": variant, "seed": seed, "seconds": time.time() - t0,
+                "heldout_mlm_accuracy": summary.get("student_heldout_mlm_accuracy"), "curve": read_curve(workdir)}
+
+      done = _run_once(workdir, settings_of(configs[workdir]), f"student {variant} seed {seed}", run)
       if done is not None:
-        results[f"{variant}/seed{seed}"] = done
+        _write_json(workdir / "study.json", done)
+    if done is not None:
+      if run_missing:
+        _link_teacher(workdir, teacher)
+      results[f"{variant}/seed{seed}"] = done
   return results
 
 
@@ -343,20 +470,35 @@ def models_of(cfg, out: pathlib.Path, teacher: str) -> dict[str, str]:
   return models
 
 
+def in_domain_split(cfg, tokenizer: str) -> pathlib.Path:
+  """The tokenized corpus whose held-out documents are scored: the students' own (every seed holds out the
+  same documents, drawn by distill.data.split_seed, which the teacher's run holds out too)."""
+  base = _distill_base(cfg)
+  base.data.tokenizer = tokenizer
+  return train.prepare_data(base, tokenizer)
+
+
 def _eval_corpora(cfg, teacher: str) -> tuple[str, dict[str, list[str]]]:
   """(tokenizer, {corpus: sources}): the distillation's held-out split and the out-of-domain text."""
-  base = _distill_base(cfg)
   tokenizer = checkpoint.load_config(teacher).tokenizer
-  base.data.tokenizer = tokenizer
-  return tokenizer, {"in_domain": [str(train.prepare_data(base, tokenizer))],
-                     "out_of_domain": [str(kjv_corpus(cfg))]}
+  return tokenizer, {"in_domain": [str(in_domain_split(cfg, tokenizer))], "out_of_domain": [str(kjv_corpus(cfg))]}
+
+
+def mlm_settings(cfg) -> dict:
+  """What a masked-LM score depends on besides the model: the scoring and the in-domain split."""
+  d = cfg.distill.data
+  return settings_of({"eval": {k: v for k, v in cfg.eval.items() if not k.startswith("speed")},
+                      "split": {k: d[k] for k in ("held_out_fraction", "split_seed", "min_len", "max_len",
+                                                   "demo_corpus", "sources")}})
 
 
 def mlm_stage(cfg, out: pathlib.Path, teacher: str, run_missing: bool = True) -> dict:
-  results, corpora = {}, None
+  results, corpora, settings = {}, None, mlm_settings(cfg)
   for name, folder in models_of(cfg, out, teacher).items():
     path = out / "mlm" / f"{name.replace('/', '_')}.json"
     done = _read_json(path)
+    if done is not None:
+      check_settings(done.get("settings"), settings, path)
     exists = pathlib.Path(folder).exists()  # a student not trained yet (or cut by a time limit) is left out
     if done is None and run_missing and exists:
       if corpora is None:
@@ -370,6 +512,7 @@ def mlm_stage(cfg, out: pathlib.Path, teacher: str, run_missing: bool = True) ->
                                           speed_batches=(), cache_dir=cfg.cache_dir)["model"]
         done[corpus] = {k: v for k, v in report.items() if "mlm" in k or "perplexity" in k or "predictions" in k}
       done["parameters"] = report["parameters"]
+      done["settings"] = settings
       _write_json(path, done)
     if done is not None:
       results[name] = done
@@ -406,16 +549,23 @@ def _finetune_config(cfg, model: str, domain: str, seed: int, *, export: bool, t
 def _finetune_one(cfg, out: pathlib.Path, name: str, model: str, domain: str, seed: int, *, export: bool = False,
                   teacher: str = "", run_missing: bool = True) -> dict | None:
   workdir = out / "finetune" / name.replace("/", "_") / f"{domain}_seed{seed}"
+  config = _finetune_config(cfg, model, domain, seed, export=export, teacher=teacher)
+  _check_workdir(workdir, settings_of(config))
   done = _read_json(workdir / "study.json")
   if done is None and run_missing and pathlib.Path(model).exists() and (not teacher or pathlib.Path(teacher).exists()):
     print(f"[finetune] {name} on {domain}, seed {seed}" + (" (distilled from the teacher)" if teacher else ""),
           flush=True)
-    summary = finetune.run(_finetune_config(cfg, model, domain, seed, export=export, teacher=teacher), workdir)
-    if summary.get("preempted"):
-      raise KeyboardInterrupt
-    done = {"model": name, "domain": domain, "seed": seed, "accuracy": summary["eval"]["accuracy"],
-            "majority": summary["majority_baseline"]["accuracy"], "final": str(workdir / "final")}
-    _write_json(workdir / "study.json", done)
+
+    def run():
+      summary = finetune.run(config, workdir)
+      if summary.get("preempted"):
+        raise KeyboardInterrupt
+      return {"model": name, "domain": domain, "seed": seed, "accuracy": summary["eval"]["accuracy"],
+              "majority": summary["majority_baseline"]["accuracy"], "final": str(workdir / "final")}
+
+    done = _run_once(workdir, settings_of(config), f"fine-tuning {name} on {domain}, seed {seed}", run)
+    if done is not None:
+      _write_json(workdir / "study.json", done)
   return done
 
 
@@ -427,11 +577,10 @@ def finetune_stage(cfg, out: pathlib.Path, teacher: str, run_missing: bool = Tru
   for name, folder in models_of(cfg, out, teacher).items():
     if name != "teacher":
       runs += [(name, folder, domain, int(name.rsplit("seed", 1)[1]), False, "") for domain in cfg.finetune.domains]
-  if "full" in cfg.variants:
-    teacher_seeds = list(cfg.finetune.teacher_seeds)
+  if "full" in cfg.variants:  # seed s learns from the teacher fine-tuned with seed s (check_variants)
     for seed in cfg.seeds:
       for domain in cfg.finetune.domains:
-        tuned = out / "finetune" / "teacher" / f"{domain}_seed{teacher_seeds[seed % len(teacher_seeds)]}" / "final"
+        tuned = out / "finetune" / "teacher" / f"{domain}_seed{seed}" / "final"
         runs.append((f"full_D/seed{seed}", str(student_workdir(out, "full", seed) / "final"), domain, seed, False,
                      str(tuned)))
   rows = [_finetune_one(cfg, out, name, model, domain, seed, export=export, teacher=tuned, run_missing=run_missing)
@@ -453,7 +602,9 @@ def speed_stage(cfg, out: pathlib.Path, teacher: str, run_missing: bool = True) 
 
   speed.json: {"teacher": tokens/s by head and batch, "student": the default shape's, "speedup": its
   speed-ups, "shapes": {"@LxD": {"student": ..., "speedup": ...}} for the other shapes, device, seq_len}."""
-  done = _read_json(out / "speed.json") or {}
+  settings = settings_of({k: v for k, v in cfg.eval.items() if k.startswith("speed")})
+  done = _read_json(out / "speed.json") or {"settings": settings}
+  check_settings(done.get("settings"), settings, out / "speed.json")
   wanted = {shape: student_workdir(out, variant, cfg.seeds[0]) / "final" for shape, variant in shapes_of(cfg).items()}
   missing = {shape: path for shape, path in wanted.items()
              if (shape not in done.get("shapes", {}) if shape else "student" not in done)}
@@ -512,11 +663,13 @@ def mlm_values(mlm: dict, name: str, corpus: str, key: str) -> list[float]:
 
 def finetune_values(rows: list[dict], name: str, domain: str | None = None) -> list[float]:
   """Accuracies per seed (on `domain`, or averaged over the domains of that seed)."""
-  by_seed: dict[int, list[float]] = {}
+  by_seed: dict[int, dict[str, float]] = {}
   for r in rows:
     if (r["model"] == name or r["model"].startswith(name + "/")) and (domain is None or r["domain"] == domain):
-      by_seed.setdefault(r["seed"], []).append(r["accuracy"])
-  return [statistics.fmean(v) for _, v in sorted(by_seed.items())]
+      by_seed.setdefault(r["seed"], {})[r["domain"]] = r["accuracy"]
+  domains = set().union(*by_seed.values()) if by_seed else set()
+  # A seed missing a domain (a study still running) would weigh the domains it has: left out until complete.
+  return [statistics.fmean(v.values()) for _, v in sorted(by_seed.items()) if set(v) == domains]
 
 
 def _kept(s: float, t: float) -> dict:
@@ -653,6 +806,9 @@ def write_report(cfg, results: dict, out: pathlib.Path, command: str) -> str:
     lines.append(f"| {name} | " + " | ".join(f"{v:,.0f}" for v in speed.get(name, {}).values()) + " |")
   lines.append("| speed-up | " + " | ".join(f"{v:.2f}×" for v in speed.get("speedup", {}).values()) + " |")
   lines += _layer_lines(cfg, results)
+  if results.get("failed"):
+    lines += ["", "## Runs that failed", "", "Left out of the tables above (tried again only under other settings):",
+              ""] + [f"- {f['run']}: {f['error']}" for f in results["failed"]]
   lines += ["", "![teacher curve, masked-LM accuracy and fine-tuned accuracy per model](fidelity.png)", ""]
   text = "\n".join(lines)
   (out / "REPORT.md").write_text(text)
@@ -709,6 +865,7 @@ def run_study(cfg, out: pathlib.Path, *, teacher: str = "", stages=STAGES, comma
   stage_fns = {"students": students_stage, "mlm": mlm_stage, "speed": speed_stage, "finetune": finetune_stage}
   for name, fn in stage_fns.items():
     results[name] = fn(cfg, out, teacher_path, run_missing=name in stages)
+  results["failed"] = failures(out)
   if "report" in stages:
     _write_json(out / "results.json", results)
     plot(cfg, results, out / "fidelity.png")
