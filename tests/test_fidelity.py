@@ -236,6 +236,13 @@ def test_a_student_begun_with_other_settings_is_refused_before_anything_runs(tin
   with pytest.raises(KeyboardInterrupt):
     fidelity.run_study(cfg, out, teacher=str(tiny_teacher), stages=("students",))
   assert len(runs) == 2
+  scored = fidelity.mlm_settings(cfg)
+  fidelity._write_json(out / "mlm" / "teacher.json", {"settings": {**scored, "eval.max_batches": 99}})
+  with pytest.raises(fidelity.ConfigError, match=r"mlm/teacher.json was made with other settings \(eval.max_batches"):
+    fidelity.mlm_stage(cfg, out, str(tiny_teacher), run_missing=False)
+  fidelity._write_json(out / "speed.json", {"settings": {"eval.speed_seq_len": 512}})
+  with pytest.raises(fidelity.ConfigError, match=r"speed.json was made with other settings \(eval.speed_batches"):
+    fidelity.speed_stage(cfg, out, str(tiny_teacher), run_missing=False)
   with pytest.raises(fidelity.ConfigError, match="moby"):
     fidelity.check_settings({"eval.max_batches": 2}, {"eval.max_batches": 3}, pathlib.Path("moby"))
   fidelity.check_settings(None, {"eval.max_batches": 3}, tmp_path)  # made before settings were kept

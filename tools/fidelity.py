@@ -602,9 +602,10 @@ def speed_stage(cfg, out: pathlib.Path, teacher: str, run_missing: bool = True) 
 
   speed.json: {"teacher": tokens/s by head and batch, "student": the default shape's, "speedup": its
   speed-ups, "shapes": {"@LxD": {"student": ..., "speedup": ...}} for the other shapes, device, seq_len}."""
-  settings = settings_of({k: v for k, v in cfg.eval.items() if k.startswith("speed")})
-  done = _read_json(out / "speed.json") or {"settings": settings}
+  settings = settings_of({"eval": {k: v for k, v in cfg.eval.items() if k.startswith("speed")}})
+  done = _read_json(out / "speed.json") or {}
   check_settings(done.get("settings"), settings, out / "speed.json")
+  done["settings"] = settings
   wanted = {shape: student_workdir(out, variant, cfg.seeds[0]) / "final" for shape, variant in shapes_of(cfg).items()}
   missing = {shape: path for shape, path in wanted.items()
              if (shape not in done.get("shapes", {}) if shape else "student" not in done)}
