@@ -236,16 +236,49 @@ def test_a_student_begun_with_other_settings_is_refused_before_anything_runs(tin
   with pytest.raises(KeyboardInterrupt):
     fidelity.run_study(cfg, out, teacher=str(tiny_teacher), stages=("students",))
   assert len(runs) == 2
-  scored = fidelity.mlm_settings(cfg)
-  fidelity._write_json(out / "mlm" / "teacher.json", {"settings": {**scored, "eval.max_batches": 99}})
-  with pytest.raises(fidelity.ConfigError, match=r"mlm/teacher.json was made with other settings \(eval.max_batches"):
-    fidelity.mlm_stage(cfg, out, str(tiny_teacher), run_missing=False)
-  fidelity._write_json(out / "speed.json", {"settings": {"eval.speed_seq_len": 512}})
-  with pytest.raises(fidelity.ConfigError, match=r"speed.json was made with other settings \(eval.speed_batches"):
-    fidelity.speed_stage(cfg, out, str(tiny_teacher), run_missing=False)
   with pytest.raises(fidelity.ConfigError, match="moby"):
     fidelity.check_settings({"eval.max_batches": 2}, {"eval.max_batches": 3}, pathlib.Path("moby"))
-  fidelity.check_settings(None, {"eval.max_batches": 3}, tmp_path)  # made before settings were kept
+  fidelity.check_settings({"a": 1}, {"a": 1, "b": None}, tmp_path)  # a setting a later version added: no change
+  old = out / "students" / "no_cos" / "seed0"  # a student made before the study kept settings
+  (old / "checkpoints").mkdir(parents=True)
+  with pytest.raises(fidelity.ConfigError, match="no_cos/seed0 was made before the study kept each run's settings"):
+    fidelity.run_study(cfg, out, teacher=str(tiny_teacher), stages=("students",))
+
+
+def test_derived_results_are_made_again_for_a_remade_student_or_other_scoring(tiny_teacher, tmp_path, monkeypatch):
+  """Scores, timings and fine-tuning runs are cheap and derived: one made from a student since remade (other
+  settings) or under other scoring settings is made again, never reported for the new student."""
+  cfg = _tiny_cfg(tiny_teacher)
+  cfg.variants, cfg.seeds = ("full",), (0,)
+  out = tmp_path / "study"
+  student = fidelity.student_workdir(out, "full", 0)
+  (student / "final").mkdir(parents=True)
+  fidelity._write_json(student / fidelity.SETTINGS_FILE, {"train.steps": 4})
+  stamp = fidelity.model_stamp(student / "final")
+  assert fidelity.model_stamp(tiny_teacher) == "teacher" and len(stamp) == 16
+  scored = {**fidelity.mlm_settings(cfg), "model": stamp}
+  fidelity._write_json(out / "mlm" / "full_seed0.json", {"in_domain": {}, "settings": scored})
+  fidelity._write_json(out / "mlm" / "teacher.json", {"in_domain": {}, "settings": {**scored, "model": "teacher"}})
+  assert sorted(fidelity.mlm_stage(cfg, out, str(tiny_teacher), run_missing=False)) == ["full/seed0", "teacher"]
+  fidelity._write_json(student / fidelity.SETTINGS_FILE, {"train.steps": 8})  # the student remade
+  assert fidelity.model_stamp(student / "final") != stamp
+  assert sorted(fidelity.mlm_stage(cfg, out, str(tiny_teacher), run_missing=False)) == ["teacher"]
+  cfg.eval.max_batches = 3  # other scoring: every score is made again
+  assert fidelity.mlm_stage(cfg, out, str(tiny_teacher), run_missing=False) == {}
+  fidelity._write_json(out / "speed.json", {"settings": {"eval.speed_seq_len": 512}, "student": {"x": 1.0}})
+  assert "student" not in fidelity.speed_stage(cfg, out, str(tiny_teacher), run_missing=False)
+
+  tuned = out / "finetune" / "full_seed0" / "imdb_seed0"  # fine-tuned from the student before it was remade
+  config = fidelity._finetune_config(cfg, str(student / "final"), "imdb", 0, export=False)
+  fidelity._write_json(tuned / fidelity.SETTINGS_FILE, {**fidelity.settings_of(config), "model": stamp,
+                                                        "teacher_model": ""})
+  fidelity._write_json(tuned / "study.json", {"model": "full/seed0", "domain": "imdb", "seed": 0, "accuracy": 0.9})
+  assert fidelity._finetune_one(cfg, out, "full/seed0", str(student / "final"), "imdb", 0, run_missing=False) is None
+  runs = []
+  monkeypatch.setattr(fidelity.finetune, "run", lambda c, w: runs.append(w) or {
+      "eval": {"accuracy": 0.7}, "majority_baseline": {"accuracy": 0.5}})
+  row = fidelity._finetune_one(cfg, out, "full/seed0", str(student / "final"), "imdb", 0)
+  assert row["accuracy"] == 0.7 and runs == [tuned] and (tuned.parent / "imdb_seed0.stale" / "study.json").is_file()
 
 
 def test_the_teacher_is_checked_and_one_study_keeps_one_teacher(tiny_teacher, tmp_path):
@@ -306,6 +339,25 @@ def test_a_failing_run_is_recorded_and_the_study_goes_on(tiny_teacher, tmp_path,
   assert link.resolve() == moved.resolve()
 
 
+def test_a_refused_run_is_tried_again_on_the_next_run_of_the_study(tiny_teacher, tmp_path, monkeypatch):
+  attempts = []
+
+  def run(config, workdir):
+    attempts.append(workdir)
+    if len(attempts) == 1:
+      raise fidelity.ConfigError("--config.data.corpus_dir /mnt/gone: no such folder")
+    return {"step": config.train.steps, "student_heldout_mlm_accuracy": 0.5}
+
+  monkeypatch.setattr(fidelity.train, "run", run)
+  cfg = _tiny_cfg(tiny_teacher)
+  cfg.variants, cfg.seeds = ("full",), (0,)
+  out = tmp_path / "study"
+  assert fidelity.students_stage(cfg, out, str(tiny_teacher)) == {}
+  assert fidelity.failures(out)[0]["error"].startswith("ConfigError: --config.data.corpus_dir")
+  assert list(fidelity.students_stage(cfg, out, str(tiny_teacher))) == ["full/seed0"]  # mended: made now
+  assert len(attempts) == 2 and not fidelity.failures(out)
+
+
 def test_seeds_pair_with_the_teachers_fine_tuning_seeds_and_partial_seeds_wait(tiny_teacher):
   cfg = _tiny_cfg(tiny_teacher)
   cfg.seeds = (0, 1, 5)
@@ -313,5 +365,6 @@ def test_seeds_pair_with_the_teachers_fine_tuning_seeds_and_partial_seeds_wait(t
     fidelity.check_variants(cfg)
   rows = [{"model": "full/seed0", "seed": 0, "domain": d, "accuracy": a} for d, a in (("imdb", 0.8), ("yelp", 0.6))]
   rows.append({"model": "full/seed1", "seed": 1, "domain": "imdb", "accuracy": 0.9})  # yelp not yet run
-  assert fidelity.finetune_values(rows, "full") == [pytest.approx(0.7)]
-  assert fidelity.finetune_values(rows, "full", "imdb") == [0.8, 0.9]
+  assert fidelity.finetune_values(rows, "full", ("imdb", "yelp")) == [pytest.approx(0.7)]
+  assert fidelity.finetune_values(rows, "full", ("imdb",)) == [0.8, 0.9]
+  assert fidelity.finetune_values(rows, "full", ("imdb", "yelp", "amazon")) == []  # no seed has all three

@@ -26,14 +26,16 @@ study resumes where it stopped; `--stages` runs a subset):
              OUT/fidelity.png, OUT/results.json
 
 Resuming is safe: every run keeps the settings it was made with (study_settings.json; places such as the
-cache folder aside) and a result made under other settings than the config now gives is refused, naming the
-setting, rather than mixed into a row; OUT keeps one teacher (teacher.json). Every student of every seed holds
-out the same documents (distill.data.split_seed, the teacher's split), which the in-domain scores are taken
-on. A run that fails by itself (a diverging recipe) is written to its failed.json and listed in the report;
-the study goes on, and tries it again only under other settings.
+cache folder aside). A student made under other settings than the config now gives is refused, naming the
+setting, rather than mixed into a row; a derived result (a score, a timing, a fine-tuning run) made from a
+student since remade, or under other settings, is made again. OUT keeps one teacher (teacher.json). Every
+student of every seed holds out the same documents (distill.data.split_seed, the teacher's split), which the
+in-domain scores are taken on. A run that fails by itself is written to its failed.json and listed in the
+report, and the study goes on (see RUN_ERRORS for when it is tried again).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -85,11 +87,20 @@ def _write_json(path: pathlib.Path, value) -> None:
   tmp.replace(path)  # a result file is whole or absent
 
 
-# Settings that name places (they change between machines: a study made on a GPU and reported here) or only
-# how a run is narrated and saved (resume is bit-exact whatever they are); every other setting shapes a result.
-PLACES = ("teacher", "student.init", "model", "cache_dir", "corpus_dir", "sentiment_dir", "kjv_dir",
-          "data.cache_dir", "data.corpus_dir", "data.tokenizer", "distill.teacher",
-          "train.progress", "train.log_every", "train.ckpt_every", "train.keep", "train.export")
+# Settings that name places (they change between machines: a study made on a GPU and reported here), or that
+# a resume may change without changing the result (how a run is narrated, saved, laid over devices: resume is
+# bit-exact whatever they are); a name ending in "." stands for every setting under it. Every other setting
+# shapes a result.
+PLACES = ("teacher", "model", "cache_dir", "corpus_dir", "sentiment_dir", "kjv_dir", "data.cache_dir",
+          "data.corpus_dir", "data.tokenizer", "distill.teacher", "train.progress", "train.log_every",
+          "train.ckpt_every", "train.keep", "train.export", "train.async_checkpoint", "train.allow_model_change",
+          "train.eval_teacher", "train.speed_batches", "compute.remat", "compute.remat_policy", "distributed.",
+          "mesh.")
+INIT_KINDS = ("", "teacher", "random")  # student.init: a kind shapes the result; a folder is a place
+
+
+def _is_place(key: str) -> bool:
+  return any(key == p or (p.endswith(".") and key.startswith(p)) for p in PLACES)
 
 
 def settings_of(config) -> dict:
@@ -105,18 +116,32 @@ def settings_of(config) -> dict:
       flat[prefix[:-1]] = value
 
   walk("", config.to_dict() if hasattr(config, "to_dict") else config)
-  return json.loads(json.dumps({k: v for k, v in flat.items() if k not in PLACES}))
+  if flat.get("student.init", "") not in INIT_KINDS:
+    flat["student.init"] = "a model folder"
+  return json.loads(json.dumps({k: v for k, v in flat.items() if not _is_place(k)}))
+
+
+def changed_settings(made_with: dict, settings: dict) -> list[str]:
+  """The settings that differ, each as "key: then, now". A setting that one side lacks (added to or taken
+  from the configs by a later version of the code, with the old behaviour as its default) is no change."""
+  return [f"{k}: {made_with[k]!r} then, {settings[k]!r} now" for k in sorted(set(made_with) & set(settings))
+          if made_with[k] != settings[k]]
 
 
 def check_settings(made_with: dict | None, settings: dict, folder: pathlib.Path) -> None:
   """Refuses to reuse (or resume) a result made with other settings than the study's config now gives it: a
   student resumed with another number of steps would mix two schedules, and its row would be neither."""
-  if made_with is None or made_with == settings:
-    return
-  keys = sorted(k for k in set(made_with) | set(settings) if made_with.get(k) != settings.get(k))
-  changed = "; ".join(f"{k}: {made_with.get(k)!r} then, {settings.get(k)!r} now" for k in keys[:4])
-  raise ConfigError(f"{folder} was made with other settings ({changed}{'; ...' if len(keys) > 4 else ''}): rerun "
-                    f"with the settings it was made with, or move {folder} away to make it again with these")
+  changed = changed_settings(made_with or {}, settings)
+  if changed:
+    raise ConfigError(f"{folder} was made with other settings ({'; '.join(changed[:4])}"
+                      f"{'; ...' if len(changed) > 4 else ''}): rerun with the settings it was made with, or move "
+                      f"{folder} away to make it again with these")
+
+
+def stale(made_with: dict | None, settings: dict) -> bool:
+  """Whether a derived result (a score, a fine-tuning run, a timing) was made from another model or under
+  other settings than it would be now, or before results kept their settings: it is then made again."""
+  return made_with is None or bool(changed_settings(made_with, settings))
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -374,39 +399,68 @@ def student_workdir(out: pathlib.Path, variant: str, seed: int) -> pathlib.Path:
   return out / "students" / variant / f"seed{seed}"
 
 
-# A run that fails by itself (a recipe that diverges, a variant the trainer refuses) is recorded in its
-# workdir's failed.json and the study goes on; it is tried again only under other settings.
+# A run that fails by itself is recorded in its workdir's failed.json and the study goes on. A diverging recipe
+# (NonFiniteLossError) fails the same way again: it is tried again only under other settings. A refusal
+# (ConfigError: a missing folder, a batch the devices do not divide) may be mended outside the settings: it is
+# tried again on every run of the study (it fails before anything is computed).
 RUN_ERRORS = (trainer.NonFiniteLossError, ConfigError)
 SETTINGS_FILE = "study_settings.json"
 FAILED_FILE = "failed.json"
 
 
-def _check_workdir(workdir: pathlib.Path, settings: dict) -> None:
-  """Refuses a workdir begun under other settings (check_settings), unless its run failed: that one is
-  moved aside (`_run_once`) and made again."""
-  if not (workdir / FAILED_FILE).is_file():
-    check_settings(_read_json(workdir / SETTINGS_FILE), settings, workdir)
+def _move_aside(workdir: pathlib.Path, suffix: str, label: str, why: str) -> None:
+  aside = checkpoint.free_path(workdir.with_name(workdir.name + suffix))
+  workdir.rename(aside)
+  print(f"[again] {label}: {why}; the old one moved to {aside}", flush=True)
 
 
-def _run_once(workdir: pathlib.Path, settings: dict, label: str, run) -> dict | None:
-  """`run()`'s result for `workdir`, made under `settings`: None when it fails now, or failed before under the
-  same settings. A run that failed under others is moved aside to WORKDIR.failed[-n] (its checkpoints would
-  mix two schedules) and made afresh."""
-  _check_workdir(workdir, settings)
+def _check_workdir(workdir: pathlib.Path, settings: dict, label: str = "", *, derived: bool = False) -> None:
+  """A student's workdir begun under other settings, or before the study kept them (with perhaps another
+  held-out split), is refused (check_settings); a derived run's (a fine-tuning) is moved aside to
+  WORKDIR.stale[-n] and made again. A workdir whose run failed is `_run_once`'s."""
+  if not workdir.is_dir() or (workdir / FAILED_FILE).is_file():
+    return
+  made_with = _read_json(workdir / SETTINGS_FILE)
+  if derived:
+    if stale(made_with, settings):
+      _move_aside(workdir, ".stale", label, "made from another model or under other settings")
+  elif made_with is None and ((workdir / "study.json").is_file() or (workdir / "checkpoints").is_dir()):
+    raise ConfigError(f"{workdir} was made before the study kept each run's settings (study_settings.json), "
+                      f"perhaps with another held-out split: move {workdir} away to make it again")
+  else:
+    check_settings(made_with, settings, workdir)
+
+
+def _run_once(workdir: pathlib.Path, settings: dict, label: str, run, *, derived: bool = False) -> dict | None:
+  """`run()`'s result for `workdir`, made under `settings`: None when it fails now, or diverged before under
+  the same settings. A run that diverged under others is moved aside to WORKDIR.failed[-n] (its checkpoints
+  would mix two schedules) and made afresh."""
+  _check_workdir(workdir, settings, label, derived=derived)
   failed = _read_json(workdir / FAILED_FILE)
   if failed is not None:
-    if failed["settings"] == settings:
+    if failed.get("diverged") and not changed_settings(failed["settings"], settings):
       return None
-    aside = checkpoint.free_path(workdir.with_name(workdir.name + ".failed"))
-    workdir.rename(aside)
-    print(f"[retry] {label}: the failed run under other settings moved to {aside}", flush=True)
+    if failed.get("diverged"):
+      _move_aside(workdir, ".failed", label, "it diverged under other settings")
+    else:
+      (workdir / FAILED_FILE).unlink()
   _write_json(workdir / SETTINGS_FILE, settings)
   try:
     return run()
   except RUN_ERRORS as e:
     print(f"[failed] {label}: {e}", flush=True)
-    _write_json(workdir / FAILED_FILE, {"run": label, "error": f"{type(e).__name__}: {e}", "settings": settings})
+    _write_json(workdir / FAILED_FILE, {"run": label, "error": f"{type(e).__name__}: {e}", "settings": settings,
+                                        "diverged": isinstance(e, trainer.NonFiniteLossError)})
     return None
+
+
+def model_stamp(folder: str | pathlib.Path) -> str:
+  """What tells a model of the study from a remade one: the hash of the settings its run was made with (a
+  student, a fine-tuned teacher; the runs are deterministic), or "teacher" for OUT's one teacher."""
+  made_with = _read_json(pathlib.Path(folder).parent / SETTINGS_FILE)
+  if made_with is None:
+    return "teacher" if not (pathlib.Path(folder).parent / "study.json").is_file() else "unknown"
+  return hashlib.sha256(json.dumps(made_with, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def failures(out: pathlib.Path) -> list[dict]:
@@ -493,12 +547,14 @@ def mlm_settings(cfg) -> dict:
 
 
 def mlm_stage(cfg, out: pathlib.Path, teacher: str, run_missing: bool = True) -> dict:
-  results, corpora, settings = {}, None, mlm_settings(cfg)
+  results, corpora = {}, None
   for name, folder in models_of(cfg, out, teacher).items():
     path = out / "mlm" / f"{name.replace('/', '_')}.json"
+    settings = {**mlm_settings(cfg), "model": model_stamp(folder)}
     done = _read_json(path)
-    if done is not None:
-      check_settings(done.get("settings"), settings, path)
+    if done is not None and stale(done.get("settings"), settings):
+      print(f"[again] masked-LM scores of {name}: made from another model or under other settings", flush=True)
+      done = None
     exists = pathlib.Path(folder).exists()  # a student not trained yet (or cut by a time limit) is left out
     if done is None and run_missing and exists:
       if corpora is None:
@@ -550,8 +606,14 @@ def _finetune_one(cfg, out: pathlib.Path, name: str, model: str, domain: str, se
                   teacher: str = "", run_missing: bool = True) -> dict | None:
   workdir = out / "finetune" / name.replace("/", "_") / f"{domain}_seed{seed}"
   config = _finetune_config(cfg, model, domain, seed, export=export, teacher=teacher)
-  _check_workdir(workdir, settings_of(config))
+  label = f"fine-tuning {name} on {domain}, seed {seed}"
+  settings = {**settings_of(config), "model": model_stamp(model),
+              "teacher_model": model_stamp(teacher) if teacher else ""}
+  if run_missing:
+    _check_workdir(workdir, settings, label, derived=True)  # made from a model since remade: moved aside
   done = _read_json(workdir / "study.json")
+  if done is not None and stale(_read_json(workdir / SETTINGS_FILE), settings):
+    done = None
   if done is None and run_missing and pathlib.Path(model).exists() and (not teacher or pathlib.Path(teacher).exists()):
     print(f"[finetune] {name} on {domain}, seed {seed}" + (" (distilled from the teacher)" if teacher else ""),
           flush=True)
@@ -563,7 +625,7 @@ def _finetune_one(cfg, out: pathlib.Path, name: str, model: str, domain: str, se
       return {"model": name, "domain": domain, "seed": seed, "accuracy": summary["eval"]["accuracy"],
               "majority": summary["majority_baseline"]["accuracy"], "final": str(workdir / "final")}
 
-    done = _run_once(workdir, settings_of(config), f"fine-tuning {name} on {domain}, seed {seed}", run)
+    done = _run_once(workdir, settings, label, run, derived=True)
     if done is not None:
       _write_json(workdir / "study.json", done)
   return done
@@ -604,11 +666,12 @@ def speed_stage(cfg, out: pathlib.Path, teacher: str, run_missing: bool = True) 
   speed-ups, "shapes": {"@LxD": {"student": ..., "speedup": ...}} for the other shapes, device, seq_len}."""
   settings = settings_of({"eval": {k: v for k, v in cfg.eval.items() if k.startswith("speed")}})
   done = _read_json(out / "speed.json") or {}
-  check_settings(done.get("settings"), settings, out / "speed.json")
-  done["settings"] = settings
+  if stale(done.get("settings"), settings):
+    done = {"settings": settings}  # timed under other settings (or before they were kept): timed again
   wanted = {shape: student_workdir(out, variant, cfg.seeds[0]) / "final" for shape, variant in shapes_of(cfg).items()}
-  missing = {shape: path for shape, path in wanted.items()
-             if (shape not in done.get("shapes", {}) if shape else "student" not in done)}
+  timed = {"": done, **done.get("shapes", {})}
+  missing = {shape: path for shape, path in wanted.items()  # not timed yet, or a student remade since
+             if timed.get(shape, {}).get("model") != model_stamp(path)}
   ready = {shape: path for shape, path in missing.items() if checkpoint.is_model_dir(path)}
   if run_missing and ready:
     print(f"[speed] teacher and {len(ready)} student shape(s), same inputs", flush=True)
@@ -620,7 +683,7 @@ def speed_stage(cfg, out: pathlib.Path, teacher: str, run_missing: bool = True) 
     done.update(device, seq_len=cfg.eval.speed_seq_len)
     for shape in ready:  # each speed-up against the teacher timed beside it, on the device named with it
       student = figures[f"student{shape}"]
-      entry = {"student": student, "teacher": figures["teacher"], **device,
+      entry = {"student": student, "teacher": figures["teacher"], **device, "model": model_stamp(ready[shape]),
                "speedup": {k.replace("tokens_per_s", "speedup"): student[k] / figures["teacher"][k] for k in student}}
       if shape:
         done.setdefault("shapes", {})[shape] = entry
@@ -662,15 +725,14 @@ def mlm_values(mlm: dict, name: str, corpus: str, key: str) -> list[float]:
   return [mlm[m][corpus][key] for m in _members(name, mlm)]
 
 
-def finetune_values(rows: list[dict], name: str, domain: str | None = None) -> list[float]:
-  """Accuracies per seed (on `domain`, or averaged over the domains of that seed)."""
+def finetune_values(rows: list[dict], name: str, domains) -> list[float]:
+  """Accuracies per seed, each the mean over `domains` (a seed missing one of them, in a study still running,
+  would weigh the others: it is left out until it has them all)."""
   by_seed: dict[int, dict[str, float]] = {}
   for r in rows:
-    if (r["model"] == name or r["model"].startswith(name + "/")) and (domain is None or r["domain"] == domain):
+    if (r["model"] == name or r["model"].startswith(name + "/")) and r["domain"] in domains:
       by_seed.setdefault(r["seed"], {})[r["domain"]] = r["accuracy"]
-  domains = set().union(*by_seed.values()) if by_seed else set()
-  # A seed missing a domain (a study still running) would weigh the domains it has: left out until complete.
-  return [statistics.fmean(v.values()) for _, v in sorted(by_seed.items()) if set(v) == domains]
+  return [statistics.fmean(v.values()) for _, v in sorted(by_seed.items()) if set(v) == set(domains)]
 
 
 def _kept(s: float, t: float) -> dict:
@@ -686,15 +748,17 @@ def targets(cfg, results: dict) -> list[dict]:
     for corpus, key, label in MLM_COLUMNS:
       s, t = mean_sd(mlm_values(mlm, "full", corpus, key))[0], mlm["teacher"][corpus][key]
       out.append({"target": f"student keeps ≥ 97% of the teacher's masked-LM accuracy ({label})", **_kept(s, t)})
-  t = mean_sd(finetune_values(rows, "teacher"))[0]
+  domains = cfg.finetune.domains
+  t = mean_sd(finetune_values(rows, "teacher", domains))[0]
   for name, label in (("full", "student"), ("full_D", "student distilled during fine-tuning (D)")):
-    s = mean_sd(finetune_values(rows, name))[0]
+    s = mean_sd(finetune_values(rows, name, domains))[0]
     if not (math.isnan(s) or math.isnan(t)):
       out.append({"target": f"{label} keeps ≥ 97% of the teacher's mean fine-tuned accuracy", **_kept(s, t)})
   for label, full_v, alone_v in (
       ("held-out masked-LM accuracy, in-domain uniform", mlm_values(mlm, "full", "in_domain", "uniform_mlm_accuracy"),
        mlm_values(mlm, "mlm_only", "in_domain", "uniform_mlm_accuracy")),
-      ("mean fine-tuned accuracy", finetune_values(rows, "full"), finetune_values(rows, "mlm_only"))):
+      ("mean fine-tuned accuracy", finetune_values(rows, "full", domains),
+       finetune_values(rows, "mlm_only", domains))):
     if len(full_v) > 1 and len(alone_v) > 1:
       (fm, fs), (am, as_) = mean_sd(full_v), mean_sd(alone_v)
       spread = max(fs, as_)
@@ -755,7 +819,8 @@ def _layer_lines(cfg, results: dict) -> list[str]:
     lines.append(f"| `{name}` | {describe(name)} | {f'{params[0] / 1e6:.1f}M' if params else '—'} | "
                  f"{_pct(mlm_values(mlm, name, 'in_domain', 'uniform_mlm_accuracy'))} | "
                  f"{_pct(mlm_values(mlm, name, 'out_of_domain', 'uniform_mlm_accuracy'))} | "
-                 f"{_pct(finetune_values(rows, name))} | {f'{up:.2f}×' if up is not None else '—'} |")
+                 f"{_pct(finetune_values(rows, name, cfg.finetune.domains))} | "
+                 f"{f'{up:.2f}×' if up is not None else '—'} |")
   return lines
 
 
@@ -796,8 +861,8 @@ def write_report(cfg, results: dict, out: pathlib.Path, command: str) -> str:
             f"(α {f.distill_alpha}, T {f.distill_temperature}; the paper's DistilBERT (D)).", "",
             "| model | " + " | ".join(f.domains) + " | mean |", "|---|" + "---:|" * (len(f.domains) + 1)]
   for name in [*row_names(cfg), "full_D"]:
-    cells = [_pct(finetune_values(rows, name, domain)) for domain in f.domains]
-    lines.append(f"| `{name}` | " + " | ".join(cells) + f" | {_pct(finetune_values(rows, name))} |")
+    cells = [_pct(finetune_values(rows, name, (domain,))) for domain in f.domains]
+    lines.append(f"| `{name}` | " + " | ".join(cells) + f" | {_pct(finetune_values(rows, name, f.domains))} |")
   lines += ["", "## Speed as deployed", "",
             f"Teacher and `full` student timed on the same inputs (seq {speed.get('seq_len')}, median of 5, "
             "compile excluded): tokens/s and the student's speed-up.", "",
@@ -835,7 +900,7 @@ def plot(cfg, results: dict, path: pathlib.Path) -> None:
   ax_m.set(title="held-out masked-LM accuracy", ylabel="%")
   ax_m.legend(fontsize=7)
   ft_names = [*names, "full_D"]
-  stats = [mean_sd(finetune_values(results["finetune"], n)) for n in ft_names]
+  stats = [mean_sd(finetune_values(results["finetune"], n, cfg.finetune.domains)) for n in ft_names]
   ax_f.bar(range(len(ft_names)), [100 * m for m, _ in stats], yerr=[100 * s for _, s in stats])
   ax_f.set_xticks(range(len(ft_names)), ft_names, rotation=30, fontsize=8)
   lo = min((100 * m for m, _ in stats if not math.isnan(m)), default=0)
