@@ -18,7 +18,10 @@ Presets: "cpu" (default) — batch 32 x 128, at most 6,000 steps (it stops earli
 across interruptions. The run of this preset made on 2026-12-03..06 measured held-out accuracy 30.4% at step
 300, 41.7% at 3,000, 44.0% at 4,500 and 45.6% at 6,000 (24.6M training tokens, 7.7 hours of steps): it ended
 at its 6,000 steps unplateaued, 1.66 points over the last quarter while the learning rate decayed to zero
-(the fidelity report says so); "gpu" — batch 128 x 128 in bfloat16, the steps chosen by
+(the fidelity report says so). The curve is log-linear, +3.7 points per doubling of the steps from 300 to
+6,000 (+4.2 over 3,000-6,000, not slowing): a run of this recipe at that rate rises ~1.5 points over its
+last quarter whatever its length, so the 0.5-point plateau waits for the curve to bend, which it had not
+done after ~10 passes over the corpus; "gpu" — batch 128 x 128 in bfloat16, the steps chosen by
 tools/fidelity.py from the time budget (see REPORT.md for the run that was made); "tiny" — a few steps, for
 tests. Learning rate: from the sweep recorded in REPORT.md.
 """

@@ -10,6 +10,7 @@ Shapes: L sequence length, D hidden size, F feed-forward size, V vocabulary, N l
 from __future__ import annotations
 
 import json
+import math
 import os
 import pathlib
 from typing import Any, Iterable, Mapping
@@ -344,6 +345,19 @@ def plateau(curve: list[dict], points: float) -> dict:
   rise = 100 * (last["accuracy"] - before[-1]["accuracy"])
   return {"rise_last_quarter_points": rise, "from_step": before[-1]["step"], "to_step": last["step"],
           "reached": rise < points}
+
+
+def growth_per_doubling(curve: list[dict], from_step: int = 0) -> float | None:
+  """Percentage points of held-out accuracy gained per doubling of the steps: the least-squares slope of
+  accuracy against log2(step) over the curve's points from `from_step` on (None with fewer than 3). A curve
+  that grows at a steady rate per doubling rises rate * log2(4/3) over the last quarter of a run of any
+  length: such a run reaches `plateau` only once the curve bends."""
+  points = [(math.log2(p["step"]), 100 * p["accuracy"]) for p in curve if p["step"] >= max(from_step, 1)]
+  if len(points) < 3:
+    return None
+  mean_x = sum(x for x, _ in points) / len(points)
+  mean_y = sum(y for _, y in points) / len(points)
+  return (sum((x - mean_x) * (y - mean_y) for x, y in points) / sum((x - mean_x) ** 2 for x, _ in points))
 
 
 # ----------------------------------------------------------------------------------------------------------

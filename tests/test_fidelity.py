@@ -32,6 +32,20 @@ def test_plateau_is_the_rise_over_the_last_quarter():
   assert not metrics.plateau(curve[:1], 0.5)["reached"]
 
 
+def test_growth_per_doubling_and_what_it_means_for_the_plateau():
+  curve = [{"step": s, "accuracy": (30 + 3.5 * np.log2(s / 300)) / 100} for s in (300, 600, 1200, 2400, 4800)]
+  assert metrics.growth_per_doubling(curve) == pytest.approx(3.5)
+  assert metrics.growth_per_doubling(curve, 1200) == pytest.approx(3.5)
+  assert metrics.growth_per_doubling(curve, 2400) is None  # two points
+  curve = [{"step": s, "accuracy": 0.40} for s in (300, 600, 1200)]
+  assert metrics.growth_per_doubling(curve) == pytest.approx(0.0)
+  lines = fidelity._teacher_lines({"given": True, "path": "/t", "curve": [
+      {"step": s, "accuracy": (30 + 4 * np.log2(s / 300)) / 100, "tokens": 0, "minutes": 0, "loss": 1.0}
+      for s in (300, 600, 1200, 2400)]})
+  assert any("+4.00 points per doubling" in line and "rises 1.66 points over the last quarter" in line
+             for line in lines), lines
+
+
 def test_curve_counts_tokens_and_minutes_from_the_logged_rates(tmp_path):
   rows = [{"step": 10, "steps_per_s": 2.0, "tokens_per_s": 100.0},
           {"step": 10, "heldout_mlm_accuracy": 0.1, "heldout_mlm_loss": 5.0},

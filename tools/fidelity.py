@@ -50,7 +50,7 @@ import ml_collections
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from distilbert_jax import checkpoint, data, evaluate, finetune, train, trainer  # noqa: E402
 from distilbert_jax import student as student_lib  # noqa: E402
-from distilbert_jax.metrics import plateau, read_curve  # noqa: E402
+from distilbert_jax.metrics import growth_per_doubling, plateau, read_curve  # noqa: E402
 from distilbert_jax.validation import ConfigError  # noqa: E402
 
 STAGES = ("teacher", "students", "mlm", "finetune", "speed", "report")
@@ -786,6 +786,14 @@ def _teacher_lines(info: dict) -> list[str]:
     lines.append(f"Plateau (held-out accuracy rises < 0.5 points over the last quarter of the run): "
                  f"{'reached' if p['reached'] else 'NOT reached'} — {p['rise_last_quarter_points']:+.2f} points "
                  f"from step {p['from_step']} to {p['to_step']}.")
+  curve = info.get("curve") or []
+  rate = growth_per_doubling(curve)
+  if rate is not None and curve:
+    late = growth_per_doubling(curve, curve[-1]["step"] // 2)
+    lines.append(f"Held-out accuracy grew {rate:+.2f} points per doubling of the steps over the run"
+                 + (f" ({late:+.2f} over its second half)" if late is not None else "") + f": a curve growing at "
+                 f"that rate rises {rate * math.log2(4 / 3):.2f} points over the last quarter of a run of any length, "
+                 "so a longer run of the same recipe reaches the plateau only where the curve bends.")
   if info.get("curve"):
     lines += ["", "| step | tokens | minutes | held-out accuracy | held-out loss |", "|---:|---:|---:|---:|---:|"]
     lines += [f"| {c['step']} | {c['tokens'] / 1e6:.2f}M | {c['minutes']:.1f} | {100 * c['accuracy']:.2f}% | "
