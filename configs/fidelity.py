@@ -95,7 +95,7 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
     c.teacher_recipe.student.init = tiny_teacher
     c.teacher_sweep = ml_collections.ConfigDict(dict(lrs=(5e-4, 1e-3), steps=2))
     c.seeds = (0, 1)
-    c.variants = ("full", "mlm_only", "no_cos", "tinybert@1x32")
+    c.variants = ("full", "mlm_only", "no_cos", "tinybert@1x32", "full:6")
     d.student.layers = (0,)
     d.data.max_len = 64
     d.data.batch_size = 8

@@ -112,7 +112,13 @@ def test_layer_loss_and_narrow_variants(tiny_teacher, tmp_path):
   assert fidelity.shapes_of(cfg) == {"": "full", "@1x32": "tinybert@1x32"}
   cfg.variants = ("no_cos", "minilmv2@1x32", "full", "tinybert@1x32")
   assert fidelity.shapes_of(cfg) == {"": "full", "@1x32": "minilmv2@1x32"}
-  for bad, message in (("tinybert@3", "LAYERSxWIDTH"), ("distil", "unknown variant"), ("full@0x32", "LAYERSxWIDTH")):
+  longer = fidelity.variant_config(base, "full:12", str(tiny_teacher), 0, tmp_path)
+  assert longer.train.steps == 12 and full.train.steps == cfg.distill.train.steps == 4
+  assert fidelity.budget_of("tinybert@1x32:12") == 12 and fidelity.parse_variant("tinybert@1x32:12") == (
+      "tinybert", (1, 32)) and fidelity.budget_of("full") is None
+  assert fidelity.describe("full:2400").endswith("; 2,400 steps")
+  for bad, message in (("tinybert@3", "LAYERSxWIDTH"), ("distil", "unknown variant"), ("full@0x32", "LAYERSxWIDTH"),
+                       ("full:0", "number of steps"), ("full:x", "number of steps")):
     with pytest.raises(ValueError, match=message):
       fidelity.parse_variant(bad)
   with pytest.raises(ValueError, match="heads of its size 16"):
@@ -161,7 +167,7 @@ def test_study_end_to_end_on_the_tiny_preset_and_its_resume(tmp_path, tiny_teach
   monkeypatch.setattr(fidelity.finetune, "run", interrupted_finetune)
   with pytest.raises(KeyboardInterrupt):
     fidelity.run_study(cfg, out, command="test")
-  assert calls["train"] == 2 + 1 + 4 * 2  # sweep (2 rates), teacher, 4 variants x 2 seeds
+  assert calls["train"] == 2 + 1 + 5 * 2  # sweep (2 rates), teacher, 5 variants x 2 seeds
   calls.update(train=0, finetune=0)
   monkeypatch.setattr(fidelity.finetune, "run", real_finetune)
   results = fidelity.run_study(cfg, out, command="test")
@@ -176,6 +182,8 @@ def test_study_end_to_end_on_the_tiny_preset_and_its_resume(tmp_path, tiny_teach
       workdir = out / "students" / variant / f"seed{seed}"
       assert (workdir / "final").is_dir() and (workdir / "export" / "config.json").is_file()
       assert (workdir / "teacher" / "final").resolve() == pathlib.Path(teacher["path"]).resolve()
+  assert [c["step"] for c in results["students"]["full:6/seed1"]["curve"]] == [2, 4, 6]  # its own budget
+  assert [c["step"] for c in results["students"]["full/seed1"]["curve"]] == [2, 4]
   # mlm_only trains without a teacher from the full student's initial weights.
   rows = [json.loads(x) for x in (out / "students" / "mlm_only" / "seed0" / "metrics.jsonl").read_text().splitlines()]
   assert not any("cos" in r for r in rows) and any("mlm" in r for r in rows)

@@ -285,17 +285,29 @@ def teacher_stage(cfg, out: pathlib.Path, given: str) -> dict:
 # ------------------------------------------------------------------------------------------------ students
 
 def parse_variant(name: str) -> tuple[str, tuple[int, int] | None]:
-  """"RECIPE" or "RECIPE@LxD" (a student of L layers of width D) -> (recipe, (L, D) or None)."""
-  recipe, _, shape = name.partition("@")
+  """"RECIPE[@LxD][:STEPS]" -> (recipe, (L, D) or None): a student of L layers of width D; STEPS
+  (`budget_of`) trains it that many steps instead of the study's budget (rows of one recipe at several
+  budgets show whether a gap to the teacher closes with training or stays)."""
+  base, colon, steps = name.partition(":")
+  if colon and not (steps.isdigit() and int(steps) > 0):
+    raise ConfigError(f"variant {name!r}: the budget after ':' is a number of steps (e.g. full:2400)")
+  recipe, _, shape = base.partition("@")
   if recipe not in DESCRIPTIONS:
     raise ConfigError(f"unknown variant {name!r}: a recipe of {', '.join(DESCRIPTIONS)}, optionally @LAYERSxWIDTH "
-                      "(e.g. tinybert@6x256)")
+                      "(e.g. tinybert@6x256) and :STEPS (e.g. full:2400)")
   if not shape:
     return recipe, None
   layers, _, width = shape.partition("x")
   if not (layers.isdigit() and width.isdigit() and int(layers) > 0 and int(width) > 0):
     raise ConfigError(f"variant {name!r}: the shape is LAYERSxWIDTH (e.g. 6x256)")
   return recipe, (int(layers), int(width))
+
+
+def budget_of(name: str) -> int | None:
+  """The steps a "RECIPE...:STEPS" variant asks for (None: the study's budget)."""
+  parse_variant(name)
+  steps = name.partition(":")[2]
+  return int(steps) if steps else None
 
 
 def relation_heads(teacher_cfg, student_width: int) -> int:
@@ -307,7 +319,9 @@ def relation_heads(teacher_cfg, student_width: int) -> int:
 
 def describe(name: str) -> str:
   recipe, shape = parse_variant(name)
-  return DESCRIPTIONS[recipe] + (f"; {shape[0]} layers of width {shape[1]}" if shape else "")
+  steps = budget_of(name)
+  return (DESCRIPTIONS[recipe] + (f"; {shape[0]} layers of width {shape[1]}" if shape else "")
+          + (f"; {steps:,} steps" if steps else ""))
 
 
 def check_shape(shape: tuple[int, int], teacher_cfg) -> int:
@@ -354,13 +368,15 @@ def variant_config(base: ml_collections.ConfigDict, name: str, teacher: str, see
 
   `mlm_only` starts from exactly the `full` student's initial weights (saved once per seed) and trains
   without a teacher; `random_init` draws its weights from `seed`. The layer-loss recipes keep L_ce and
-  L_mlm and put their layer terms in place of L_cos. `RECIPE@LxD` changes the student's shape.
+  L_mlm and put their layer terms in place of L_cos. `RECIPE@LxD` changes the student's shape, `:STEPS`
+  its number of steps.
   """
   recipe, shape = parse_variant(name)
   c = base.copy_and_resolve_references()
   c.seed = seed
   c.teacher = teacher
   c.teacher_mlm.steps = 0
+  c.train.steps = budget_of(name) or c.train.steps
   teacher_cfg = checkpoint.load_config(teacher)
   if shape is not None:
     _reshape(c, shape, teacher_cfg)
@@ -839,7 +855,9 @@ def write_report(cfg, results: dict, out: pathlib.Path, command: str) -> str:
            f"Command: `{command}`", "",
            f"Machine: {speed.get('device', '?')} ({speed.get('platform', '?')}). Budget for every student: "
            f"{d.train.steps} steps of {d.data.batch_size} × {d.data.max_len} tokens "
-           f"({d.train.steps * d.data.batch_size * d.data.max_len / 1e6:.1f}M token slots, packed rows), "
+           f"({d.train.steps * d.data.batch_size * d.data.max_len / 1e6:.1f}M token slots, packed rows"
+           + ("; a row named RECIPE:STEPS trains STEPS steps instead" if any(map(budget_of, cfg.variants)) else "")
+           + "), "
            f"compute {d.compute.dtype}. Seeds: {', '.join(map(str, cfg.seeds))} (distillation and, for the students, "
            f"fine-tuning); teacher fine-tuning seeds: {', '.join(map(str, cfg.finetune.teacher_seeds))}. "
            "Figures: mean ± standard deviation over seeds.", ""]
