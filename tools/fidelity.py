@@ -14,6 +14,10 @@ study resumes where it stopped; `--stages` runs a subset):
                mlm_only     the same student and initialisation, trained by masked-LM alone (no teacher)
                random_init  the triple loss from a random initialisation
                no_ce, no_cos, no_mlm   the paper's ablation rows
+               ce_all       the triple loss with L_ce at every position, as the reference (not in the default
+                            rows: a recipe to try where the student keeps too little of the teacher)
+               tinybert, minilmv2       layer-loss recipes (issue 14)
+             and any of them as RECIPE@LAYERSxWIDTH (another student shape) or RECIPE:STEPS (another budget)
   mlm        every model's held-out masked-LM accuracy and perplexity: in-domain (the corpus's held-out
              documents) and out-of-domain (the King James Bible), under the reference's rare-token masking and
              BERT's uniform masking, the same masked positions for every model
@@ -61,6 +65,7 @@ DESCRIPTIONS = {
     "no_ce": "without L_ce",
     "no_cos": "without L_cos",
     "no_mlm": "without L_mlm",
+    "ce_all": "triple loss with L_ce at every position (the reference's default), teacher init",
     "tinybert": "L_ce + L_mlm + TinyBERT's hidden-state and embedding MSE and attention KL, teacher init",
     "minilmv2": "L_ce + L_mlm + MiniLMv2's q-q, k-k, v-v relations (last layers), teacher init",
 }
@@ -395,6 +400,8 @@ def variant_config(base: ml_collections.ConfigDict, name: str, teacher: str, see
     c.loss[f"alpha_{name[3:]}"] = 0.0
   elif name == "random_init":
     c.student.init = "random"
+  elif name == "ce_all":  # the teacher's distribution at every token, not only the masked 15%: ~2x the step
+    c.loss.restrict_ce_to_mask = False
   elif name == "mlm_only":
     full = "full" + name_shape(shape)
     init = out / "students" / ("mlm_only" + name_shape(shape)) / f"init_seed{seed}"
