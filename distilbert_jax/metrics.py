@@ -357,7 +357,8 @@ def growth_per_doubling(curve: list[dict], from_step: int = 0) -> float | None:
     return None
   mean_x = sum(x for x, _ in points) / len(points)
   mean_y = sum(y for _, y in points) / len(points)
-  return (sum((x - mean_x) * (y - mean_y) for x, y in points) / sum((x - mean_x) ** 2 for x, _ in points))
+  spread = sum((x - mean_x) ** 2 for x, _ in points)
+  return sum((x - mean_x) * (y - mean_y) for x, y in points) / spread if spread else None
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ def test_growth_per_doubling_and_what_it_means_for_the_plateau():
   assert metrics.growth_per_doubling(curve) == pytest.approx(3.5)
   assert metrics.growth_per_doubling(curve, 1200) == pytest.approx(3.5)
   assert metrics.growth_per_doubling(curve, 2400) is None  # two points
+  assert metrics.growth_per_doubling([{"step": 8, "accuracy": a} for a in (0.1, 0.2, 0.3)]) is None
   curve = [{"step": s, "accuracy": 0.40} for s in (300, 600, 1200)]
   assert metrics.growth_per_doubling(curve) == pytest.approx(0.0)
   lines = fidelity._teacher_lines({"given": True, "path": "/t", "curve": [
@@ -174,6 +175,15 @@ def test_study_end_to_end_on_the_tiny_preset_and_its_resume(tmp_path, tiny_teach
   monkeypatch.setattr(fidelity.finetune, "run", real_finetune)
   results = fidelity.run_study(cfg, out, command="test")
   assert calls["train"] == 0  # nothing trained twice
+
+  def no_work(*a, **kw):
+    raise AssertionError("a finished study made something again")
+
+  with monkeypatch.context() as m:  # a finished study, run again, makes nothing again (no result found stale)
+    for module, name in ((fidelity.train, "run"), (fidelity.finetune, "run"), (fidelity.evaluate, "evaluate_models"),
+                         (fidelity.evaluate, "speed_report")):
+      m.setattr(module, name, no_work)
+    fidelity.run_study(cfg, out, command="test")
 
   teacher = results["teacher"]
   assert [r["lr"] for r in teacher["sweep"]["runs"]] == [5e-4, 1e-3] and teacher["lr"] in (5e-4, 1e-3)
@@ -378,8 +388,22 @@ def test_a_refused_run_is_tried_again_on_the_next_run_of_the_study(tiny_teacher,
   out = tmp_path / "study"
   assert fidelity.students_stage(cfg, out, str(tiny_teacher)) == {}
   assert fidelity.failures(out)[0]["error"].startswith("ConfigError: --config.data.corpus_dir")
+  workdir = out / "students" / "full" / "seed0"
+  (workdir / "checkpoints").mkdir()  # it had run part of the way before the refusal
+  cfg.distill.train.steps = 8  # and the study's budget changed since: its checkpoints belong to the old one
+  with pytest.raises(fidelity.ConfigError, match=r"full/seed0 was made with other settings \(train.steps: 4"):
+    fidelity.students_stage(cfg, out, str(tiny_teacher))
+  cfg.distill.train.steps = 4
   assert list(fidelity.students_stage(cfg, out, str(tiny_teacher))) == ["full/seed0"]  # mended: made now
   assert len(attempts) == 2 and not fidelity.failures(out)
+  # A failed.json from before failures said whether they diverged: its error tells.
+  other = out / "students" / "no_cos" / "seed0"
+  cfg.variants = ("no_cos",)
+  settings = fidelity.settings_of(fidelity.variant_config(fidelity._distill_base(cfg), "no_cos", str(tiny_teacher),
+                                                          0, out))
+  fidelity._write_json(other / fidelity.FAILED_FILE, {"run": "x", "error": "NonFiniteLossError: nan at step 2",
+                                                      "settings": settings})
+  assert fidelity.students_stage(cfg, out, str(tiny_teacher)) == {} and len(attempts) == 2
 
 
 def test_seeds_pair_with_the_teachers_fine_tuning_seeds_and_partial_seeds_wait(tiny_teacher):

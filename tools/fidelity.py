@@ -461,12 +461,14 @@ def _run_once(workdir: pathlib.Path, settings: dict, label: str, run, *, derived
   _check_workdir(workdir, settings, label, derived=derived)
   failed = _read_json(workdir / FAILED_FILE)
   if failed is not None:
-    if failed.get("diverged") and not changed_settings(failed["settings"], settings):
+    diverged = failed.get("diverged", failed["error"].startswith("NonFiniteLossError"))
+    if diverged and not changed_settings(failed["settings"], settings):
       return None
-    if failed.get("diverged"):
+    if diverged:
       _move_aside(workdir, ".failed", label, "it diverged under other settings")
-    else:
+    else:  # a refusal: tried again, as any run begun in this workdir (its settings checked)
       (workdir / FAILED_FILE).unlink()
+      _check_workdir(workdir, settings, label, derived=derived)
   _write_json(workdir / SETTINGS_FILE, settings)
   try:
     return run()
@@ -690,7 +692,8 @@ def speed_stage(cfg, out: pathlib.Path, teacher: str, run_missing: bool = True) 
   settings = settings_of({"eval": {k: v for k, v in cfg.eval.items() if k.startswith("speed")}})
   done = _read_json(out / "speed.json") or {}
   if stale(done.get("settings"), settings):
-    done = {"settings": settings}  # timed under other settings (or before they were kept): timed again
+    done = {}  # timed under other settings (or before they were kept): timed again
+  done["settings"] = settings
   wanted = {shape: student_workdir(out, variant, cfg.seeds[0]) / "final" for shape, variant in shapes_of(cfg).items()}
   timed = {"": done, **done.get("shapes", {})}
   missing = {shape: path for shape, path in wanted.items()  # not timed yet, or a student remade since
