@@ -73,9 +73,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.max_len = 128
   c.data.min_len = 12
   c.data.held_out_fraction = 0.05
-  # Decides which documents are held out, apart from `seed`: runs of several seeds (the fidelity study's
-  # students, the teacher) hold out, and are scored on, the same documents, none of which any of them trains on.
-  c.data.split_seed = 56
+  c.data.split_seed = 56  # draws the held-out documents, not `seed`: runs of any seed hold out the same ones
   c.data.strategy = "bucket"  # "pad", "bucket" or "pack"
   c.data.batch_size = 32  # global, over all processes
   c.data.eval_batches = 20  # held-out batches scored at the end (0: none)
