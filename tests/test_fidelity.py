@@ -115,6 +115,8 @@ def test_layer_loss_and_narrow_variants(tiny_teacher, tmp_path):
   assert fidelity.shapes_of(cfg) == {"": "full", "@1x32": "minilmv2@1x32"}
   assert full.loss.restrict_ce_to_mask and not fidelity.variant_config(
       base, "ce_all", str(tiny_teacher), 0, tmp_path).loss.restrict_ce_to_mask
+  assert full.mlm.smoothing == 0.7 and fidelity.variant_config(
+      base, "uniform", str(tiny_teacher), 0, tmp_path).mlm.smoothing == 0.0
   longer = fidelity.variant_config(base, "full:12", str(tiny_teacher), 0, tmp_path)
   assert longer.train.steps == 12 and full.train.steps == cfg.distill.train.steps == 4
   assert fidelity.budget_of("tinybert@1x32:12") == 12 and fidelity.parse_variant("tinybert@1x32:12") == (

@@ -14,8 +14,10 @@ study resumes where it stopped; `--stages` runs a subset):
                mlm_only     the same student and initialisation, trained by masked-LM alone (no teacher)
                random_init  the triple loss from a random initialisation
                no_ce, no_cos, no_mlm   the paper's ablation rows
-               ce_all       the triple loss with L_ce at every position, as the reference (not in the default
-                            rows: a recipe to try where the student keeps too little of the teacher)
+               ce_all       the triple loss with L_ce at every position, as the reference
+               uniform      the triple loss with BERT's uniform masking (the teacher's) instead of rare-token
+                            (ce_all and uniform are not in the default rows: recipes to try where the student
+                            keeps too little of the teacher)
                tinybert, minilmv2       layer-loss recipes (issue 14)
              and any of them as RECIPE@LAYERSxWIDTH (another student shape) or RECIPE:STEPS (another budget)
   mlm        every model's held-out masked-LM accuracy and perplexity: in-domain (the corpus's held-out
@@ -66,6 +68,7 @@ DESCRIPTIONS = {
     "no_cos": "without L_cos",
     "no_mlm": "without L_mlm",
     "ce_all": "triple loss with L_ce at every position (the reference's default), teacher init",
+    "uniform": "triple loss with BERT's uniform masking (the teacher's), not the rare-token one, teacher init",
     "tinybert": "L_ce + L_mlm + TinyBERT's hidden-state and embedding MSE and attention KL, teacher init",
     "minilmv2": "L_ce + L_mlm + MiniLMv2's q-q, k-k, v-v relations (last layers), teacher init",
 }
@@ -402,6 +405,8 @@ def variant_config(base: ml_collections.ConfigDict, name: str, teacher: str, see
     c.student.init = "random"
   elif name == "ce_all":  # the teacher's distribution at every token, not only the masked 15%: ~2x the step
     c.loss.restrict_ce_to_mask = False
+  elif name == "uniform":  # frequent tokens masked as often as rare ones, as the teacher learned
+    c.mlm.smoothing = 0.0
   elif name == "mlm_only":
     full = "full" + name_shape(shape)
     init = out / "students" / ("mlm_only" + name_shape(shape)) / f"init_seed{seed}"
