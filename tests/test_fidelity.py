@@ -86,6 +86,9 @@ def test_targets_from_seeded_results():
   assert [t["met"] for t in beats] == [True, False]  # +8.25 > 2 x 1.41; +0.5 < 2 x 1.41 (fine-tuned)
   assert by_name["student ≥ 1.6× faster than the teacher at batch 32 with the classification head"]["met"]
   assert fidelity.mean_sd([0.1, 0.3]) == pytest.approx((0.2, np.std([0.1, 0.3], ddof=1)))
+  assert fidelity._kept_of_teacher(mlm, "full") == "98.5% / 98.5%"  # (0.49 + 0.495) / 2 of 0.50
+  assert fidelity._kept_of_teacher(mlm, "mlm_only") == "82.0% / 82.0%"
+  assert fidelity._kept_of_teacher(mlm, "teacher") == "—" and fidelity._kept_of_teacher(mlm, "no_cos") == "— / —"
 
 
 def test_layer_loss_and_narrow_variants(tiny_teacher, tmp_path):
@@ -193,7 +196,8 @@ def test_study_end_to_end_on_the_tiny_preset_and_its_resume(tmp_path, tiny_teach
   assert teacher["plateau"]["to_step"] == 8
   for variant in cfg.variants:
     for seed in cfg.seeds:
-      workdir = out / "students" / variant / f"seed{seed}"
+      workdir = fidelity.student_workdir(out, variant, seed)
+      assert ":" not in workdir.parent.name  # "full:6" -> full-6: a folder name every file system takes
       assert (workdir / "final").is_dir() and (workdir / "export" / "config.json").is_file()
       assert (workdir / "teacher" / "final").resolve() == pathlib.Path(teacher["path"]).resolve()
   assert [c["step"] for c in results["students"]["full:6/seed1"]["curve"]] == [2, 4, 6]  # its own budget

