@@ -950,7 +950,8 @@ def plot(cfg, results: dict, path: pathlib.Path) -> None:
   curve = results["teacher"].get("curve") or []
   if curve:
     ax_t.plot([c["step"] for c in curve], [100 * c["accuracy"] for c in curve], marker="o")
-  ax_t.set(title="teacher: held-out masked-LM accuracy", xlabel="step", ylabel="%")
+    ax_t.set_xscale("log", base=2)  # a straight line: the same gain for every doubling, no plateau yet
+  ax_t.set(title="teacher: held-out masked-LM accuracy", xlabel="step (log scale)", ylabel="%")
   names = row_names(cfg)
   width = 0.8 / len(MLM_COLUMNS)
   for i, (corpus, key, label) in enumerate(MLM_COLUMNS):
