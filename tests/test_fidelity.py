@@ -120,6 +120,7 @@ def test_layer_loss_and_narrow_variants(tiny_teacher, tmp_path):
       base, "ce_all", str(tiny_teacher), 0, tmp_path).loss.restrict_ce_to_mask
   assert full.mlm.smoothing == 0.7 and fidelity.variant_config(
       base, "uniform", str(tiny_teacher), 0, tmp_path).mlm.smoothing == 0.0
+  assert fidelity.variant_config(base, "mixed", str(tiny_teacher), 0, tmp_path).mlm.smoothing == 0.35
   longer = fidelity.variant_config(base, "full:12", str(tiny_teacher), 0, tmp_path)
   assert longer.train.steps == 12 and full.train.steps == cfg.distill.train.steps == 4
   assert fidelity.budget_of("tinybert@1x32:12") == 12 and fidelity.parse_variant("tinybert@1x32:12") == (

@@ -16,8 +16,9 @@ study resumes where it stopped; `--stages` runs a subset):
                no_ce, no_cos, no_mlm   the paper's ablation rows
                ce_all       the triple loss with L_ce at every position, as the reference
                uniform      the triple loss with BERT's uniform masking (the teacher's) instead of rare-token
-                            (ce_all and uniform are not in the default rows: recipes to try where the student
-                            keeps too little of the teacher)
+               mixed        the triple loss with a masking halfway between (P ∝ count^-0.35)
+                            (ce_all, uniform and mixed are not in the default rows: recipes to try where the
+                            student keeps too little of the teacher)
                tinybert, minilmv2       layer-loss recipes (issue 14)
              and any of them as RECIPE@LAYERSxWIDTH (another student shape) or RECIPE:STEPS (another budget)
   mlm        every model's held-out masked-LM accuracy and perplexity: in-domain (the corpus's held-out
@@ -69,6 +70,7 @@ DESCRIPTIONS = {
     "no_mlm": "without L_mlm",
     "ce_all": "triple loss with L_ce at every position (the reference's default), teacher init",
     "uniform": "triple loss with BERT's uniform masking (the teacher's), not the rare-token one, teacher init",
+    "mixed": "triple loss with a masking halfway between rare-token and uniform (P ∝ count^-0.35), teacher init",
     "tinybert": "L_ce + L_mlm + TinyBERT's hidden-state and embedding MSE and attention KL, teacher init",
     "minilmv2": "L_ce + L_mlm + MiniLMv2's q-q, k-k, v-v relations (last layers), teacher init",
 }
@@ -407,6 +409,8 @@ def variant_config(base: ml_collections.ConfigDict, name: str, teacher: str, see
     c.loss.restrict_ce_to_mask = False
   elif name == "uniform":  # frequent tokens masked as often as rare ones, as the teacher learned
     c.mlm.smoothing = 0.0
+  elif name == "mixed":  # the rare-token masking keeps rare tokens, the uniform one frequent ones: between them
+    c.mlm.smoothing = base.mlm.smoothing / 2
   elif name == "mlm_only":
     full = "full" + name_shape(shape)
     init = out / "students" / ("mlm_only" + name_shape(shape)) / f"init_seed{seed}"
