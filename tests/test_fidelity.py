@@ -2,6 +2,8 @@
 import importlib.util
 import json
 import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -423,3 +425,27 @@ def test_seeds_pair_with_the_teachers_fine_tuning_seeds_and_partial_seeds_wait(t
   assert fidelity.finetune_values(rows, "full", ("imdb", "yelp")) == [pytest.approx(0.7)]
   assert fidelity.finetune_values(rows, "full", ("imdb",)) == [0.8, 0.9]
   assert fidelity.finetune_values(rows, "full", ("imdb", "yelp", "amazon")) == []  # no seed has all three
+
+
+def test_two_processes_may_not_run_the_same_stage_of_one_study(tiny_teacher, tmp_path, monkeypatch):
+  cfg = _tiny_cfg(tiny_teacher)
+  out = tmp_path / "study"
+  out.mkdir()
+  holder = subprocess.Popen(  # another process in the middle of the students stage
+      [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
+       "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)", str(out / ".lock-students")],
+      stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "held"
+    ran = []
+    for name in ("students_stage", "mlm_stage", "speed_stage", "finetune_stage"):
+      monkeypatch.setattr(fidelity, name, lambda *a, run_missing, _n=name: ran.append((_n, run_missing)) or {})
+    with pytest.raises(fidelity.ConfigError, match="another process is running the 'students' stage"):
+      fidelity.run_study(cfg, out, teacher=str(tiny_teacher), stages=("students", "mlm"))
+    ran.clear()
+    fidelity.run_study(cfg, out, teacher=str(tiny_teacher), stages=("mlm",))  # another stage goes on beside it
+    assert ran == [("students_stage", False), ("mlm_stage", True), ("speed_stage", False), ("finetune_stage", False)]
+  finally:
+    holder.kill()
+    holder.wait()
+  fidelity.run_study(cfg, out, teacher=str(tiny_teacher), stages=("students",))  # the lock went with its holder

@@ -39,9 +39,12 @@ student since remade, or under other settings, is made again. OUT keeps one teac
 student of every seed holds out the same documents (distill.data.split_seed, the teacher's split), which the
 in-domain scores are taken on. A run that fails by itself is written to its failed.json and listed in the
 report, and the study goes on (see RUN_ERRORS for when it is tried again).
+Two processes may run different stages of one OUT side by side; the same stage twice is refused (stage_lock).
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -978,6 +981,22 @@ def plot(cfg, results: dict, path: pathlib.Path) -> None:
   plt.close(fig)
 
 
+@contextlib.contextmanager
+def stage_lock(out: pathlib.Path, stage: str, held: bool = True):
+  """Holds OUT/.lock-STAGE while a stage runs: a second process running the same stage of the same study
+  (whose runs would write the same folders) is refused; processes running other stages go on side by side."""
+  if not held:
+    yield
+    return
+  with open(out / f".lock-{stage}", "a") as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      raise ConfigError(f"another process is running the {stage!r} stage of the study in {out}: wait for it to end, "
+                        "or run this one with other --stages or another --out") from None
+    yield  # the lock goes with the file's closing
+
+
 def run_study(cfg, out: pathlib.Path, *, teacher: str = "", stages=STAGES, command: str = "") -> dict:
   """Runs (or resumes) the stages; returns everything gathered so far."""
   out.mkdir(parents=True, exist_ok=True)
@@ -985,7 +1004,8 @@ def run_study(cfg, out: pathlib.Path, *, teacher: str = "", stages=STAGES, comma
   results = {"config": cfg.to_dict()}
   check_variants(cfg)  # before the teacher's hours
   if "teacher" in stages or teacher:
-    results["teacher"] = teacher_stage(cfg, out, teacher)
+    with stage_lock(out, "teacher", held="teacher" in stages):
+      results["teacher"] = teacher_stage(cfg, out, teacher)
   else:
     results["teacher"] = _read_json(out / "teacher.json")
   if results["teacher"] is None:
@@ -996,7 +1016,8 @@ def run_study(cfg, out: pathlib.Path, *, teacher: str = "", stages=STAGES, comma
   # for only collects what earlier runs finished (for the report).
   stage_fns = {"students": students_stage, "mlm": mlm_stage, "speed": speed_stage, "finetune": finetune_stage}
   for name, fn in stage_fns.items():
-    results[name] = fn(cfg, out, teacher_path, run_missing=name in stages)
+    with stage_lock(out, name, held=name in stages):
+      results[name] = fn(cfg, out, teacher_path, run_missing=name in stages)
   results["failed"] = failures(out)
   if "report" in stages:
     _write_json(out / "results.json", results)
