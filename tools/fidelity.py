@@ -73,7 +73,8 @@ DESCRIPTIONS = {
     "no_mlm": "without L_mlm",
     "ce_all": "triple loss with L_ce at every position (the reference's default), teacher init",
     "uniform": "triple loss with BERT's uniform masking (the teacher's), not the rare-token one, teacher init",
-    "mixed": "triple loss with a masking halfway between rare-token and uniform (P ∝ count^-0.35), teacher init",
+    "mixed": "triple loss with a masking halfway between rare-token and uniform (half the smoothing: "
+             "P ∝ count^-0.35), teacher init",
     "tinybert": "L_ce + L_mlm + TinyBERT's hidden-state and embedding MSE and attention KL, teacher init",
     "minilmv2": "L_ce + L_mlm + MiniLMv2's q-q, k-k, v-v relations (last layers), teacher init",
 }
@@ -778,8 +779,13 @@ def finetune_values(rows: list[dict], name: str, domains) -> list[float]:
   return [statistics.fmean(v.values()) for _, v in sorted(by_seed.items()) if set(v) == set(domains)]
 
 
+def _share(s: float, t: float) -> float:
+  """A student's figure as a share of its teacher's (nan where either is missing)."""
+  return s / t if t > 0 else math.nan
+
+
 def _kept(s: float, t: float) -> dict:
-  ratio = s / t if t > 0 else math.nan
+  ratio = _share(s, t)
   return {"figure": f"{ratio:.1%} ({100 * s:.2f}% vs {100 * t:.2f}%)", "met": bool(ratio >= TARGET_RETAINED)}
 
 
@@ -881,8 +887,8 @@ def _kept_of_teacher(mlm: dict, name: str) -> str:
     return "—"
   shares = []
   for key in ("uniform_mlm_accuracy", "mlm_accuracy"):
-    s, t = mean_sd(mlm_values(mlm, name, "in_domain", key))[0], mlm["teacher"]["in_domain"][key]
-    shares.append("—" if math.isnan(s) or t <= 0 else f"{s / t:.1%}")
+    share = _share(mean_sd(mlm_values(mlm, name, "in_domain", key))[0], mlm["teacher"]["in_domain"][key])
+    shares.append("—" if math.isnan(share) else f"{share:.1%}")
   return " / ".join(shares)
 
 
