@@ -85,7 +85,8 @@ def test_targets_from_seeded_results():
   assert by_name["student distilled during fine-tuning (D) keeps ≥ 97% of the teacher's mean fine-tuned "
                  "accuracy"]["met"]  # 0.80 / 0.81
   beats = [t for t in by_name.values() if t["target"].startswith("distillation beats")]
-  assert [t["met"] for t in beats] == [True, False]  # +8.25 > 2 x 1.41; +0.5 < 2 x 1.41 (fine-tuned)
+  assert [t["met"] for t in beats] == [True, False]  # +8.25 > 2 x 1.41; +0.5 < 2 x 0.71 (fine-tuned, paired)
+  assert beats[1]["figure"] == "+0.50 points, spread of the 2 paired differences 0.71"  # 0.0 and +1.0
   assert by_name["student ≥ 1.6× faster than the teacher at batch 32 with the classification head"]["met"]
   assert fidelity.mean_sd([0.1, 0.3]) == pytest.approx((0.2, np.std([0.1, 0.3], ddof=1)))
   assert fidelity._kept_of_teacher(mlm, "full") == "98.5% / 98.5%"  # (0.49 + 0.495) / 2 of 0.50
@@ -425,6 +426,19 @@ def test_seeds_pair_with_the_teachers_fine_tuning_seeds_and_partial_seeds_wait(t
   assert fidelity.finetune_values(rows, "full", ("imdb", "yelp")) == [pytest.approx(0.7)]
   assert fidelity.finetune_values(rows, "full", ("imdb",)) == [0.8, 0.9]
   assert fidelity.finetune_values(rows, "full", ("imdb", "yelp", "amazon")) == []  # no seed has all three
+
+
+def test_paired_differences_compare_two_models_on_the_same_held_out_sentences():
+  # A seed draws the held-out sentences: teacher and student of one seed are scored on the same ones. Here the
+  # seeds' sentences differ in difficulty (0.80 vs 0.90) and the student is always 2 points behind: unpaired,
+  # both spreads are 7 points; paired, the difference is exactly -2 with no spread.
+  rows = [{"model": m, "seed": s, "domain": "imdb", "accuracy": a}
+          for m, s, a in [("teacher", 0, 0.80), ("teacher", 1, 0.90), ("teacher", 2, 0.85),
+                          ("full/seed0", 0, 0.78), ("full/seed1", 1, 0.88)]]  # seed 2 of the student: not yet
+  assert fidelity.paired_differences(rows, "full", "teacher", ("imdb",)) == [pytest.approx(-0.02)] * 2
+  assert fidelity.mean_sd(fidelity.finetune_values(rows, "full", ("imdb",)))[1] == pytest.approx(0.0707, abs=1e-4)
+  assert fidelity._pct(fidelity.paired_differences(rows, "full", "teacher", ("imdb",)), "+") == "-2.00 ± 0.00"
+  assert fidelity.paired_differences(rows, "full", "mlm_only", ("imdb",)) == []
 
 
 def test_two_processes_may_not_run_the_same_stage_of_one_study(tiny_teacher, tmp_path, monkeypatch):

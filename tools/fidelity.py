@@ -746,9 +746,9 @@ def mean_sd(values: list[float]) -> tuple[float, float]:
   return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def _pct(values: list[float]) -> str:
+def _pct(values: list[float], sign: str = "") -> str:
   m, s = mean_sd(values)
-  return "—" if math.isnan(m) else f"{100 * m:.2f} ± {100 * s:.2f}"
+  return "—" if math.isnan(m) else f"{100 * m:{sign}.2f} ± {100 * s:.2f}"
 
 
 MLM_COLUMNS = (("in_domain", "uniform_mlm_accuracy", "in-domain, uniform"),
@@ -769,14 +769,26 @@ def mlm_values(mlm: dict, name: str, corpus: str, key: str) -> list[float]:
   return [mlm[m][corpus][key] for m in _members(name, mlm)]
 
 
-def finetune_values(rows: list[dict], name: str, domains) -> list[float]:
-  """Accuracies per seed, each the mean over `domains` (a seed missing one of them, in a study still running,
-  would weigh the others: it is left out until it has them all)."""
+def finetune_by_seed(rows: list[dict], name: str, domains) -> dict[int, float]:
+  """{seed: accuracy, the mean over `domains`} (a seed missing one of them, in a study still running, would
+  weigh the others: it is left out until it has them all)."""
   by_seed: dict[int, dict[str, float]] = {}
   for r in rows:
     if (r["model"] == name or r["model"].startswith(name + "/")) and r["domain"] in domains:
       by_seed.setdefault(r["seed"], {})[r["domain"]] = r["accuracy"]
-  return [statistics.fmean(v.values()) for _, v in sorted(by_seed.items()) if set(v) == set(domains)]
+  return {seed: statistics.fmean(v.values()) for seed, v in sorted(by_seed.items()) if set(v) == set(domains)}
+
+
+def finetune_values(rows: list[dict], name: str, domains) -> list[float]:
+  return list(finetune_by_seed(rows, name, domains).values())
+
+
+def paired_differences(rows: list[dict], name: str, other: str, domains) -> list[float]:
+  """`name` − `other` in mean fine-tuned accuracy, seed by seed (seeds both have). The seed draws the held-out
+  sentences, so each difference compares the two on the same sentences: the spread of these differences is
+  the spread of the comparison, free of which sentences a seed happened to hold out."""
+  a, b = finetune_by_seed(rows, name, domains), finetune_by_seed(rows, other, domains)
+  return [a[seed] - b[seed] for seed in a if seed in b]
 
 
 def _share(s: float, t: float) -> float:
@@ -787,6 +799,11 @@ def _share(s: float, t: float) -> float:
 def _kept(s: float, t: float) -> dict:
   ratio = _share(s, t)
   return {"figure": f"{ratio:.1%} ({100 * s:.2f}% vs {100 * t:.2f}%)", "met": bool(ratio >= TARGET_RETAINED)}
+
+
+def _beats(label: str, gain: float, spread: float, spread_label: str) -> dict:
+  return {"target": f"distillation beats masked-LM alone by more than twice the seed spread ({label})",
+          "figure": f"{100 * gain:+.2f} points, {spread_label} {100 * spread:.2f}", "met": bool(gain > 2 * spread)}
 
 
 def targets(cfg, results: dict) -> list[dict]:
@@ -803,17 +820,14 @@ def targets(cfg, results: dict) -> list[dict]:
     s = mean_sd(finetune_values(rows, name, domains))[0]
     if not (math.isnan(s) or math.isnan(t)):
       out.append({"target": f"{label} keeps ≥ 97% of the teacher's mean fine-tuned accuracy", **_kept(s, t)})
-  for label, full_v, alone_v in (
-      ("held-out masked-LM accuracy, in-domain uniform", mlm_values(mlm, "full", "in_domain", "uniform_mlm_accuracy"),
-       mlm_values(mlm, "mlm_only", "in_domain", "uniform_mlm_accuracy")),
-      ("mean fine-tuned accuracy", finetune_values(rows, "full", domains),
-       finetune_values(rows, "mlm_only", domains))):
-    if len(full_v) > 1 and len(alone_v) > 1:
-      (fm, fs), (am, as_) = mean_sd(full_v), mean_sd(alone_v)
-      spread = max(fs, as_)
-      out.append({"target": f"distillation beats masked-LM alone by more than twice the seed spread ({label})",
-                  "figure": f"{100 * (fm - am):+.2f} points, spread {100 * spread:.2f}",
-                  "met": bool(fm - am > 2 * spread)})
+  full_v, alone_v = (mlm_values(mlm, name, "in_domain", "uniform_mlm_accuracy") for name in ("full", "mlm_only"))
+  if len(full_v) > 1 and len(alone_v) > 1:
+    (fm, fs), (am, as_) = mean_sd(full_v), mean_sd(alone_v)
+    out.append(_beats("held-out masked-LM accuracy, in-domain uniform", fm - am, max(fs, as_), "spread"))
+  pairs = paired_differences(rows, "full", "mlm_only", domains)
+  if len(pairs) > 1:
+    out.append(_beats("mean fine-tuned accuracy, paired by held-out sentences", *mean_sd(pairs),
+                      f"spread of the {len(pairs)} paired differences"))
   cls32 = speed.get("speedup", {}).get("cls_speedup_batch32")
   if cls32 is not None:
     out.append({"target": "student ≥ 1.6× faster than the teacher at batch 32 with the classification head",
@@ -932,11 +946,15 @@ def write_report(cfg, results: dict, out: pathlib.Path, command: str) -> str:
             f"{int(1000 * f.validation_fraction)} held out, split by seed; "
             f"{f.steps or f'{f.epochs:g} epochs'} of {f.batch_size}, lr {f.lr:g}, max length {f.max_len}). "
             "`full_D`: the triple-loss student fine-tuned with the fine-tuned teacher's soft targets "
-            f"(α {f.distill_alpha}, T {f.distill_temperature}; the paper's DistilBERT (D)).", "",
-            "| model | " + " | ".join(f.domains) + " | mean |", "|---|" + "---:|" * (len(f.domains) + 1)]
+            f"(α {f.distill_alpha}, T {f.distill_temperature}; the paper's DistilBERT (D)). Paired: the row's "
+            "mean minus the teacher's, seed by seed (a seed holds out the same sentences for every model), in "
+            "points: its spread is the comparison's, without the spread of which sentences a seed held out.", "",
+            "| model | " + " | ".join(f.domains) + " | mean | − teacher, paired |",
+            "|---|" + "---:|" * (len(f.domains) + 2)]
   for name in [*row_names(cfg), "full_D"]:
     cells = [_pct(finetune_values(rows, name, (domain,))) for domain in f.domains]
-    lines.append(f"| `{name}` | " + " | ".join(cells) + f" | {_pct(finetune_values(rows, name, f.domains))} |")
+    lines.append(f"| `{name}` | " + " | ".join(cells) + f" | {_pct(finetune_values(rows, name, f.domains))} | "
+                 + ("—" if name == "teacher" else _pct(paired_differences(rows, name, "teacher", f.domains), "+")) + " |")
   lines += ["", "## Speed as deployed", "",
             f"Teacher and `full` student timed on the same inputs (seq {speed.get('seq_len')}, median of 5, "
             "compile excluded): tokens/s and the student's speed-up.", "",
