@@ -428,6 +428,31 @@ def test_seeds_pair_with_the_teachers_fine_tuning_seeds_and_partial_seeds_wait(t
   assert fidelity.finetune_values(rows, "full", ("imdb", "yelp", "amazon")) == []  # no seed has all three
 
 
+def test_budget_rows_share_of_the_teacher_per_doubling_of_the_steps():
+  cfg = fidelity_config.get_config("tiny:/nowhere")  # the study's budget: 4 steps
+  cfg.variants = ("full", "mlm_only", "full:16", "full:64", "mlm_only:8")
+
+  def entry(uniform, rare):
+    return {c: {"uniform_mlm_accuracy": uniform, "mlm_accuracy": rare} for c in ("in_domain", "out_of_domain")}
+
+  mlm = {"teacher": entry(0.40, 0.20), "full/seed0": entry(0.30, 0.19), "full/seed1": entry(0.32, 0.19),
+         "full:16/seed0": entry(0.34, 0.20), "full:64/seed0": entry(0.36, 0.21), "mlm_only/seed0": entry(0.2, 0.2)}
+  rows = fidelity.budget_rows(cfg, mlm)
+  assert list(rows) == ["full"]  # mlm_only:8 has no scores yet: one point is no trend
+  steps, shares = zip(*rows["full"])
+  assert steps == (4, 16, 64)
+  assert [s["in-domain, uniform"] for s in shares] == pytest.approx([0.775, 0.85, 0.90])  # 0.31, 0.34, 0.36 of 0.40
+  assert [s["in-domain, rare-token"] for s in shares] == pytest.approx([0.95, 1.0, 1.05])
+  # uniform: 0.775 -> 0.90 over 4 doublings, +3.125 points each; 0.97 is 2.24 doublings past 64 steps
+  gain, at = fidelity.steps_to_target([(4, 0.775), (64, 0.90)])
+  assert gain == pytest.approx(0.03125) and at == pytest.approx(64 * 2 ** (0.07 / 0.03125))
+  assert fidelity.steps_to_target([(4, 0.95), (16, 1.0), (64, 1.05)]) == (pytest.approx(0.025), 16.0)  # reached
+  assert fidelity.steps_to_target([(4, 0.9), (64, 0.85)])[1] is None  # falling: never
+  lines = "\n".join(fidelity._budget_lines(cfg, mlm))
+  assert "| `full` | 16 | 85.0% | 100.0% |" in lines and "| `full`, per doubling | | +3.1 points | +2.5 points |" in lines
+  assert "| `full`, 97% at | | ~302 steps | ~16 steps | ~302 steps | ~16 steps |" in lines
+
+
 def test_paired_differences_compare_two_models_on_the_same_held_out_sentences():
   # A seed draws the held-out sentences: teacher and student of one seed are scored on the same ones. Here the
   # seeds' sentences differ in difficulty (0.80 vs 0.90) and the student is always 2 points behind: unpaired,

@@ -895,6 +895,57 @@ def _layer_lines(cfg, results: dict) -> list[str]:
   return lines
 
 
+def budget_rows(cfg, mlm: dict) -> dict[str, list[tuple[int, dict[str, float]]]]:
+  """{row at the study's budget: [(steps, {MLM column label: mean share of the teacher}), ...]} for every row
+  that has a RECIPE:STEPS sibling in the study, budgets ascending (rows without scores yet left out)."""
+  if "teacher" not in mlm:
+    return {}
+  out = {}
+  for base in dict.fromkeys(v.partition(":")[0] for v in cfg.variants if budget_of(v)):
+    points = []
+    for variant in (base, *[v for v in cfg.variants if v.partition(":")[0] == base and budget_of(v)]):
+      if _members(variant, mlm):
+        points.append((budget_of(variant) or cfg.distill.train.steps,
+                       {label: _share(mean_sd(mlm_values(mlm, variant, corpus, key))[0], mlm["teacher"][corpus][key])
+                        for corpus, key, label in MLM_COLUMNS}))
+    if len(points) > 1:
+      out[base] = sorted(points, key=lambda p: p[0])
+  return out
+
+
+def steps_to_target(points: list[tuple[int, float]]) -> tuple[float, float | None]:
+  """(gain in share per doubling of the steps, from the first budget to the last; the steps at which that gain
+  would bring the share to TARGET_RETAINED, or None where it does not rise). An extrapolation from two ends."""
+  (s0, r0), (s1, r1) = points[0], points[-1]
+  gain = (r1 - r0) / math.log2(s1 / s0)
+  if r1 >= TARGET_RETAINED:
+    return gain, float(min(s for s, r in points if r >= TARGET_RETAINED))
+  return gain, (s1 * 2 ** ((TARGET_RETAINED - r1) / gain) if gain > 0 else None)
+
+
+def _budget_lines(cfg, mlm: dict) -> list[str]:
+  rows = budget_rows(cfg, mlm)
+  if not rows:
+    return []
+  lines = ["", "## Budget: does the gap close with training?", "",
+           "Share of the teacher's held-out masked-LM accuracy kept by one recipe trained for more steps (same "
+           "batch; the learning rate decays over each run's own steps). Per doubling: the change in share from the "
+           "least to the most steps per doubling of the steps; 97% at: the steps at which that rate would reach "
+           "the target — an extrapolation, not a measurement.", "",
+           "| row | steps | " + " | ".join(label for _, _, label in MLM_COLUMNS) + " |",
+           "|---|---:|" + "---:|" * len(MLM_COLUMNS)]
+  for base, points in rows.items():
+    for steps, shares in points:
+      lines.append(f"| `{base}` | {steps:,} | " + " | ".join(f"{shares[label]:.1%}" for _, _, label in MLM_COLUMNS)
+                   + " |")
+    trends = [steps_to_target([(steps, shares[label]) for steps, shares in points]) for _, _, label in MLM_COLUMNS]
+    lines.append(f"| `{base}`, per doubling | | " + " | ".join(f"{100 * gain:+.1f} points" for gain, _ in trends)
+                 + " |")
+    lines.append(f"| `{base}`, 97% at | | " + " | ".join("never at this rate" if at is None else f"~{at:,.0f} steps"
+                                                       for _, at in trends) + " |")
+  return lines
+
+
 def _kept_of_teacher(mlm: dict, name: str) -> str:
   """A row's in-domain accuracy as a share of the teacher's, uniform / rare-token ("—" without figures)."""
   if name == "teacher" or "teacher" not in mlm:
@@ -963,6 +1014,7 @@ def write_report(cfg, results: dict, out: pathlib.Path, command: str) -> str:
   for name in ("teacher", "student"):
     lines.append(f"| {name} | " + " | ".join(f"{v:,.0f}" for v in speed.get(name, {}).values()) + " |")
   lines.append("| speed-up | " + " | ".join(f"{v:.2f}×" for v in speed.get("speedup", {}).values()) + " |")
+  lines += _budget_lines(cfg, mlm)
   lines += _layer_lines(cfg, results)
   if results.get("failed"):
     lines += ["", "## Runs that failed", "", "Left out of the tables above (tried again only under other settings):",
