@@ -463,6 +463,7 @@ def test_paired_differences_compare_two_models_on_the_same_held_out_sentences():
   assert fidelity.paired_differences(rows, "full", "teacher", ("imdb",)) == [pytest.approx(-0.02)] * 2
   assert fidelity.mean_sd(fidelity.finetune_values(rows, "full", ("imdb",)))[1] == pytest.approx(0.0707, abs=1e-4)
   assert fidelity._pct(fidelity.paired_differences(rows, "full", "teacher", ("imdb",)), "+") == "-2.00 ± 0.00"
+  assert fidelity._pct([0.3912]) == "39.12 (1 seed)" and fidelity._pct([]) == "—"
   assert fidelity.paired_differences(rows, "full", "mlm_only", ("imdb",)) == []
 
 

@@ -747,8 +747,11 @@ def mean_sd(values: list[float]) -> tuple[float, float]:
 
 
 def _pct(values: list[float], sign: str = "") -> str:
+  """"mean ± sd" in percent; a single seed says so rather than show a spread of 0."""
   m, s = mean_sd(values)
-  return "—" if math.isnan(m) else f"{100 * m:{sign}.2f} ± {100 * s:.2f}"
+  if math.isnan(m):
+    return "—"
+  return f"{100 * m:{sign}.2f} " + ("(1 seed)" if len([v for v in values if v is not None]) == 1 else f"± {100 * s:.2f}")
 
 
 MLM_COLUMNS = (("in_domain", "uniform_mlm_accuracy", "in-domain, uniform"),
