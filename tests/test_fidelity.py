@@ -226,7 +226,9 @@ def test_study_end_to_end_on_the_tiny_preset_and_its_resume(tmp_path, tiny_teach
   assert results["mlm"]["tinybert@1x32/seed0"]["parameters"] < results["mlm"]["full/seed0"]["parameters"]
   report = (out / "REPORT.md").read_text()
   for text in ("## Targets", "`full`", "`mlm_only`", "`no_cos`", "`full_D`", "King James", "seed",
-               "## Layer losses and narrower students", "`tinybert@1x32`"):
+               "## Layer losses and narrower students", "`tinybert@1x32`", "− teacher, paired",
+               "## Budget: does the gap close with training?", "| `full` | 4 | ", "| `full` | 6 | ",
+               "| `full`, per doubling | |"):
     assert text in report
   assert (out / "fidelity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert json.loads((out / "results.json").read_text())["teacher"]["path"] == teacher["path"]
