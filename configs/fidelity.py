@@ -55,7 +55,7 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
   d.train.log_every = 50
   d.train.ckpt_every = 1000
   d.train.keep = 1
-  d.train.progress = False
+  d.train.progress = True  # in a log (nohup, a device call): a plain line a minute with the time left
   d.train.eval_teacher = False  # the mlm stage scores the one teacher once, not beside each of the 33 students
   c.distill = d
 
@@ -102,6 +102,7 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
     d.data.eval_batches = 2
     d.train.steps = 4
     d.train.eval_every = 2
+    d.train.progress = False
     d.train.log_every = 2
     c.eval.max_batches = 2
     c.eval.max_len = 64

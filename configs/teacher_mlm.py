@@ -72,7 +72,6 @@ def get_config(preset: str = "cpu") -> ml_collections.ConfigDict:
     c.compute.dtype = "bfloat16"
     c.train.steps = 4000
     c.train.eval_every = 200
-    c.train.progress = False
   elif preset == "tiny":
     c.data.batch_size = 8
     c.data.max_len = 64

@@ -13,6 +13,8 @@ import json
 import math
 import os
 import pathlib
+import sys
+import time
 from typing import Any, Iterable, Mapping
 
 import numpy as np
@@ -374,18 +376,29 @@ def _si(x: float) -> str:
 
 
 class Progress:
-  """A tqdm bar over steps `initial_step`..`total_steps`, with loss and tokens/s in its postfix.
+  """Progress over steps `initial_step`..`total_steps`, with the loss and tokens/s.
 
-  `enabled=False` (non-zero processes in a multi-host run) shows nothing.
+  On a terminal or in a notebook, a tqdm bar. Elsewhere (a log file, `nohup`, CI), a bar's carriage returns make
+  an unreadable log, so `lines` (the default there) prints a plain line instead, at most every `every_s`
+  seconds and at the last step: the step, the share done, the loss, tokens/s and the time left. `enabled=False`
+  (non-zero processes in a multi-host run) shows nothing.
   """
 
-  def __init__(self, total_steps: int, initial_step: int = 0, enabled: bool = True):
-    self._bar = tqdm.tqdm(total=total_steps, initial=initial_step, disable=not enabled, unit="step",
-                          dynamic_ncols=True, smoothing=0.1)
+  def __init__(self, total_steps: int, initial_step: int = 0, enabled: bool = True, *, lines: bool | None = None,
+               every_s: float = 60.0, stream=None, clock=time.monotonic):
+    self._stream = stream if stream is not None else sys.stderr
+    if lines is None:  # a terminal, or a notebook's output (which draws carriage returns in place): the bar
+      lines = not (getattr(self._stream, "isatty", lambda: False)() or "ipykernel" in sys.modules)
+    self._lines = enabled and lines
+    self._bar = tqdm.tqdm(total=total_steps, initial=initial_step, disable=not enabled or self._lines, unit="step",
+                          dynamic_ncols=True, smoothing=0.1, file=self._stream)
     self.step = initial_step
+    self._total, self._every, self._clock = total_steps, every_s, clock
+    self._began = (clock(), initial_step)
+    self._printed = self._began[0]
 
   def update(self, step: int, loss: float | None = None, tokens_per_s: float | None = None) -> None:
-    """Move the bar to `step` (absolute, not an increment) and show the loss and tokens/s when given."""
+    """Move to `step` (absolute, not an increment) and show the loss and tokens/s when given."""
     self._bar.update(step - self.step)
     self.step = step
     postfix = [f"step={step}"]
@@ -394,6 +407,23 @@ class Progress:
     if tokens_per_s is not None:
       postfix.append(f"tok/s={_si(float(tokens_per_s))}")
     self._bar.set_postfix_str(" ".join(postfix), refresh=False)
+    now = self._clock()
+    if self._lines and (now - self._printed >= self._every or step >= self._total):
+      self._printed = now
+      self._stream.write(self._line(step, now, postfix[1:]) + "\n")
+      self._stream.flush()
+
+  def _line(self, step: int, now: float, figures: list[str]) -> str:
+    """"step 300/1,200 (25%) loss=… tok/s=…; 0.37 steps/s, 41 min left"."""
+    line = f"step {step:,}/{self._total:,} ({step / max(self._total, 1):.0%})" + "".join(f" {f}" for f in figures)
+    began_at, began_step = self._began
+    if step > began_step and now > began_at:
+      rate = (step - began_step) / (now - began_at)
+      line += f"; {rate:.2f} steps/s"
+      if step < self._total:
+        left = (self._total - step) / rate
+        line += f", {left / 60:.0f} min left" if left >= 60 else f", {left:.0f} s left"
+    return line
 
   def close(self) -> None:
     self._bar.close()

@@ -140,10 +140,33 @@ def test_disabled_writer_writes_nothing(tmp_path):
 
 
 def test_progress(capsys):
-  with metrics.Progress(10, initial_step=2) as bar:
+  with metrics.Progress(10, initial_step=2, lines=False) as bar:
     bar.update(5, loss=1.23456, tokens_per_s=12345.0)
     assert bar._bar.n == 5
     assert "loss=1.2346" in bar._bar.postfix and "tok/s=12.3k" in bar._bar.postfix
   with metrics.Progress(10, enabled=False) as quiet:
     quiet.update(3, loss=1.0)
   assert quiet.step == 3
+
+
+def test_progress_without_a_terminal_prints_plain_lines_now_and_then():
+  """A log file gets a line at most every `every_s` seconds and at the last step, with the time left."""
+  import io
+  stream, now = io.StringIO(), [100.0]
+  with metrics.Progress(1200, initial_step=200, stream=stream, every_s=60, clock=lambda: now[0]) as bar:
+    assert bar._bar.disable  # a StringIO is not a terminal: no bar
+    now[0] = 130.0
+    bar.update(250, loss=11.09034, tokens_per_s=1234.0)  # 30 s since the start: too soon for a line
+    now[0] = 200.0
+    bar.update(300, loss=10.5, tokens_per_s=1500.0)  # 100 steps in 100 s: 900 left, 15 min
+    now[0] = 220.0
+    bar.update(350, loss=10.4)  # 20 s since the last line
+    now[0] = 1100.0
+    bar.update(1200, loss=9.0)  # the last step: always
+  assert stream.getvalue().splitlines() == [
+      "step 300/1,200 (25%) loss=10.5000 tok/s=1.5k; 1.00 steps/s, 15 min left",
+      "step 1,200/1,200 (100%) loss=9.0000; 1.00 steps/s"]
+  quiet = io.StringIO()
+  with metrics.Progress(10, stream=quiet, enabled=False, every_s=0) as bar:
+    bar.update(10, loss=1.0)
+  assert quiet.getvalue() == ""

@@ -206,7 +206,6 @@ def _teacher_run_config(cfg, lr: float, steps: int, eval_every: int) -> ml_colle
   c.train.eval_every = eval_every
   if steps <= cfg.teacher_sweep.steps:
     c.train.stop_at_plateau = 0.0  # a sweep run, or a teacher run as short: the steps asked for
-  c.train.progress = False
   return c
 
 
