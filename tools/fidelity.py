@@ -1037,15 +1037,19 @@ def plot(cfg, results: dict, path: pathlib.Path) -> None:
     ax_t.plot([c["step"] for c in curve], [100 * c["accuracy"] for c in curve], marker="o")
     ax_t.set_xscale("log", base=2)  # a straight line: the same gain for every doubling, no plateau yet
   ax_t.set(title="teacher: held-out masked-LM accuracy", xlabel="step (log scale)", ylabel="%")
-  names = row_names(cfg)
+  names, mlm = row_names(cfg), results["mlm"]
+  students = names[1:]
   width = 0.8 / len(MLM_COLUMNS)
-  for i, (corpus, key, label) in enumerate(MLM_COLUMNS):
-    stats = [mean_sd(mlm_values(results["mlm"], n, corpus, key)) for n in names]
-    ax_m.bar([j + i * width for j in range(len(names))], [100 * m for m, _ in stats], width,
-             yerr=[100 * s for _, s in stats], label=label)
-  ax_m.set_xticks([j + 0.4 - width / 2 for j in range(len(names))], names, rotation=30, fontsize=8)
-  ax_m.set(title="held-out masked-LM accuracy", ylabel="%")
-  ax_m.legend(fontsize=7)
+  for i, (corpus, key, label) in enumerate(MLM_COLUMNS):  # each student's share of the teacher, per column
+    teacher = mlm.get("teacher", {}).get(corpus, {}).get(key, math.nan)
+    stats = [mean_sd(mlm_values(mlm, n, corpus, key)) for n in students]
+    ax_m.bar([j + i * width for j in range(len(students))], [100 * _share(m, teacher) for m, _ in stats], width,
+             yerr=[100 * _share(s, teacher) for _, s in stats], label=label)
+  ax_m.axhline(100 * TARGET_RETAINED, color="k", linestyle="--", linewidth=1, label="target (97%)")
+  ax_m.set_xticks([j + 0.4 - width / 2 for j in range(len(students))], students, rotation=30, fontsize=8)
+  ax_m.set(title="masked-LM accuracy kept of the teacher's", ylabel="% of the teacher", ylim=(0, 145),
+           yticks=range(0, 101, 20))
+  ax_m.legend(fontsize=7, loc="upper center", ncol=2)  # above the bars: 100-145% is theirs
   ft_names = [*names, "full_D"]
   stats = [mean_sd(finetune_values(results["finetune"], n, cfg.finetune.domains)) for n in ft_names]
   ax_f.bar(range(len(ft_names)), [100 * m for m, _ in stats], yerr=[100 * s for _, s in stats])
