@@ -925,6 +925,15 @@ def steps_to_target(points: list[tuple[int, float]]) -> tuple[float, float | Non
   return gain, (s1 * 2 ** ((TARGET_RETAINED - r1) / gain) if gain > 0 else None)
 
 
+def _reach(at: float | None, shares: list[float]) -> str:
+  """When a budget row reaches the target: measured, extrapolated (two significant digits), or never."""
+  if at is None:
+    return "never at this rate"
+  if max(shares) >= TARGET_RETAINED:
+    return f"met at {at:,.0f} steps"
+  return f"~{float(f'{at:.2g}'):,.0f} steps (extrapolated)"
+
+
 def _budget_lines(cfg, mlm: dict) -> list[str]:
   rows = budget_rows(cfg, mlm)
   if not rows:
@@ -932,8 +941,8 @@ def _budget_lines(cfg, mlm: dict) -> list[str]:
   lines = ["", "## Budget: does the gap close with training?", "",
            "Share of the teacher's held-out masked-LM accuracy kept by one recipe trained for more steps (same "
            "batch; the learning rate decays over each run's own steps). Per doubling: the change in share from the "
-           "least to the most steps per doubling of the steps; 97% at: the steps at which that rate would reach "
-           "the target — an extrapolation, not a measurement.", "",
+           "least to the most steps per doubling of the steps; 97% at: the budget that met the target, else the "
+           "steps at which that rate would reach it — an extrapolation, not a measurement.", "",
            "| row | steps | " + " | ".join(label for _, _, label in MLM_COLUMNS) + " |",
            "|---|---:|" + "---:|" * len(MLM_COLUMNS)]
   for base, points in rows.items():
@@ -943,8 +952,9 @@ def _budget_lines(cfg, mlm: dict) -> list[str]:
     trends = [steps_to_target([(steps, shares[label]) for steps, shares in points]) for _, _, label in MLM_COLUMNS]
     lines.append(f"| `{base}`, per doubling | | " + " | ".join(f"{100 * gain:+.1f} points" for gain, _ in trends)
                  + " |")
-    lines.append(f"| `{base}`, 97% at | | " + " | ".join("never at this rate" if at is None else f"~{at:,.0f} steps"
-                                                       for _, at in trends) + " |")
+    lines.append(f"| `{base}`, 97% at | | " + " | ".join(_reach(at, [shares[label] for _, shares in points])
+                                                       for (_, at), (_, _, label) in zip(trends, MLM_COLUMNS))
+                 + " |")
   return lines
 
 
@@ -987,12 +997,14 @@ def write_report(cfg, results: dict, out: pathlib.Path, command: str) -> str:
             "|---|---|" + "---:|" * (len(MLM_COLUMNS) + 2)]
   teacher_label = "masked-LM teacher" + ("" if plateaued is None else
                                          ", plateaued" if plateaued else ", not plateaued (see above)")
-  for name in row_names(cfg):
-    cells = [_pct(mlm_values(mlm, name, corpus, key)) for corpus, key, _ in MLM_COLUMNS]
-    ppl = mean_sd(mlm_values(mlm, name, "in_domain", "uniform_perplexity"))
+  for name in row_names(cfg):  # the teacher is one model: its figures alone, without a spread
+    cell = (lambda v: "—" if not v else f"{100 * v[0]:.2f}") if name == "teacher" else _pct
+    cells = [cell(mlm_values(mlm, name, corpus, key)) for corpus, key, _ in MLM_COLUMNS]
+    ppl_values = mlm_values(mlm, name, "in_domain", "uniform_perplexity")
+    ppl = mean_sd(ppl_values)
     lines.append(f"| `{name}` | {describe(name) if name != 'teacher' else teacher_label} | "
-                 + " | ".join(cells)
-                 + f" | {ppl[0]:.1f} ± {ppl[1]:.1f} | {_kept_of_teacher(mlm, name)} |")
+                 + " | ".join(cells) + f" | {ppl[0]:.1f}" + (f" ± {ppl[1]:.1f}" if len(ppl_values) > 1 else "")
+                 + f" | {_kept_of_teacher(mlm, name)} |")
   f = cfg.finetune
   lines += ["", "## Fine-tuned accuracy (sentiment sentences)", "",
             f"Each model fine-tuned on each set ({int(1000 * (1 - f.validation_fraction))} train / "
