@@ -750,7 +750,8 @@ def _pct(values: list[float], sign: str = "") -> str:
   m, s = mean_sd(values)
   if math.isnan(m):
     return "—"
-  return f"{100 * m:{sign}.2f} " + ("(1 seed)" if len([v for v in values if v is not None]) == 1 else f"± {100 * s:.2f}")
+  one = len([v for v in values if v is not None]) == 1
+  return f"{100 * m:{sign}.2f} " + ("(1 seed)" if one else f"± {100 * s:.2f}")
 
 
 MLM_COLUMNS = (("in_domain", "uniform_mlm_accuracy", "in-domain, uniform"),
@@ -1018,8 +1019,9 @@ def write_report(cfg, results: dict, out: pathlib.Path, command: str) -> str:
             "|---|" + "---:|" * (len(f.domains) + 2)]
   for name in [*row_names(cfg), "full_D"]:
     cells = [_pct(finetune_values(rows, name, (domain,))) for domain in f.domains]
+    paired = "—" if name == "teacher" else _pct(paired_differences(rows, name, "teacher", f.domains), "+")
     lines.append(f"| `{name}` | " + " | ".join(cells) + f" | {_pct(finetune_values(rows, name, f.domains))} | "
-                 + ("—" if name == "teacher" else _pct(paired_differences(rows, name, "teacher", f.domains), "+")) + " |")
+                 + paired + " |")
   lines += ["", "## Speed as deployed", "",
             f"Teacher and `full` student timed on the same inputs (seq {speed.get('seq_len')}, median of 5, "
             "compile excluded): tokens/s and the student's speed-up.", "",
