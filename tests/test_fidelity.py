@@ -446,10 +446,11 @@ def test_budget_rows_share_of_the_teacher_per_doubling_of_the_steps():
   assert [s["in-domain, uniform"] for s in shares] == pytest.approx([0.775, 0.85, 0.90])  # 0.31, 0.34, 0.36 of 0.40
   assert [s["in-domain, rare-token"] for s in shares] == pytest.approx([0.95, 1.0, 1.05])
   # uniform: 0.775 -> 0.90 over 4 doublings, +3.125 points each; 0.97 is 2.24 doublings past 64 steps
-  gain, at = fidelity.steps_to_target([(4, 0.775), (64, 0.90)])
-  assert gain == pytest.approx(0.03125) and at == pytest.approx(64 * 2 ** (0.07 / 0.03125))
-  assert fidelity.steps_to_target([(4, 0.95), (16, 1.0), (64, 1.05)]) == (pytest.approx(0.025), 16.0)  # reached
-  assert fidelity.steps_to_target([(4, 0.9), (64, 0.85)])[1] is None  # falling: never
+  gain, at, measured = fidelity.steps_to_target([(4, 0.775), (64, 0.90)])
+  assert gain == pytest.approx(0.03125) and at == pytest.approx(64 * 2 ** (0.07 / 0.03125)) and not measured
+  assert fidelity.steps_to_target([(4, 0.95), (16, 1.0), (64, 1.05)]) == (pytest.approx(0.025), 16.0, True)
+  assert fidelity.steps_to_target([(4, 0.9), (64, 0.85)])[1:] == (None, False)  # falling: never
+  assert fidelity.steps_to_target([(4, 0.98), (64, 0.96)])[1:] == (4.0, True)  # met at 4 steps, then fell below
   lines = "\n".join(fidelity._budget_lines(cfg, mlm))
   assert "| `full` | 16 | 85.0% | 100.0% |" in lines
   assert "| `full`, per doubling | | +3.1 points | +2.5 points |" in lines

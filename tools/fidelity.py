@@ -745,13 +745,19 @@ def mean_sd(values: list[float]) -> tuple[float, float]:
   return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def _pct(values: list[float], sign: str = "") -> str:
-  """"mean ± sd" in percent; a single seed says so rather than show a spread of 0."""
+def _cell(values: list[float], *, scale: float = 100.0, digits: int = 2, sign: str = "",
+          single: str = " (1 seed)") -> str:
+  """"mean ± sd" of a row's seeds; one value shows `single` after it rather than a spread of 0 ("" for the
+  teacher, which is one model)."""
+  values = [v for v in values if v is not None]
   m, s = mean_sd(values)
   if math.isnan(m):
     return "—"
-  one = len([v for v in values if v is not None]) == 1
-  return f"{100 * m:{sign}.2f} " + ("(1 seed)" if one else f"± {100 * s:.2f}")
+  return f"{scale * m:{sign}.{digits}f}" + (single if len(values) == 1 else f" ± {scale * s:.{digits}f}")
+
+
+def _pct(values: list[float], sign: str = "") -> str:
+  return _cell(values, sign=sign)
 
 
 MLM_COLUMNS = (("in_domain", "uniform_mlm_accuracy", "in-domain, uniform"),
@@ -797,6 +803,12 @@ def paired_differences(rows: list[dict], name: str, other: str, domains) -> list
 def _share(s: float, t: float) -> float:
   """A student's figure as a share of its teacher's (nan where either is missing)."""
   return s / t if t > 0 else math.nan
+
+
+def row_share(mlm: dict, name: str, corpus: str, key: str) -> float:
+  """A row's mean masked-LM figure as a share of the teacher's (nan without figures)."""
+  teacher = mlm.get("teacher", {}).get(corpus, {}).get(key, math.nan)
+  return _share(mean_sd(mlm_values(mlm, name, corpus, key))[0], teacher)
 
 
 def _kept(s: float, t: float) -> dict:
@@ -909,28 +921,30 @@ def budget_rows(cfg, mlm: dict) -> dict[str, list[tuple[int, dict[str, float]]]]
     for variant in (base, *[v for v in cfg.variants if v.partition(":")[0] == base and budget_of(v)]):
       if _members(variant, mlm):
         points.append((budget_of(variant) or cfg.distill.train.steps,
-                       {label: _share(mean_sd(mlm_values(mlm, variant, corpus, key))[0], mlm["teacher"][corpus][key])
-                        for corpus, key, label in MLM_COLUMNS}))
+                       {label: row_share(mlm, variant, corpus, key) for corpus, key, label in MLM_COLUMNS}))
     if len(points) > 1:
       out[base] = sorted(points, key=lambda p: p[0])
   return out
 
 
-def steps_to_target(points: list[tuple[int, float]]) -> tuple[float, float | None]:
-  """(gain in share per doubling of the steps, from the first budget to the last; the steps at which that gain
-  would bring the share to TARGET_RETAINED, or None where it does not rise). An extrapolation from two ends."""
+def steps_to_target(points: list[tuple[int, float]]) -> tuple[float, float | None, bool]:
+  """(gain in share per doubling of the steps, from the first budget to the last; the steps at which the share
+  reaches TARGET_RETAINED; whether that was measured). Measured: the least budget that met it. Otherwise the
+  steps at which the gain would bring the last share there, an extrapolation from two ends (None where the
+  share does not rise)."""
   (s0, r0), (s1, r1) = points[0], points[-1]
   gain = (r1 - r0) / math.log2(s1 / s0)
-  if r1 >= TARGET_RETAINED:
-    return gain, float(min(s for s, r in points if r >= TARGET_RETAINED))
-  return gain, (s1 * 2 ** ((TARGET_RETAINED - r1) / gain) if gain > 0 else None)
+  met = [s for s, r in points if r >= TARGET_RETAINED]
+  if met:
+    return gain, float(min(met)), True
+  return gain, (s1 * 2 ** ((TARGET_RETAINED - r1) / gain) if gain > 0 else None), False
 
 
-def _reach(at: float | None, shares: list[float]) -> str:
+def _reach(at: float | None, measured: bool) -> str:
   """When a budget row reaches the target: measured, extrapolated (two significant digits), or never."""
   if at is None:
     return "never at this rate"
-  if max(shares) >= TARGET_RETAINED:
+  if measured:
     return f"met at {at:,.0f} steps"
   return f"~{float(f'{at:.2g}'):,.0f} steps (extrapolated)"
 
@@ -951,11 +965,9 @@ def _budget_lines(cfg, mlm: dict) -> list[str]:
       lines.append(f"| `{base}` | {steps:,} | " + " | ".join(f"{shares[label]:.1%}" for _, _, label in MLM_COLUMNS)
                    + " |")
     trends = [steps_to_target([(steps, shares[label]) for steps, shares in points]) for _, _, label in MLM_COLUMNS]
-    lines.append(f"| `{base}`, per doubling | | " + " | ".join(f"{100 * gain:+.1f} points" for gain, _ in trends)
+    lines.append(f"| `{base}`, per doubling | | " + " | ".join(f"{100 * gain:+.1f} points" for gain, _, _ in trends)
                  + " |")
-    lines.append(f"| `{base}`, 97% at | | " + " | ".join(_reach(at, [shares[label] for _, shares in points])
-                                                       for (_, at), (_, _, label) in zip(trends, MLM_COLUMNS))
-                 + " |")
+    lines.append(f"| `{base}`, 97% at | | " + " | ".join(_reach(at, measured) for _, at, measured in trends) + " |")
   return lines
 
 
@@ -963,11 +975,8 @@ def _kept_of_teacher(mlm: dict, name: str) -> str:
   """A row's in-domain accuracy as a share of the teacher's, uniform / rare-token ("—" without figures)."""
   if name == "teacher" or "teacher" not in mlm:
     return "—"
-  shares = []
-  for key in ("uniform_mlm_accuracy", "mlm_accuracy"):
-    share = _share(mean_sd(mlm_values(mlm, name, "in_domain", key))[0], mlm["teacher"]["in_domain"][key])
-    shares.append("—" if math.isnan(share) else f"{share:.1%}")
-  return " / ".join(shares)
+  shares = [row_share(mlm, name, "in_domain", key) for key in ("uniform_mlm_accuracy", "mlm_accuracy")]
+  return " / ".join("—" if math.isnan(share) else f"{share:.1%}" for share in shares)
 
 
 def write_report(cfg, results: dict, out: pathlib.Path, command: str) -> str:
@@ -998,14 +1007,12 @@ def write_report(cfg, results: dict, out: pathlib.Path, command: str) -> str:
             "|---|---|" + "---:|" * (len(MLM_COLUMNS) + 2)]
   teacher_label = "masked-LM teacher" + ("" if plateaued is None else
                                          ", plateaued" if plateaued else ", not plateaued (see above)")
-  for name in row_names(cfg):  # the teacher is one model: its figures alone, without a spread
-    cell = (lambda v: "—" if not v else f"{100 * v[0]:.2f}") if name == "teacher" else _pct
-    cells = [cell(mlm_values(mlm, name, corpus, key)) for corpus, key, _ in MLM_COLUMNS]
-    ppl_values = mlm_values(mlm, name, "in_domain", "uniform_perplexity")
-    ppl = mean_sd(ppl_values)
+  for name in row_names(cfg):
+    single = "" if name == "teacher" else " (1 seed)"  # the teacher is one model: its figures without a spread
+    cells = [_cell(mlm_values(mlm, name, corpus, key), single=single) for corpus, key, _ in MLM_COLUMNS]
+    ppl = _cell(mlm_values(mlm, name, "in_domain", "uniform_perplexity"), scale=1.0, digits=1, single="")
     lines.append(f"| `{name}` | {describe(name) if name != 'teacher' else teacher_label} | "
-                 + " | ".join(cells) + f" | {ppl[0]:.1f}" + (f" ± {ppl[1]:.1f}" if len(ppl_values) > 1 else "")
-                 + f" | {_kept_of_teacher(mlm, name)} |")
+                 + " | ".join(cells) + f" | {ppl} | {_kept_of_teacher(mlm, name)} |")
   f = cfg.finetune
   lines += ["", "## Fine-tuned accuracy (sentiment sentences)", "",
             f"Each model fine-tuned on each set ({int(1000 * (1 - f.validation_fraction))} train / "
