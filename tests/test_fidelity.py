@@ -472,6 +472,34 @@ def test_paired_differences_compare_two_models_on_the_same_held_out_sentences():
   assert fidelity.paired_differences(rows, "full", "mlm_only", ("imdb",)) == []
 
 
+def test_layer_table_compares_each_recipe_with_the_triple_loss_of_its_shape_seed_by_seed():
+  """Issue 14's table: each layer-loss row minus the triple-loss student of the same shape and seed, in
+  masked-LM and fine-tuned accuracy; a narrow row is compared with the narrow triple loss, not the wide one."""
+  cfg = fidelity_config.get_config("tiny:/nowhere")
+  cfg.variants = ("full", "tinybert", "full@1x32", "minilmv2@1x32")
+  cfg.seeds = (0, 1)
+  cfg.finetune.domains = ("imdb",)
+
+  def entry(acc, params):
+    return {"parameters": params, **{c: {"mlm_accuracy": acc, "uniform_mlm_accuracy": acc} for c in
+                                      ("in_domain", "out_of_domain")}}
+
+  figures = {"full": (0.30, 0.32, 100e6), "tinybert": (0.31, 0.34, 100e6), "full@1x32": (0.20, 0.26, 50e6),
+             "minilmv2@1x32": (0.25, 0.27, 50e6)}  # seed 0, seed 1, parameters
+  mlm = {f"{name}/seed{seed}": entry(acc[seed], acc[2]) for name, acc in figures.items() for seed in (0, 1)}
+  assert fidelity.mlm_by_seed(mlm, "full", "in_domain", "uniform_mlm_accuracy") == {0: 0.30, 1: 0.32}
+  assert fidelity.mlm_paired_differences(mlm, "tinybert", "full", "in_domain", "uniform_mlm_accuracy") == [
+      pytest.approx(0.01), pytest.approx(0.02)]
+  rows = [{"model": f"{name}/seed{seed}", "seed": seed, "domain": "imdb", "accuracy": acc[seed] + 0.5}
+          for name, acc in figures.items() for seed in (0, 1)]
+  lines = fidelity._layer_lines(cfg, {"mlm": mlm, "finetune": rows, "speed": {}})
+  by_row = {line.split(" | ")[0]: line.split(" | ") for line in lines if line.startswith("| `")}
+  assert by_row["| `full`"][6] == "—" and by_row["| `full@1x32`"][8] == "—"  # the reference of its shape
+  assert by_row["| `tinybert`"][6] == "+1.50 ± 0.71" and by_row["| `tinybert`"][8] == "+1.50 ± 0.71"
+  assert by_row["| `minilmv2@1x32`"][6] == "+3.00 ± 2.83"  # against full@1x32 (+5, +1), not against full
+  assert by_row["| `minilmv2@1x32`"][2] == "50.0M" and by_row["| `tinybert`"][3] == "32.50 ± 2.12"
+
+
 def test_two_processes_may_not_run_the_same_stage_of_one_study(tiny_teacher, tmp_path, monkeypatch):
   cfg = _tiny_cfg(tiny_teacher)
   out = tmp_path / "study"

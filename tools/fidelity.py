@@ -792,12 +792,26 @@ def finetune_values(rows: list[dict], name: str, domains) -> list[float]:
   return list(finetune_by_seed(rows, name, domains).values())
 
 
+def _paired(a: dict[int, float], b: dict[int, float]) -> list[float]:
+  return [a[seed] - b[seed] for seed in a if seed in b]
+
+
 def paired_differences(rows: list[dict], name: str, other: str, domains) -> list[float]:
   """`name` − `other` in mean fine-tuned accuracy, seed by seed (seeds both have). The seed draws the held-out
   sentences, so each difference compares the two on the same sentences: the spread of these differences is
   the spread of the comparison, free of which sentences a seed happened to hold out."""
-  a, b = finetune_by_seed(rows, name, domains), finetune_by_seed(rows, other, domains)
-  return [a[seed] - b[seed] for seed in a if seed in b]
+  return _paired(finetune_by_seed(rows, name, domains), finetune_by_seed(rows, other, domains))
+
+
+def mlm_by_seed(mlm: dict, name: str, corpus: str, key: str) -> dict[int, float]:
+  """{distillation seed: a student row's masked-LM figure} (members are named "ROW/seedS")."""
+  return {int(m.rsplit("/seed", 1)[1]): mlm[m][corpus][key] for m in _members(name, mlm) if "/seed" in m}
+
+
+def mlm_paired_differences(mlm: dict, name: str, other: str, corpus: str, key: str) -> list[float]:
+  """`name` − `other` in a masked-LM figure, seed by seed: both students distilled with the same seed saw the
+  same batches in the same order and are scored on the same masked positions."""
+  return _paired(mlm_by_seed(mlm, name, corpus, key), mlm_by_seed(mlm, other, corpus, key))
 
 
 def _share(s: float, t: float) -> float:
@@ -896,17 +910,27 @@ def _layer_lines(cfg, results: dict) -> list[str]:
            "The same budget and seeds; every student starts from the teacher (layers picked evenly; a narrower one "
            "by weight selection: the leading block of each of the teacher's tensors). A narrower student has no "
            "L_cos (the widths differ); TinyBERT's attention KL goes head by head and is left out where the student "
-           f"has other heads than the teacher. Speed-up: encoder + classification head, batch {batch}.", "",
-           "| student | recipe | parameters | in-domain, uniform | out-of-domain, uniform | fine-tuned mean | "
-           "speed-up |", "|---|---|---:|---:|---:|---:|---:|"]
+           f"has other heads than the teacher. Speed-up: encoder + classification head, batch {batch}. "
+           "− triple loss: the row minus the triple-loss student of its shape, seed by seed (the same batches, "
+           "masked positions and held-out sentences), in points; a difference inside twice its spread is not "
+           "a result.", "",
+           "| student | recipe | parameters | in-domain, uniform | in-domain, rare-token | out-of-domain, uniform | "
+           "− triple loss, in-domain uniform | fine-tuned mean | − triple loss, fine-tuned | speed-up |",
+           "|---|---|---:|" + "---:|" * 7]
+  domains = cfg.finetune.domains
   for name in names:
+    recipe, shape = parse_variant(name)
+    base = "full" + name_shape(shape)
     params = [mlm[m]["parameters"] for m in _members(name, mlm)]
     up = shape_speedup(speed, name, f"cls_speedup_batch{batch}")
+    mlm_cells = [_pct(mlm_values(mlm, name, corpus, key)) for corpus, key in (
+        ("in_domain", "uniform_mlm_accuracy"), ("in_domain", "mlm_accuracy"), ("out_of_domain", "uniform_mlm_accuracy"))]
+    mlm_gain, tuned_gain = ("—", "—") if recipe == "full" else (
+        _pct(mlm_paired_differences(mlm, name, base, "in_domain", "uniform_mlm_accuracy"), "+"),
+        _pct(paired_differences(rows, name, base, domains), "+"))
     lines.append(f"| `{name}` | {describe(name)} | {f'{params[0] / 1e6:.1f}M' if params else '—'} | "
-                 f"{_pct(mlm_values(mlm, name, 'in_domain', 'uniform_mlm_accuracy'))} | "
-                 f"{_pct(mlm_values(mlm, name, 'out_of_domain', 'uniform_mlm_accuracy'))} | "
-                 f"{_pct(finetune_values(rows, name, cfg.finetune.domains))} | "
-                 f"{f'{up:.2f}×' if up is not None else '—'} |")
+                 + " | ".join(mlm_cells) + f" | {mlm_gain} | {_pct(finetune_values(rows, name, domains))} | "
+                 f"{tuned_gain} | {f'{up:.2f}×' if up is not None else '—'} |")
   return lines
 
 
