@@ -323,6 +323,11 @@ def test_derived_results_are_made_again_for_a_remade_student_or_other_scoring(ti
   runs = []
   monkeypatch.setattr(fidelity.finetune, "run", lambda c, w: runs.append(w) or {
       "eval": {"accuracy": 0.7}, "majority_baseline": {"accuracy": 0.5}})
+  # A student still saving (weights, no config yet), as another stage's process may see it: not read.
+  (student / "final" / fidelity.checkpoint.PARAMS_DIR).mkdir()
+  assert not fidelity.ready(student / "final") and fidelity.ready(tiny_teacher)
+  assert fidelity._finetune_one(cfg, out, "full/seed0", str(student / "final"), "imdb", 0) is None and not runs
+  (student / "final" / fidelity.checkpoint.CONFIG_FILE).write_text("{}")
   row = fidelity._finetune_one(cfg, out, "full/seed0", str(student / "final"), "imdb", 0)
   assert row["accuracy"] == 0.7 and runs == [tuned] and (tuned.parent / "imdb_seed0.stale" / "study.json").is_file()
 

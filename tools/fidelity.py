@@ -505,6 +505,14 @@ def model_stamp(folder: str | pathlib.Path) -> str:
   return hashlib.sha256(json.dumps(made_with, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def ready(folder: str | pathlib.Path) -> bool:
+  """Whether a stage may read this model now: a model the study made (a student, a fine-tuned teacher; its run
+  keeps its settings beside it) once complete (its config is written after its weights, so a run still
+  saving, which another stage's process may see, is not ready); a given teacher once it exists."""
+  folder = pathlib.Path(folder)
+  return checkpoint.is_model_dir(folder) or (folder.is_dir() and not (folder.parent / SETTINGS_FILE).exists())
+
+
 def failures(out: pathlib.Path) -> list[dict]:
   """The runs that failed (their failed.json), less those moved aside to be made again."""
   return [json.loads(p.read_text()) for p in sorted(out.glob(f"*/**/{FAILED_FILE}"))
@@ -597,8 +605,7 @@ def mlm_stage(cfg, out: pathlib.Path, teacher: str, run_missing: bool = True) ->
     if done is not None and stale(done.get("settings"), settings):
       print(f"[again] masked-LM scores of {name}: made from another model or under other settings", flush=True)
       done = None
-    exists = pathlib.Path(folder).exists()  # a student not trained yet (or cut by a time limit) is left out
-    if done is None and run_missing and exists:
+    if done is None and run_missing and ready(folder):  # a student not trained yet (or still saving): left out
       if corpora is None:
         tokenizer, corpora = _eval_corpora(cfg, teacher)
       print(f"[mlm] {name}", flush=True)
@@ -656,7 +663,7 @@ def _finetune_one(cfg, out: pathlib.Path, name: str, model: str, domain: str, se
   done = _read_json(workdir / "study.json")
   if done is not None and stale(_read_json(workdir / SETTINGS_FILE), settings):
     done = None
-  if done is None and run_missing and pathlib.Path(model).exists() and (not teacher or pathlib.Path(teacher).exists()):
+  if done is None and run_missing and ready(model) and (not teacher or ready(teacher)):
     print(f"[finetune] {name} on {domain}, seed {seed}" + (" (distilled from the teacher)" if teacher else ""),
           flush=True)
 
