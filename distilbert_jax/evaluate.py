@@ -104,9 +104,8 @@ def with_timing_head(model: model_lib.Encoder, params, num_labels: int = 2) -> t
   return cls_model, {**params, **head}
 
 
-def seconds_per_forward(model: model_lib.Encoder, params, ids_BxL: jax.Array, head: str, *, repeats: int = 5
-                        ) -> float:
-  """Median wall seconds of one jitted forward pass on `ids_BxL` (compile excluded)."""
+def forward_fn(model: model_lib.Encoder, params, head: str):
+  """`ids_BxL -> output` for one way of deploying the model (SPEED_HEADS), jitted with its parameters."""
   if head == "cls":
     model, params = with_timing_head(model, params)
     forward = jax.jit(lambda p, x: model.apply({"params": p}, x, compute_logits=False).class_logits)
@@ -114,26 +113,59 @@ def seconds_per_forward(model: model_lib.Encoder, params, ids_BxL: jax.Array, he
     forward = jax.jit(lambda p, x: model.apply({"params": p}, x).logits)
   else:
     raise ValueError(f"head must be one of {SPEED_HEADS}, got {head!r}")
-  forward(params, ids_BxL).block_until_ready()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    forward(params, ids_BxL).block_until_ready()
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
+  return functools.partial(forward, params)
 
 
-def speed_report(models: dict, batch_sizes: tuple[int, ...], seq_len: int, *, repeats: int = 5) -> dict:
+def _seconds_per_call(forward, ids_BxL: jax.Array, calls: int) -> float:
+  start = time.perf_counter()
+  for _ in range(calls):
+    out = forward(ids_BxL)
+  out.block_until_ready()
+  return (time.perf_counter() - start) / calls
+
+
+def _calls_to_fill(forward, ids_BxL: jax.Array, min_seconds: float) -> int:
+  """Compiles `forward` (the first call) and says how many calls in a row one timing needs to last
+  `min_seconds` (doubling them until they do, as `timeit`'s autorange): a batch-1 forward of a few ms,
+  timed alone, is mostly the timer's and the scheduler's noise."""
+  forward(ids_BxL).block_until_ready()
+  calls = 1
+  while _seconds_per_call(forward, ids_BxL, calls) * calls < min_seconds:
+    calls *= 2
+  return calls
+
+
+def seconds_per_forward(model: model_lib.Encoder, params, ids_BxL: jax.Array, head: str, *, repeats: int = 5,
+                        min_seconds: float = 0.0) -> float:
+  """Median wall seconds of one jitted forward pass on `ids_BxL` over `repeats` timings (compile excluded)."""
+  forward = forward_fn(model, params, head)
+  calls = _calls_to_fill(forward, ids_BxL, min_seconds)
+  return float(np.median([_seconds_per_call(forward, ids_BxL, calls) for _ in range(repeats)]))
+
+
+SPEED_TIMING = "median of 7 rounds taken in turn, each ≥ 0.2 s of calls"  # speed_report's defaults, in words
+
+
+def speed_report(models: dict, batch_sizes: tuple[int, ...], seq_len: int, *, repeats: int = 7,
+                 min_seconds: float = 0.2) -> dict:
   """{name: {f"{head}_tokens_per_s_batch{b}": ...}} with every model timed on the same inputs, one batch size
-  and head at a time, models interleaved (so a change in the machine's load hits them alike)."""
+  and head at a time. The models take turns: `repeats` rounds, each timing every model once (the order
+  reversed every other round) over enough calls in a row to last `min_seconds`; a model's figure is its median
+  over rounds. So a change in the machine's load hits the models alike, and a ratio of two figures holds at
+  batch 1 too (a single call of a few ms is mostly timer noise)."""
   vocab = min(m.cfg.vocab_size for m, _ in models.values())
   out = {name: {} for name in models}
   for b in batch_sizes:
     ids = speed_inputs(b, seq_len, vocab)
     for head in SPEED_HEADS:
-      for name, (model, params) in models.items():
-        out[name][f"{head}_tokens_per_s_batch{b}"] = b * seq_len / seconds_per_forward(model, params, ids, head,
-                                                                                       repeats=repeats)
+      forwards = {name: forward_fn(model, params, head) for name, (model, params) in models.items()}
+      calls = {name: _calls_to_fill(f, ids, min_seconds) for name, f in forwards.items()}
+      times = {name: [] for name in models}
+      for r in range(repeats):
+        for name in (list(models) if r % 2 == 0 else list(models)[::-1]):
+          times[name].append(_seconds_per_call(forwards[name], ids, calls[name]))
+      for name in models:
+        out[name][f"{head}_tokens_per_s_batch{b}"] = b * seq_len / float(np.median(times[name]))
   return out
 
 

@@ -680,7 +680,7 @@ def _evaluate(config, data_dir, probs_by_prefix: dict, specials, teacher, teache
     lines.append(line)
   if teacher is not None and config.train.speed_batches:
     figures = evaluate.speed_report({"teacher": (teacher, teacher_params), "student": (student, student_params)},
-                                    tuple(config.train.speed_batches), config.data.max_len, repeats=3)
+                                    tuple(config.train.speed_batches), config.data.max_len)
     heads = {"cls": "encoder + classifier", "mlm": "encoder + masked-LM head"}
     speedups = []
     for key, value in figures["student"].items():

@@ -1,5 +1,6 @@
 """Held-out evaluation: the gathered-position scoring against a direct computation, and the command line."""
 import json
+import time
 
 import jax
 import jax.numpy as jnp
@@ -140,23 +141,44 @@ def test_uniform_masking_accuracy_hand_checked():
   assert abs(scores["rare"].accuracy - 3 / 4) < 0.01  # B is missed with probability 18·10^-4.2 ≈ 0.001
 
 
-def test_speed_times_every_model_on_the_same_inputs(tiny_teacher, monkeypatch):
+def test_speed_times_every_model_on_the_same_inputs_in_turns(tiny_teacher, monkeypatch):
+  """Each round times every model once, on the same inputs, the order reversed every other round; a model's
+  figure is the median of its rounds (one slow round, as when the machine is busy for a moment, drops out)."""
   teacher, tp, student, sp = _models(tiny_teacher)
   seen = []
+  monkeypatch.setattr(evaluate, "forward_fn", lambda model, params, head: (model.cfg.num_layers, head))
+  monkeypatch.setattr(evaluate, "_calls_to_fill", lambda forward, ids, min_seconds: 3)
 
-  def fake_seconds(model, params, ids, head, repeats=5):
-    seen.append((model.cfg.num_layers, head, ids))
-    return 0.5 if model is teacher else 0.25
+  def fake_seconds(forward, ids, calls):
+    seen.append((forward, ids, calls))
+    layers = forward[0]
+    slow = 10.0 if len(seen) == 3 else 1.0  # the teacher's second round at batch 1, cls
+    return slow * (0.5 if layers == 2 else 0.25)
 
-  monkeypatch.setattr(evaluate, "seconds_per_forward", fake_seconds)
-  report = evaluate.speed_report({"teacher": (teacher, tp), "student": (student, sp)}, (1, 4), 16)
-  assert len(seen) == 2 * 2 * 2  # batch sizes x heads x models
-  for i in range(0, len(seen), 2):
-    (t_layers, t_head, t_ids), (s_layers, s_head, s_ids) = seen[i], seen[i + 1]
-    assert (t_layers, s_layers) == (2, 1) and t_head == s_head
-    assert t_ids is s_ids
-  assert {ids.shape for _, _, ids in seen} == {(1, 16), (4, 16)}
+  monkeypatch.setattr(evaluate, "_seconds_per_call", fake_seconds)
+  report = evaluate.speed_report({"teacher": (teacher, tp), "student": (student, sp)}, (1, 4), 16, repeats=3)
+  assert len(seen) == 2 * 2 * 3 * 2  # batch sizes x heads x rounds x models
+  assert all(calls == 3 for _, _, calls in seen)
+  for group in range(0, len(seen), 6):  # one batch size and head: rounds alternate who goes first
+    order = [forward[0] for forward, _, _ in seen[group:group + 6]]
+    assert order == [2, 1, 1, 2, 2, 1]
+    assert len({forward[1] for forward, _, _ in seen[group:group + 6]}) == 1
+    assert len({id(ids) for _, ids, _ in seen[group:group + 6]}) == 1  # the very same inputs
+  assert {ids.shape for _, ids, _ in seen} == {(1, 16), (4, 16)}
   assert report["student"]["cls_tokens_per_s_batch4"] == 2 * report["teacher"]["cls_tokens_per_s_batch4"] == 256
+  assert report["teacher"]["cls_tokens_per_s_batch1"] == 16 / 0.5  # the slow round is not the median
+
+
+def test_a_timing_lasts_long_enough_to_be_measured(tiny_teacher):
+  _, _, student, sp = _models(tiny_teacher)
+  forward = evaluate.forward_fn(student, sp, "cls")
+  ids = evaluate.speed_inputs(1, 8, 30522)
+  calls = evaluate._calls_to_fill(forward, ids, 0.5)
+  assert calls > 1  # a tiny forward takes well under half a second
+  start = time.perf_counter()
+  evaluate._seconds_per_call(forward, ids, calls)
+  assert time.perf_counter() - start >= 0.2  # the calls fill about the time asked (not a timed assertion on speed)
+  assert evaluate._calls_to_fill(forward, ids, 0.0) == 1
 
 
 def test_classifier_timing_runs_without_the_vocabulary_projection(tiny_teacher):

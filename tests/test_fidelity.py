@@ -527,3 +527,34 @@ def test_two_processes_may_not_run_the_same_stage_of_one_study(tiny_teacher, tmp
     holder.kill()
     holder.wait()
   fidelity.run_study(cfg, out, teacher=str(tiny_teacher), stages=("students",))  # the lock went with its holder
+
+
+def test_plot_of_a_given_teacher_leaves_out_the_empty_curve_panel_and_shows_every_bar(tmp_path, monkeypatch):
+  """A study of a given teacher has no teacher curve: the plot has two panels, not an empty third, and the
+  masked-LM panel's height fits the tallest share (a student above its teacher under rare-token masking)."""
+  import matplotlib.axes
+  cfg = fidelity_config.get_config("tiny:/nowhere")
+  cfg.variants = ("full",)
+  scores = {"in_domain": {"uniform_mlm_accuracy": 0.2, "mlm_accuracy": 0.05},
+            "out_of_domain": {"uniform_mlm_accuracy": 0.2, "mlm_accuracy": 0.05}}
+  student = {c: {k: v * (3.0 if k == "mlm_accuracy" else 0.9) for k, v in s.items()} for c, s in scores.items()}
+  results = {"teacher": {"path": "/given"}, "mlm": {"teacher": scores, "full/seed0": student}, "finetune": []}
+  share_limits, original_set = [], matplotlib.axes.Axes.set
+
+  def recording_set(self, **kw):
+    if kw.get("ylabel") == "% of the teacher":
+      share_limits.append(kw["ylim"])
+    return original_set(self, **kw)
+
+  monkeypatch.setattr(matplotlib.axes.Axes, "set", recording_set)
+
+  def width_px(curve):
+    results["teacher"]["curve"] = curve
+    path = tmp_path / f"plot{len(curve)}.png"
+    fidelity.plot(cfg, results, path)
+    return int.from_bytes(path.read_bytes()[16:20], "big")  # the PNG header's width
+
+  given = width_px([])
+  trained = width_px([{"step": 2, "accuracy": 0.1}, {"step": 4, "accuracy": 0.2}])
+  assert given < trained  # two panels against three
+  assert share_limits[0][1] > 300  # the student keeps 300% of the rare-token accuracy: its bar is not cut off

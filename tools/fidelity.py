@@ -730,7 +730,7 @@ def speed_stage(cfg, out: pathlib.Path, teacher: str, run_missing: bool = True) 
     figures = evaluate.speed_report(models, tuple(cfg.eval.speed_batches), cfg.eval.speed_seq_len)
     import jax
     device = {"device": jax.devices()[0].device_kind, "platform": jax.devices()[0].platform}
-    done.update(device, seq_len=cfg.eval.speed_seq_len)
+    done.update(device, seq_len=cfg.eval.speed_seq_len, timing=evaluate.SPEED_TIMING)
     for shape in ready:  # each speed-up against the teacher timed beside it, on the device named with it
       student = figures[f"student{shape}"]
       entry = {"student": student, "teacher": figures["teacher"], **device, "model": model_stamp(ready[shape]),
@@ -1061,7 +1061,8 @@ def write_report(cfg, results: dict, out: pathlib.Path, command: str) -> str:
     lines.append(f"| `{name}` | " + " | ".join(cells) + f" | {_pct(finetune_values(rows, name, f.domains))} | "
                  + paired + " |")
   lines += ["", "## Speed as deployed", "",
-            f"Teacher and `full` student timed on the same inputs (seq {speed.get('seq_len')}, median of 5, "
+            f"Teacher and `full` student timed on the same inputs (seq {speed.get('seq_len')}, "
+            f"{speed.get('timing', 'median of 5')}, "
             "compile excluded): tokens/s and the student's speed-up.", "",
             "| | " + " | ".join(k.replace("_tokens_per_s_batch", ", batch ") for k in speed.get("student", {}))
             + " |", "|---|" + "---:|" * len(speed.get("student", {}))]
@@ -1079,36 +1080,44 @@ def write_report(cfg, results: dict, out: pathlib.Path, command: str) -> str:
   return text
 
 
+def _labels(ax, positions, names) -> None:
+  """Row names under bars, slanted and ending at their bar, so long names (`minilmv2@6x256`) do not overlap."""
+  ax.set_xticks(list(positions), names, rotation=30, ha="right", rotation_mode="anchor", fontsize=8)
+
+
 def plot(cfg, results: dict, path: pathlib.Path) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  fig, (ax_t, ax_m, ax_f) = plt.subplots(1, 3, figsize=(15, 4))
-  curve = results["teacher"].get("curve") or []
+  curve = results["teacher"].get("curve") or []  # none for a given teacher: its panel is left out
+  fig, axes = plt.subplots(1, 3 if curve else 2, figsize=(15 if curve else 11, 4.6))
+  ax_m, ax_f = axes[-2:]
   if curve:
-    ax_t.plot([c["step"] for c in curve], [100 * c["accuracy"] for c in curve], marker="o")
-    ax_t.set_xscale("log", base=2)  # a straight line: the same gain for every doubling, no plateau yet
-  ax_t.set(title="teacher: held-out masked-LM accuracy", xlabel="step (log scale)", ylabel="%")
+    axes[0].plot([c["step"] for c in curve], [100 * c["accuracy"] for c in curve], marker="o")
+    axes[0].set_xscale("log", base=2)  # a straight line: the same gain for every doubling, no plateau yet
+    axes[0].set(title="teacher: held-out masked-LM accuracy", xlabel="step (log scale)", ylabel="%")
   names, mlm = row_names(cfg), results["mlm"]
   students = names[1:]
   width = 0.8 / len(MLM_COLUMNS)
+  top = 100.0
   for i, (corpus, key, label) in enumerate(MLM_COLUMNS):  # each student's share of the teacher, per column
     teacher = mlm.get("teacher", {}).get(corpus, {}).get(key, math.nan)
     stats = [mean_sd(mlm_values(mlm, n, corpus, key)) for n in students]
-    ax_m.bar([j + i * width for j in range(len(students))], [100 * _share(m, teacher) for m, _ in stats], width,
-             yerr=[100 * _share(s, teacher) for _, s in stats], label=label)
+    shares = [100 * _share(m, teacher) for m, _ in stats]
+    spreads = [100 * _share(s, teacher) for _, s in stats]
+    ax_m.bar([j + i * width for j in range(len(students))], shares, width, yerr=spreads, label=label)
+    top = max([top] + [m + s for m, s in zip(shares, spreads) if not math.isnan(m + s)])
   ax_m.axhline(100 * TARGET_RETAINED, color="k", linestyle="--", linewidth=1, label="target (97%)")
-  ax_m.set_xticks([j + 0.4 - width / 2 for j in range(len(students))], students, rotation=30, fontsize=8)
-  ax_m.set(title="masked-LM accuracy kept of the teacher's", ylabel="% of the teacher", ylim=(0, 145),
-           yticks=range(0, 101, 20))
-  ax_m.legend(fontsize=7, loc="upper center", ncol=2)  # above the bars: 100-145% is theirs
+  _labels(ax_m, [j + 0.4 - width / 2 for j in range(len(students))], students)
+  ax_m.set(title="masked-LM accuracy kept of the teacher's", ylabel="% of the teacher", ylim=(0, 1.35 * top))
+  ax_m.legend(fontsize=7, loc="upper center", ncol=3)  # in the room above the tallest bar
   ft_names = [*names, "full_D"]
   stats = [mean_sd(finetune_values(results["finetune"], n, cfg.finetune.domains)) for n in ft_names]
   ax_f.bar(range(len(ft_names)), [100 * m for m, _ in stats], yerr=[100 * s for _, s in stats])
-  ax_f.set_xticks(range(len(ft_names)), ft_names, rotation=30, fontsize=8)
+  _labels(ax_f, range(len(ft_names)), ft_names)
   lo = min((100 * m for m, _ in stats if not math.isnan(m)), default=0)
   ax_f.set(title="mean fine-tuned sentiment accuracy", ylabel="%", ylim=(max(lo - 10, 0), 100))
-  for ax in (ax_t, ax_m, ax_f):
+  for ax in axes:
     ax.grid(alpha=0.3)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
