@@ -135,19 +135,12 @@ def _calls_to_fill(forward, ids_BxL: jax.Array, min_seconds: float) -> int:
   return calls
 
 
-def seconds_per_forward(model: model_lib.Encoder, params, ids_BxL: jax.Array, head: str, *, repeats: int = 5,
-                        min_seconds: float = 0.0) -> float:
-  """Median wall seconds of one jitted forward pass on `ids_BxL` over `repeats` timings (compile excluded)."""
-  forward = forward_fn(model, params, head)
-  calls = _calls_to_fill(forward, ids_BxL, min_seconds)
-  return float(np.median([_seconds_per_call(forward, ids_BxL, calls) for _ in range(repeats)]))
+SPEED_ROUNDS, SPEED_MIN_SECONDS = 7, 0.2  # speed_report's defaults, and in words for reports:
+SPEED_TIMING = f"median of {SPEED_ROUNDS} rounds taken in turn, each ≥ {SPEED_MIN_SECONDS} s of calls"
 
 
-SPEED_TIMING = "median of 7 rounds taken in turn, each ≥ 0.2 s of calls"  # speed_report's defaults, in words
-
-
-def speed_report(models: dict, batch_sizes: tuple[int, ...], seq_len: int, *, repeats: int = 7,
-                 min_seconds: float = 0.2) -> dict:
+def speed_report(models: dict, batch_sizes: tuple[int, ...], seq_len: int, *, repeats: int = SPEED_ROUNDS,
+                 min_seconds: float = SPEED_MIN_SECONDS) -> dict:
   """{name: {f"{head}_tokens_per_s_batch{b}": ...}} with every model timed on the same inputs, one batch size
   and head at a time. The models take turns: `repeats` rounds, each timing every model once (the order
   reversed every other round) over enough calls in a row to last `min_seconds`; a model's figure is its median

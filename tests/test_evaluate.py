@@ -187,4 +187,5 @@ def test_classifier_timing_runs_without_the_vocabulary_projection(tiny_teacher):
   out = cls_model.apply({"params": cls_params}, evaluate.speed_inputs(2, 8, student.cfg.vocab_size),
                         compute_logits=False)
   assert out.logits is None and out.class_logits.shape == (2, 2)
-  assert evaluate.seconds_per_forward(student, sp, evaluate.speed_inputs(2, 8, 30522), "cls", repeats=1) > 0
+  forward = evaluate.forward_fn(student, sp, "cls")  # what speed_report times: the same, with a random head
+  assert forward(evaluate.speed_inputs(2, 8, student.cfg.vocab_size)).shape == (2, 2)
