@@ -227,6 +227,7 @@ def test_study_end_to_end_on_the_tiny_preset_and_its_resume(tmp_path, tiny_teach
   report = (out / "REPORT.md").read_text()
   for text in ("## Targets", "`full`", "`mlm_only`", "`no_cos`", "`full_D`", "King James", "seed",
                "## Layer losses and narrower students", "`tinybert@1x32`", "− teacher, paired",
+               "## Ablation: each row against the triple loss, seed by seed", "| `no_cos` | without L_cos | ",
                "## Budget: does the gap close with training?", "| `full` | 4 | ", "| `full` | 6 | ",
                "| `full`, per doubling | |"):
     assert text in report
@@ -503,6 +504,29 @@ def test_layer_table_compares_each_recipe_with_the_triple_loss_of_its_shape_seed
   assert by_row["| `tinybert`"][6] == "+1.50 ± 0.71" and by_row["| `tinybert`"][8] == "+1.50 ± 0.71"
   assert by_row["| `minilmv2@1x32`"][6] == "+3.00 ± 2.83"  # against full@1x32 (+5, +1), not against full
   assert by_row["| `minilmv2@1x32`"][2] == "50.0M" and by_row["| `tinybert`"][3] == "32.50 ± 2.12"
+
+
+def test_ablation_table_gives_each_row_against_the_triple_loss_seed_by_seed_beside_the_paper():
+  cfg = fidelity_config.get_config("tiny:/nowhere")
+  cfg.variants = ("full", "no_cos", "mlm_only", "uniform")
+  cfg.finetune.domains = ("imdb",)
+
+  def entry(acc):
+    return {c: {"mlm_accuracy": acc / 2, "uniform_mlm_accuracy": acc} for c in ("in_domain", "out_of_domain")}
+
+  figures = {"full": (0.30, 0.32), "no_cos": (0.29, 0.33), "mlm_only": (0.20, 0.21), "uniform": (0.4, 0.4)}
+  mlm = {f"{name}/seed{seed}": entry(acc[seed]) for name, acc in figures.items() for seed in (0, 1)}
+  rows = [{"model": f"{name}/seed{seed}", "seed": seed, "domain": "imdb", "accuracy": 0.8 + acc[seed]}
+          for name, acc in figures.items() for seed in (0, 1)]
+  lines = fidelity._ablation_lines(cfg, {"mlm": mlm, "finetune": rows})
+  by_row = {line.split(" | ")[0]: line.split(" | ") for line in lines if line.startswith("| `")}
+  assert list(by_row) == ["| `no_cos`", "| `mlm_only`"]  # the paper's rows only; `full` is the reference
+  assert by_row["| `no_cos`"][2] == "+0.00 ± 1.41"  # (-1, +1): nothing, with its spread
+  assert by_row["| `no_cos`"][3] == "+0.00 ± 0.71"  # rare-token column: half the figures
+  assert by_row["| `mlm_only`"][2] == "-10.50 ± 0.71" and by_row["| `mlm_only`"][6] == "-10.50 ± 0.71"
+  assert by_row["| `no_cos`"][7] == "-1.46 |" and by_row["| `mlm_only`"][7] == "— |"
+  cfg.variants = ("full", "uniform")
+  assert fidelity._ablation_lines(cfg, {"mlm": mlm, "finetune": rows}) == []  # no ablation row, no section
 
 
 def test_two_processes_may_not_run_the_same_stage_of_one_study(tiny_teacher, tmp_path, monkeypatch):

@@ -941,6 +941,32 @@ def _layer_lines(cfg, results: dict) -> list[str]:
   return lines
 
 
+ABLATION_ROWS = ("random_init", "no_ce", "no_cos", "no_mlm", "mlm_only")
+
+
+def _ablation_lines(cfg, results: dict) -> list[str]:
+  """The paper's ablation: each row minus the triple-loss student of the same seed, beside the paper's change."""
+  names = [v for v in ABLATION_ROWS if v in cfg.variants]
+  if not names or "full" not in cfg.variants:
+    return []
+  mlm, rows = results["mlm"], results["finetune"]
+  lines = ["", "## Ablation: each row against the triple loss, seed by seed", "",
+           "Each row minus the triple-loss student (`full`) distilled with the same seed (the same batches, masked "
+           "positions and held-out sentences), in points: mean ± standard deviation of the paired differences; a "
+           "difference inside twice its spread is not a result. Paper: the change in GLUE macro score in the "
+           "DistilBERT paper's ablation, with a far stronger teacher and budget (compare the ranking, not the "
+           "sizes).", "",
+           "| row | | " + " | ".join(label for _, _, label in MLM_COLUMNS) + " | fine-tuned mean | paper (GLUE) |",
+           "|---|---|" + "---:|" * (len(MLM_COLUMNS) + 2)]
+  for name in names:
+    cells = [_pct(mlm_paired_differences(mlm, name, "full", corpus, key), "+") for corpus, key, _ in MLM_COLUMNS]
+    paper = PAPER_GLUE_DELTA.get(name)
+    lines.append(f"| `{name}` | {describe(name)} | " + " | ".join(cells) + " | "
+                 + _pct(paired_differences(rows, name, "full", cfg.finetune.domains), "+") + " | "
+                 + (f"{paper:+.2f}" if paper is not None else "—") + " |")
+  return lines
+
+
 def budget_rows(cfg, mlm: dict) -> dict[str, list[tuple[int, dict[str, float]]]]:
   """{row at the study's budget: [(steps, {MLM column label: mean share of the teacher}), ...]} for every row
   that has a RECIPE:STEPS sibling in the study, budgets ascending (rows without scores yet left out)."""
@@ -1069,6 +1095,7 @@ def write_report(cfg, results: dict, out: pathlib.Path, command: str) -> str:
   for name in ("teacher", "student"):
     lines.append(f"| {name} | " + " | ".join(f"{v:,.0f}" for v in speed.get(name, {}).values()) + " |")
   lines.append("| speed-up | " + " | ".join(f"{v:.2f}×" for v in speed.get("speedup", {}).values()) + " |")
+  lines += _ablation_lines(cfg, results)
   lines += _budget_lines(cfg, mlm)
   lines += _layer_lines(cfg, results)
   if results.get("failed"):
