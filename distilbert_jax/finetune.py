@@ -41,7 +41,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from distilbert_jax import checkpoint, data, distributed, hf, metrics, ner, qa, sharding, tasks, trainer, validation
+from distilbert_jax import (allocator, checkpoint, data, distributed, hf, metrics, ner, qa, sharding, tasks, trainer,
+                            validation)
 from distilbert_jax import model as model_lib
 
 log = logging.getLogger("distilbert_jax.finetune")
@@ -86,8 +87,9 @@ def default_config() -> ml_collections.ConfigDict:
   # Question answering (task_head="span"): windows of max_len tokens over long contexts, `doc_stride` tokens
   # shared by neighbours; answers of at most max_answer_len tokens chosen among the n_best starts and ends.
   c.qa = ml_collections.ConfigDict(dict(doc_stride=128, n_best=20, max_answer_len=30))
-  # How the model computes (as distillation's config.compute): dtype, remat, remat_policy, attention.
-  c.compute = ml_collections.ConfigDict(dict(dtype="float32", remat=False, remat_policy="full", attention="einsum"))
+  # How the model computes (as distillation's config.compute): dtype, remat, remat_policy, attention, dropout_bits.
+  c.compute = ml_collections.ConfigDict(dict(dtype="float32", remat=False, remat_policy="full", attention="einsum",
+                                             dropout_bits=16))
 
   # Distillation during fine-tuning: a teacher fine-tuned on this task, its logits as soft targets.
   c.distill = ml_collections.ConfigDict(dict(teacher="", alpha=0.5, temperature=2.0))
@@ -445,6 +447,7 @@ def validate_run(config, workdir: pathlib.Path):
                                  ".csv/.tsv/.json/.jsonl file")
   validation.check_ranges(config, RANGES)
   validation.check_choice("--config.train.dropout_rng", config.train.dropout_rng, trainer.DROPOUT_RNGS)
+  validation.check_choice("--config.compute.dropout_bits", config.compute.dropout_bits, model_lib.DROPOUT_BITS)
   if config.task_head not in TASK_READERS:
     raise validation.ConfigError(f"--config.task_head={config.task_head!r} is not a task head: use one of "
                                  f"{', '.join(TASK_READERS)}")
@@ -769,4 +772,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+  allocator.reexec()  # tcmalloc where installed: a faster CPU step (allocator.py)
   sys.exit(main())

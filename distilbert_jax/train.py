@@ -29,8 +29,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from distilbert_jax import (checkpoint, data, distributed, evaluate, losses, masking, metrics, sharding, trainer,
-                            validation)
+from distilbert_jax import (allocator, checkpoint, data, distributed, evaluate, losses, masking, metrics, sharding,
+                            trainer, validation)
 from distilbert_jax import model as model_lib
 from distilbert_jax import student as student_lib
 
@@ -60,8 +60,10 @@ def default_config() -> ml_collections.ConfigDict:
 
   # How the student computes (EncoderConfig fields that leave the parameters alone, so a resume may change
   # them): dtype, per-layer remat and its policy, attention via einsum or jax.nn.dot_product_attention
-  # ("dot_product"; "cudnn" on NVIDIA GPUs in bf16). The teacher gets dtype and attention.
-  c.compute = ml_collections.ConfigDict(dict(dtype="float32", remat=False, remat_policy="full", attention="einsum"))
+  # ("dot_product"; "cudnn" on NVIDIA GPUs in bf16), random bits per dropout decision (model.DROPOUT_BITS: 16,
+  # or 32 as flax's nn.Dropout and runs before 2026-12-07). The teacher gets dtype and attention.
+  c.compute = ml_collections.ConfigDict(dict(dtype="float32", remat=False, remat_policy="full", attention="einsum",
+                                             dropout_bits=16))
 
   c.data = ml_collections.ConfigDict()
   c.data.sources = ()  # text files/folders/globs, "hf:NAME[:CONFIG]", "tfds:NAME[:CONFIG]"
@@ -775,6 +777,7 @@ def validate_config(config):
   if config.layer_loss.projection not in PROJECTIONS:
     raise ConfigError(f"--config.layer_loss.projection={config.layer_loss.projection!r}: use one of {PROJECTIONS}")
   validation.check_choice("--config.train.dropout_rng", config.train.dropout_rng, trainer.DROPOUT_RNGS)
+  validation.check_choice("--config.compute.dropout_bits", config.compute.dropout_bits, model_lib.DROPOUT_BITS)
   if config.train.stop_at_plateau and not (config.train.eval_every and config.data.eval_batches
                                            and config.data.held_out_fraction):
     raise ConfigError(f"--config.train.stop_at_plateau={config.train.stop_at_plateau} judges the held-out curve, "
@@ -808,4 +811,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+  allocator.reexec()  # tcmalloc where installed: a faster CPU step (allocator.py)
   sys.exit(main())

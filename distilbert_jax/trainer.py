@@ -31,7 +31,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from distilbert_jax import checkpoint, distributed, hf, metrics, sharding, validation
+from distilbert_jax import allocator, checkpoint, distributed, hf, metrics, sharding, validation
 from distilbert_jax import model as model_lib
 
 log = logging.getLogger("distilbert_jax.trainer")
@@ -512,6 +512,7 @@ def cli(run_fn, config_help: str, user_errors: tuple[type[Exception], ...] = (),
   config_flag, workdir_flag = parsed
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
   logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax narrates every save at INFO
+  log.info(allocator.describe())
   try:
     distributed.initialize(config_flag.value.get("distributed"))  # before anything uses jax
     if cache_dir is not None:

@@ -1,4 +1,5 @@
 """The encoder itself: axes, dropout, dtypes, remat (and its policies), fused attention, the head alone."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -43,6 +44,62 @@ def test_dropout_only_when_not_deterministic(params):
                   rngs={"dropout": jax.random.key(2)})
   assert np.array_equal(a.logits, b.logits)
   assert not np.allclose(a.logits, c.logits) and not np.allclose(c.logits, d.logits)
+
+
+def _dropout(rate, x, key=jax.random.key(0)):
+  return np.asarray(model_lib.Dropout(rate).apply({}, x, False, rngs={"dropout": key}))
+
+
+def test_dropout_draws_two_16_bit_decisions_per_word():
+  """Hand-checked on a small input: the module's key gives one 32-bit word per two elements of the last axis
+  (an odd axis leaves the last high half unused); the low half decides the even element, the high half the odd
+  one; an element is kept where its 16-bit draw is below round(0.9 · 65536) = 58,982, and divided by
+  58,982 / 65,536."""
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 4, 5)).astype(np.float32))
+  key = model_lib.Dropout(0.1).apply({}, rngs={"dropout": jax.random.key(7)}, method=lambda m: m.make_rng("dropout"))
+  words = np.asarray(jax.random.bits(key, (3, 4, 3), jnp.uint32))
+  draws = np.stack([words & 0xFFFF, words >> 16], axis=-1).reshape(3, 4, 6)[..., :5]
+  keep = draws < 58982
+  expected = np.where(keep, np.asarray(x) / np.float32(58982 / 65536), 0.0)
+  got = _dropout(0.1, x, jax.random.key(7))
+  np.testing.assert_allclose(got, expected, rtol=1e-6)
+  assert np.array_equal(got != 0, keep) and 0 < keep.sum() < keep.size
+
+
+def test_dropout_keeps_the_rounded_probability_and_the_expectation():
+  x = jnp.ones((64, 128, 33), jnp.float32)  # 270,336 decisions
+  kept = _dropout(0.1, x) != 0
+  p = 58982 / 65536
+  assert abs(kept.mean() - p) < 4 * np.sqrt(p * (1 - p) / kept.size)  # 4 standard errors
+  np.testing.assert_allclose(_dropout(0.1, x)[kept], 1 / p, rtol=1e-6)
+  np.testing.assert_allclose(_dropout(0.1, x).mean(), 1.0, atol=4 * np.sqrt((1 - p) / p / kept.size))
+  # The two halves of a word decide independently.
+  assert abs(np.corrcoef(kept[..., 0:32:2].ravel(), kept[..., 1:32:2].ravel())[0, 1]) < 0.01
+  # One draw per element against a threshold: with the same key, what a higher rate keeps a lower one keeps too.
+  kept_half = _dropout(0.5, x) != 0
+  assert abs(kept_half.mean() - 0.5) < 0.01 and not (kept_half & ~kept).any()
+  # Gradient: the mask divided by the keep probability.
+  grad = jax.grad(lambda v: jnp.sum(model_lib.Dropout(0.1).apply({}, v, False,
+                                                                   rngs={"dropout": jax.random.key(0)})))(x)
+  np.testing.assert_allclose(grad, np.where(kept, 1 / p, 0.0), rtol=1e-6)
+
+
+def test_dropout_edge_rates_dtypes_and_the_32_bit_choice():
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(4, 6)), jnp.bfloat16)
+  assert np.array_equal(_dropout(0.0, x), x) and np.array_equal(_dropout(1e-6, x), x)  # rounds to keep all
+  assert not _dropout(1.0, x).any() and _dropout(0.3, x).dtype == jnp.bfloat16
+  assert np.array_equal(model_lib.Dropout(0.3).apply({}, x, True), x)  # deterministic
+  # dropout_bits=32 is flax's own module (the bits runs made before 2026-12-07 drew); 16 draws other masks.
+  assert type(model_lib._dropout(CFG.replace(dropout_bits=32), 0.1)) is nn.Dropout
+  assert type(model_lib._dropout(CFG, 0.1)) is model_lib.Dropout and CFG.dropout_bits == 16
+  ids, mask = _ids()
+  run = lambda cfg, det: distilbert_jax.Encoder(cfg).apply(  # noqa: E731
+      {"params": distilbert_jax.init_params(distilbert_jax.Encoder(CFG), jax.random.key(0))}, ids,
+      attention_mask=mask, deterministic=det, rngs={"dropout": jax.random.key(1)}).logits
+  assert np.array_equal(run(CFG, True), run(CFG.replace(dropout_bits=32), True))
+  assert not np.allclose(run(CFG, False), run(CFG.replace(dropout_bits=32), False))
+  with pytest.raises(ValueError, match="dropout_bits must be one of"):
+    CFG.replace(dropout_bits=8)
 
 
 def _primitives(jaxpr, found=None):

@@ -56,8 +56,10 @@ def no_compile(monkeypatch):
 def _assert_refused(code, capsys, phrase):
   out, err = capsys.readouterr()
   assert code == 2, out + err
-  # Log records and a tokenizing progress bar may come before the refusal; the refusal is one line.
-  lines = [line for line in err.strip().splitlines() if not LOG_LINE.match(line) and "preprocess ->" not in line]
+  # Log records and a tokenizing progress bar (its "\r" redraws split into lines of their own, some empty) may
+  # come before the refusal; the refusal is one line.
+  lines = [line for line in err.strip().splitlines()
+           if line.strip() and not LOG_LINE.match(line) and "preprocess ->" not in line]
   assert len(lines) == 1 and lines[0].startswith("error: "), err
   assert "Traceback" not in err + out
   assert phrase in lines[0], lines[0]
@@ -90,6 +92,7 @@ TRAIN_CASES = [  # (id, extra flags, phrase the one line must hold)
     ("steps 0", ("--config.train.steps=0",), "--config.train.steps must be > 0, got 0"),
     ("ckpt_every 0", ("--config.train.ckpt_every=0",), "--config.train.ckpt_every must be > 0"),
     ("dropout_rng", ("--config.train.dropout_rng=philox",), "--config.train.dropout_rng='philox' is not one of"),
+    ("dropout_bits", ("--config.compute.dropout_bits=8",), "--config.compute.dropout_bits=8 is not one of 16, 32"),
     ("log_every 0", ("--config.train.log_every=0",), "--config.train.log_every must be > 0"),
     ("eval_every -1", ("--config.train.eval_every=-1",), "--config.train.eval_every must be >= 0"),
     ("keep 0", ("--config.train.keep=0",), "--config.train.keep must be > 0"),
@@ -180,6 +183,7 @@ FINETUNE_CASES = [
     ("epochs 0", ("--config.train.steps=0", "--config.train.epochs=0.0"), "--config.train.epochs must be > 0"),
     ("ckpt_every 0", ("--config.train.ckpt_every=0",), "--config.train.ckpt_every must be > 0"),
     ("dropout_rng", ("--config.train.dropout_rng=philox",), "--config.train.dropout_rng='philox' is not one of"),
+    ("dropout_bits", ("--config.compute.dropout_bits=8",), "--config.compute.dropout_bits=8 is not one of 16, 32"),
     ("log_every 0", ("--config.train.log_every=0",), "--config.train.log_every must be > 0"),
     ("max_len 0", ("--config.max_len=0",), "--config.max_len must be > 0"),
     ("max_len > positions", ("--config.max_len=512",), "--config.max_len=512 exceeds the 64 positions of the model"),

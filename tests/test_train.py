@@ -830,3 +830,25 @@ def test_layer_demo_recipes_build(recipe, minilm_path):
   layer = train.layer_loss_config(layers_demo.layer_loss, teacher_cfg, student_cfg)
   assert layer.active and layer.layer_map[-1] == (3, 6)
   assert bool(train.projection_shapes(layers_demo.layer_loss, teacher_cfg, student_cfg)) == (recipe == "tinybert")
+
+
+def test_compute_dropout_bits_reaches_the_student_and_the_step():
+  """`compute.dropout_bits` is the student's (16 by default); 32 is flax's nn.Dropout: another loss from the same
+  batch and keys, while without dropout the two steps are one."""
+  teacher_cfg = _models()[0].cfg
+  c = _step_config()
+  assert train.student_config(c, teacher_cfg).dropout_bits == 16
+  c.compute.dropout_bits = 32
+  assert train.student_config(c, teacher_cfg).dropout_bits == 32
+  models, batch = _models(), _batch()
+  teacher, tp, student, sp = models
+  flax_models = (teacher, tp, distilbert_jax.Encoder(student.cfg.replace(dropout_bits=32)), sp)
+  _, ours, _ = _one_step(_step_config(), (1, 1, 1), models, batch)
+  _, flax_dropout, _ = _one_step(_step_config(), (1, 1, 1), flax_models, batch)
+  assert student.cfg.dropout_bits == 16 and ours["loss"] != flax_dropout["loss"]
+  no_dropout = dict(dropout_rate=0.0, attention_dropout_rate=0.0)
+  _, a, _ = _one_step(_step_config(), (1, 1, 1), (teacher, tp, distilbert_jax.Encoder(
+      student.cfg.replace(**no_dropout)), sp), batch)
+  _, b, _ = _one_step(_step_config(), (1, 1, 1), (teacher, tp, distilbert_jax.Encoder(
+      student.cfg.replace(dropout_bits=32, **no_dropout)), sp), batch)
+  assert a["loss"] == b["loss"] and a["grad_norm"] == b["grad_norm"]
