@@ -133,7 +133,7 @@ class ModelMismatchError(RuntimeError):
 
 
 # EncoderConfig fields that change how the model computes, not its parameters: a run may resume with others.
-COMPUTE_FIELDS = ("dtype", "remat", "remat_policy", "attention")
+COMPUTE_FIELDS = ("dtype", "remat", "remat_policy", "attention", "dropout_bits")
 
 
 def _same_model(saved: dict | None, current: dict) -> bool:

@@ -528,7 +528,8 @@ def test_a_corpus_without_examples_is_a_one_line_config_error(tmp_path, minilm_p
 
 def test_compute_options_may_change_on_resume_but_not_the_model():
   cfg = distilbert_jax.EncoderConfig.bert(num_layers=2)
-  faster = cfg.replace(dtype="bfloat16", remat=True, remat_policy="dots_saveable", attention="dot_product")
+  faster = cfg.replace(dtype="bfloat16", remat=True, remat_policy="dots_saveable", attention="dot_product",
+                       dropout_bits=32)
   assert checkpoint._same_model(cfg.to_dict(), faster.to_dict())  # pylint: disable=protected-access
   assert not checkpoint._same_model(cfg.to_dict(), cfg.replace(num_layers=3).to_dict())  # pylint: disable=protected-access
   assert not checkpoint._same_model(cfg.to_dict(), faster.replace(num_labels=2).to_dict())  # pylint: disable=protected-access
