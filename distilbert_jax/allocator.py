@@ -39,10 +39,13 @@ def find_tcmalloc(environ: Mapping[str, str] = os.environ, folders=FOLDERS) -> s
   return None
 
 
+def _preloads(environ: Mapping[str, str]) -> list[str]:
+  return environ.get("LD_PRELOAD", "").replace(":", " ").split()  # ld.so takes spaces or colons
+
+
 def preloaded(environ: Mapping[str, str] = os.environ) -> str | None:
   """The tcmalloc entry of `LD_PRELOAD`, if any."""
-  entries = environ.get("LD_PRELOAD", "").replace(":", " ").split()
-  return next((e for e in entries if "tcmalloc" in pathlib.Path(e).name), None)
+  return next((e for e in _preloads(environ) if "tcmalloc" in pathlib.Path(e).name), None)
 
 
 def reexec_environment(environ: Mapping[str, str] = os.environ, platform: str = sys.platform,
@@ -52,7 +55,7 @@ def reexec_environment(environ: Mapping[str, str] = os.environ, platform: str = 
   if not platform.startswith("linux") or environ.get(OPT_OUT, "").lower() == "system" or preloaded(environ):
     return None
   library = find_tcmalloc(environ, folders)
-  if library is None or library in environ.get("LD_PRELOAD", "").replace(":", " ").split():
+  if library is None or library in _preloads(environ):
     return None
   env = dict(environ)
   env["LD_PRELOAD"] = " ".join(filter(None, (library, environ.get("LD_PRELOAD", ""))))

@@ -132,8 +132,7 @@ class ModelMismatchError(RuntimeError):
   """The workdir holds checkpoints of another model."""
 
 
-# EncoderConfig fields that change how the model computes, not its parameters: a run may resume with others.
-COMPUTE_FIELDS = ("dtype", "remat", "remat_policy", "attention", "dropout_bits")
+COMPUTE_FIELDS = model_lib.COMPUTE_FIELDS  # a run may resume with others
 
 
 def _same_model(saved: dict | None, current: dict) -> bool:

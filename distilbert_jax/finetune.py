@@ -87,9 +87,7 @@ def default_config() -> ml_collections.ConfigDict:
   # Question answering (task_head="span"): windows of max_len tokens over long contexts, `doc_stride` tokens
   # shared by neighbours; answers of at most max_answer_len tokens chosen among the n_best starts and ends.
   c.qa = ml_collections.ConfigDict(dict(doc_stride=128, n_best=20, max_answer_len=30))
-  # How the model computes (as distillation's config.compute): dtype, remat, remat_policy, attention, dropout_bits.
-  c.compute = ml_collections.ConfigDict(dict(dtype="float32", remat=False, remat_policy="full", attention="einsum",
-                                             dropout_bits=16))
+  c.compute = trainer.compute_config()  # how the model computes, as distillation's config.compute
 
   # Distillation during fine-tuning: a teacher fine-tuned on this task, its logits as soft targets.
   c.distill = ml_collections.ConfigDict(dict(teacher="", alpha=0.5, temperature=2.0))
@@ -446,8 +444,7 @@ def validate_run(config, workdir: pathlib.Path):
     raise validation.ConfigError(f"no task: set --config.task to a GLUE task ({', '.join(tasks.GLUE_TASKS)}) or a "
                                  ".csv/.tsv/.json/.jsonl file")
   validation.check_ranges(config, RANGES)
-  validation.check_choice("--config.train.dropout_rng", config.train.dropout_rng, trainer.DROPOUT_RNGS)
-  validation.check_choice("--config.compute.dropout_bits", config.compute.dropout_bits, model_lib.DROPOUT_BITS)
+  trainer.check_dropout(config)
   if config.task_head not in TASK_READERS:
     raise validation.ConfigError(f"--config.task_head={config.task_head!r} is not a task head: use one of "
                                  f"{', '.join(TASK_READERS)}")

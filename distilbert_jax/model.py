@@ -63,6 +63,9 @@ POOLER_ACTIVATIONS = {"tanh": jnp.tanh, "relu": jax.nn.relu}
 # attention -> `implementation` of jax.nn.dot_product_attention; "einsum" is this module's explicit path.
 ATTENTIONS = {"einsum": None, "dot_product": None, "cudnn": "cudnn"}
 DROPOUT_BITS = (16, 32)  # random bits per dropout decision (`Dropout`)
+# EncoderConfig fields that change how the model computes, not its parameters: a run's `config.compute`, which a
+# resumed run may change.
+COMPUTE_FIELDS = ("dtype", "remat", "remat_policy", "attention", "dropout_bits")
 # What a rematerialised layer keeps from its forward pass (see jax.checkpoint_policies); the rest is
 # recomputed in the backward pass. "full" keeps only the layer's inputs (nn.remat's default).
 REMAT_POLICIES = {

@@ -58,12 +58,8 @@ def default_config() -> ml_collections.ConfigDict:
   # EncoderConfig fields of a randomly initialised student (e.g. num_layers); a teacher's config fills the rest.
   c.student.overrides = ml_collections.ConfigDict()
 
-  # How the student computes (EncoderConfig fields that leave the parameters alone, so a resume may change
-  # them): dtype, per-layer remat and its policy, attention via einsum or jax.nn.dot_product_attention
-  # ("dot_product"; "cudnn" on NVIDIA GPUs in bf16), random bits per dropout decision (model.DROPOUT_BITS: 16,
-  # or 32 as flax's nn.Dropout and runs before 2026-12-07). The teacher gets dtype and attention.
-  c.compute = ml_collections.ConfigDict(dict(dtype="float32", remat=False, remat_policy="full", attention="einsum",
-                                             dropout_bits=16))
+  # How the student computes (trainer.compute_config; a resume may change it). The teacher gets dtype and attention.
+  c.compute = trainer.compute_config()
 
   c.data = ml_collections.ConfigDict()
   c.data.sources = ()  # text files/folders/globs, "hf:NAME[:CONFIG]", "tfds:NAME[:CONFIG]"
@@ -776,8 +772,7 @@ def validate_config(config):
                       "--config.layer_loss.alpha_*) is 0: nothing would be learned; give one a positive weight")
   if config.layer_loss.projection not in PROJECTIONS:
     raise ConfigError(f"--config.layer_loss.projection={config.layer_loss.projection!r}: use one of {PROJECTIONS}")
-  validation.check_choice("--config.train.dropout_rng", config.train.dropout_rng, trainer.DROPOUT_RNGS)
-  validation.check_choice("--config.compute.dropout_bits", config.compute.dropout_bits, model_lib.DROPOUT_BITS)
+  trainer.check_dropout(config)
   if config.train.stop_at_plateau and not (config.train.eval_every and config.data.eval_batches
                                            and config.data.held_out_fraction):
     raise ConfigError(f"--config.train.stop_at_plateau={config.train.stop_at_plateau} judges the held-out curve, "

@@ -27,6 +27,7 @@ from typing import Any, Callable
 import flax
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -360,6 +361,21 @@ def fit(state: TrainState, step_fn, batches, mesh, *, ckpts: checkpoint.RunCheck
 
 
 # ------------------------------------------------------------------------------------------------ a run's start and end
+
+def compute_config() -> ml_collections.ConfigDict:
+  """A run's `config.compute`: the EncoderConfig fields that leave the parameters alone (model.COMPUTE_FIELDS:
+  compute dtype, per-layer remat and its policy, attention via einsum or jax.nn.dot_product_attention
+  ("dot_product"; "cudnn" on NVIDIA GPUs in bf16), random bits per dropout decision (16, or 32 as flax's
+  nn.Dropout and runs before 2026-12-07)), at the model's defaults."""
+  defaults = model_lib.EncoderConfig()
+  return ml_collections.ConfigDict({f: getattr(defaults, f) for f in model_lib.COMPUTE_FIELDS})
+
+
+def check_dropout(config):
+  """The run's dropout generator (`train.dropout_rng`) and bits per decision (`compute.dropout_bits`)."""
+  validation.check_choice("--config.train.dropout_rng", config.train.dropout_rng, DROPOUT_RNGS)
+  validation.check_choice("--config.compute.dropout_bits", config.compute.dropout_bits, model_lib.DROPOUT_BITS)
+
 
 def check_mesh_rules(rules):
   """config.mesh.rules naming only mesh axes (shared by distillation and fine-tuning)."""
