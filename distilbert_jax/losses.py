@@ -61,8 +61,18 @@ def _squared_error_N(student_logits_NxV: jax.Array, teacher_logits_NxV: jax.Arra
 
 
 def _correct_N(logits_NxV: jax.Array, targets_N: jax.Array, weights_N: jax.Array) -> jax.Array:
-  """(N,) bool: the row is selected and its argmax is the target."""
-  return (jnp.argmax(logits_NxV, axis=-1) == targets_N.astype(jnp.int32)) & (weights_N > 0)
+  """(N,) bool: the row is selected and its argmax is the target (the first index among equal maxima).
+
+  The argmax is the target when no logit beats the target's: none is larger, and none before it is equal.
+  One comparison pass and an `any`, the same answer as `argmax(logits) == target` for logits without NaN, at a
+  quarter of its time on a CPU, where XLA's variadic argmax reduction is slow (BENCHMARKS.md "GELU and the
+  accuracy count").
+  """
+  targets_N = targets_N.astype(jnp.int32)
+  target_N1 = jnp.take_along_axis(logits_NxV, targets_N[:, None], axis=-1)
+  index_NxV = jax.lax.broadcasted_iota(jnp.int32, logits_NxV.shape, logits_NxV.ndim - 1)
+  beaten_NxV = (logits_NxV > target_N1) | ((logits_NxV == target_N1) & (index_NxV < targets_N[:, None]))
+  return ~jnp.any(beaten_NxV, axis=-1) & (weights_N > 0)
 
 
 def ce_loss(student_logits_NxV: jax.Array, teacher_logits_NxV: jax.Array, weights_N: jax.Array,

@@ -77,6 +77,26 @@ def test_mlm_accuracy_counts(data):
   assert int(correct) >= 1
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_mlm_accuracy_is_argmax_with_ties(dtype):
+  """Ties at the maximum count for the first index only, as argmax: logits rounded to a few values tie often."""
+  rng = np.random.default_rng(1)
+  s_NxV = rng.integers(0, 4, (64, 12)).astype(np.float32)  # every row has several maxima
+  s_NxV[0] = 3.0  # all equal: only index 0 is the argmax
+  targets_N = np.concatenate([s_NxV[:32].argmax(-1),  # the first maximum: correct
+                              [int(np.flatnonzero(row == row.max())[-1]) for row in s_NxV[32:48]],  # the last one
+                              rng.integers(0, 12, 16)]).astype(np.int32)
+  s_NxV[1], targets_N[1] = 3.0, 11  # all equal again, the target the last index: a maximum, not the first
+  weights_N = np.ones(64, np.float32)
+  weights_N[5] = 0.0
+  want = (s_NxV.argmax(-1) == targets_N) & (weights_N > 0)
+  assert 0 < want.sum() < 63 and not want[1]
+  correct, _ = losses.mlm_accuracy(jnp.asarray(s_NxV, dtype), targets_N, weights_N)
+  assert int(correct) == want.sum()
+  got_N = jax.jit(losses._correct_N)(jnp.asarray(s_NxV, dtype), targets_N, weights_N)
+  np.testing.assert_array_equal(got_N, want)
+
+
 def test_bf16_inputs_are_computed_in_float32(data):
   s_bf16 = jnp.asarray(data["s_NxV"], jnp.bfloat16)
   got = losses.mlm_loss(s_bf16, data["targets_N"], data["weights_N"])

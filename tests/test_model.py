@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 
 import distilbert_jax
 from distilbert_jax import model as model_lib
@@ -306,3 +307,22 @@ def test_roberta_packed_row_matches_its_examples_alone():
   for ids, rows in ((a, slice(0, 5)), (b, slice(5, 8))):
     alone = model.apply({"params": params}, ids[None])
     np.testing.assert_allclose(packed.logits[0, rows], alone.logits[0], atol=1e-5)
+
+
+def test_gelu_is_torchs_exact_gelu_with_its_gradient():
+  """The erf form PyTorch computes (BERT's "gelu"), tails included, in float32 and from bfloat16 inputs."""
+  x = np.concatenate([np.linspace(-12, 12, 2001), [-40.0, -6.0, 0.0, 6.0, 40.0]]).astype(np.float32)
+  tx = torch.from_numpy(x).requires_grad_()
+  want = torch.nn.functional.gelu(tx)
+  want.backward(torch.ones_like(tx))
+  got, vjp = jax.vjp(model_lib.gelu, jnp.asarray(x))
+  # Within float32 rounding of either (the tanh approximation is 1e-4 to 5e-4 off).
+  np.testing.assert_allclose(got, want.detach().numpy(), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(vjp(jnp.ones_like(got))[0], tx.grad.numpy(), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(got, jax.nn.gelu(x, approximate=False), rtol=1e-6, atol=1e-6)
+  assert np.abs(got - jax.nn.gelu(x, approximate=True)).max() > 1e-4
+  bf16 = jnp.asarray(x, jnp.bfloat16)
+  got_bf16 = model_lib.gelu(bf16)
+  assert got_bf16.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(got_bf16, model_lib.gelu(bf16.astype(jnp.float32)).astype(jnp.bfloat16))
+  assert model_lib.ACTIVATIONS["gelu"] is model_lib.gelu
