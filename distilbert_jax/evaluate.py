@@ -207,8 +207,9 @@ def evaluate_models(models: dict, sources: list[str], *, tokenizer: str | None =
   report = {}
   for name, (model, params) in models.items():
     if model.cfg.vocab_size != ds.vocab_size:
-      raise validation.ConfigError(f"{name} has a {model.cfg.vocab_size}-id vocabulary but the tokenizer {ds.vocab_size}: "
-                       "evaluate with the model's own tokenizer (--tokenizer)")
+      raise validation.ConfigError(
+          f"{name} has a {model.cfg.vocab_size}-id vocabulary but the tokenizer {ds.vocab_size}: "
+          "evaluate with the model's own tokenizer (--tokenizer)")
     report[name] = {"parameters": model_lib.count_params(params)}
     for masking_name in maskings:
       probs_V = masking.token_probs(counts, special_list, smoothing=MASKINGS[masking_name])

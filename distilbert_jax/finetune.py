@@ -16,8 +16,8 @@ Every head's outputs are rows of scores with one label each (`head_outputs`): a 
 classes, a tagged sentence one row per token over the tags, a question two rows (start, end) over the
 positions. So one loss serves all three, and so does distillation during fine-tuning (the paper's DistilBERT
 (D)): with `distill.teacher` (a model already fine-tuned on the same task) the loss is
-α·T²·KL(teacher/T ‖ student/T) + (1 − α)·CE(labels) over the rows, α·MSE(student, teacher) + (1 − α)·MSE(student,
-labels) for regression.
+α·T²·KL(teacher/T ‖ student/T) + (1 − α)·CE(labels) over the rows, α·MSE(student, teacher) +
+(1 − α)·MSE(student, labels) for regression.
 
 One batch: a task reader (`TASK_READERS`: `sequence_task`, `token_task`, `span_task`) reads the splits and
 says which head the task needs → `TaskSplits.encode` gives int32 (N, max_len) rows with (N, P) labels, checked
@@ -70,7 +70,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.num_labels = 0  # local files: number of classes, 1 = regression (default: max(label) + 1)
   c.validation_split = ""  # GLUE: default the task's first validation split (MNLI: validation_matched)
   c.validation_fraction = 0.1  # local files: held out for validation (deterministic by seed)
-  c.validation_file = ""  # a local file of validation examples in the task's format (the task's file is then all training)
+  # A local file of validation examples in the task's format (the task's file is then all training).
+  c.validation_file = ""
   # Token and span tasks: keep at most this many training / validation examples (0: all), a seeded random
   # choice, for runs that must stay short (the offline demos).
   c.max_train_examples = 0
@@ -145,7 +146,8 @@ SENTIMENT_PACKAGE = "sentiment@5.0.2"
 SENTIMENT_DOMAINS = ("imdb", "amazon", "yelp")
 
 
-def sentiment_file(domain: str, cache_dir: str | os.PathLike, local_dir: str | os.PathLike | None = None) -> pathlib.Path:
+def sentiment_file(domain: str, cache_dir: str | os.PathLike,
+                   local_dir: str | os.PathLike | None = None) -> pathlib.Path:
   """The JSON file of one domain of the "Sentiment Labelled Sentences" (`{"text", "class"}` rows, 0/1)."""
   if domain not in SENTIMENT_DOMAINS:
     raise tasks.TaskError(f"unknown sentiment domain {domain!r}; valid: {', '.join(SENTIMENT_DOMAINS)}")
@@ -568,7 +570,9 @@ NER_SAMPLES = ("wnut16",)
 
 
 def _ner_source(config) -> str:
-  return str(ner.sample_file(config.cache_dir, config.sample_dir or None)) if config.task in NER_SAMPLES else config.task
+  if config.task in NER_SAMPLES:
+    return str(ner.sample_file(config.cache_dir, config.sample_dir or None))
+  return config.task
 
 
 def token_task(config) -> TaskSplits:

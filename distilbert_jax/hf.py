@@ -164,8 +164,8 @@ TIED_DECODERS = ("cls.predictions.decoder.weight", "vocab_projector.weight", "lm
 
 # Keys a checkpoint may hold that we deliberately do not load: tied decoders (checked against their
 # source below), next-sentence prediction, and non-persistent buffers older checkpoints still wrote.
-IGNORED_KEYS = re.compile(r"^(cls\.predictions\.decoder\.(weight|bias)|vocab_projector\.weight|cls\.seq_relationship\..*"
-                          r"|lm_head\.decoder\.(weight|bias)|pred_layer\.proj\.weight"
+IGNORED_KEYS = re.compile(r"^(cls\.predictions\.decoder\.(weight|bias)|vocab_projector\.weight"
+                          r"|cls\.seq_relationship\..*|lm_head\.decoder\.(weight|bias)|pred_layer\.proj\.weight"
                           r"|(bert\.|distilbert\.|roberta\.)?embeddings\.(position_ids|token_type_ids)"
                           r"|(transformer\.)?position_ids)$")
 

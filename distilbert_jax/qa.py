@@ -286,7 +286,8 @@ def featurize(tokenizer, examples: Sequence[QAExample], max_len: int = 384, doc_
     for i, n in enumerate(q_lengths):
       if max_len - specials - n <= doc_stride:
         raise TaskError(f"question {examples[begin + i].id!r} has {n} tokens: with max_len={max_len} and "
-                        f"doc_stride={doc_stride} no window has room for its context; raise max_len or lower doc_stride")
+                        f"doc_stride={doc_stride} no window has room for its context; "
+                        "raise max_len or lower doc_stride")
     batch = tokenizer(questions[begin:stop], [e.context for e in examples[begin:stop]], max_length=max_len,
                       truncation="only_second", stride=doc_stride, return_overflowing_tokens=True,
                       return_offsets_mapping=True, padding="max_length", return_attention_mask=True,

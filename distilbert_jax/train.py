@@ -779,7 +779,8 @@ def validate_config(config):
                       "which is not measured: set --config.train.eval_every (e.g. 300), "
                       "--config.data.eval_batches (e.g. 40) and --config.data.held_out_fraction (e.g. 0.05), "
                       "or stop_at_plateau=0")
-  for flag, strategy in (("data.strategy", config.data.strategy), ("teacher_mlm.strategy", config.teacher_mlm.strategy)):
+  strategies = (("data.strategy", config.data.strategy), ("teacher_mlm.strategy", config.teacher_mlm.strategy))
+  for flag, strategy in strategies:
     if strategy not in data.STRATEGIES:
       raise ConfigError(f"{flag} {strategy!r}: use one of {data.STRATEGIES}")
   if config.mlm.scheme not in masking.SCHEMES:

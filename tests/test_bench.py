@@ -100,7 +100,7 @@ def test_jax_variants_are_timed_beside_the_default():
     bench.parse_variant("no-settings")
 
 
-def test_model_settings_of_a_variant_change_both_models_and_nothing_else():
+def test_model_settings_of_a_variant_change_both_models_or_the_teacher_and_nothing_else():
   import ml_collections
   from distilbert_jax import model as model_lib
   settings = {"model.dropout_rate": 0.0, "model.hidden_act": "gelu_new", "train.steps": 7}
@@ -113,6 +113,13 @@ def test_model_settings_of_a_variant_change_both_models_and_nothing_else():
   assert config.train.steps == 7 and "model" not in config
   with pytest.raises(SystemExit, match="no field drop_rate"):
     bench.with_model_settings(model, {"model.drop_rate": 0.0})
+  # teacher.FIELD: the teacher's alone (bench passes its prefixes for the teacher only).
+  teacher_only = {"teacher.dtype": "bfloat16", "model.dropout_rate": 0.0, "train.steps": 7}
+  assert bench.with_model_settings(model, teacher_only).cfg == model.cfg.replace(dropout_rate=0.0)
+  teacher = bench.with_model_settings(model, teacher_only, ("model.", "teacher."))
+  assert teacher.cfg == model.cfg.replace(dropout_rate=0.0, dtype="bfloat16")
+  config = bench.with_settings(ml_collections.ConfigDict({"train": {"steps": 1}}), teacher_only)
+  assert config.train.steps == 7 and "teacher" not in config
 
 
 def test_profile_shares_concurrent_time_and_names_each_phase(tmp_path):

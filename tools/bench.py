@@ -108,7 +108,8 @@ def parse_args(argv=None):
   p.add_argument("--jax-variant", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
                  help="a further JAX side timed beside the others, the run config with these settings (e.g. "
                       "rbg:train.dropout_rng=rbg), or both models' with model.FIELD (an EncoderConfig field, e.g. "
-                      "nodrop:model.dropout_rate=0.0,model.attention_dropout_rate=0.0); repeatable")
+                      "nodrop:model.dropout_rate=0.0,model.attention_dropout_rate=0.0), the teacher's alone with "
+                      "teacher.FIELD (e.g. tbf16:teacher.dtype=bfloat16); repeatable")
   args = p.parse_args(argv)
   try:
     args.jax_variant = dict(parse_variant(v) for v in args.jax_variant)
@@ -141,11 +142,11 @@ def parse_variant(text: str) -> tuple[str, dict]:
 
 
 def with_settings(config, settings: dict):
-  """A copy of the run config with dotted `settings` applied (each key must exist; `model.*` keys are not the
-  run config's: `with_model_settings`)."""
+  """A copy of the run config with dotted `settings` applied (each key must exist; `model.*` and `teacher.*` keys
+  are not the run config's: `with_model_settings`)."""
   config = config.copy_and_resolve_references()
   for key, value in settings.items():
-    if key.startswith("model."):
+    if key.startswith(("model.", "teacher.")):
       continue
     *parents, leaf = key.split(".")
     node = config
@@ -157,10 +158,10 @@ def with_settings(config, settings: dict):
   return config
 
 
-def with_model_settings(model: model_lib.Encoder, settings: dict) -> model_lib.Encoder:
-  """The model with the `model.FIELD` settings applied to its EncoderConfig (same parameters, another
-  computation: dropout rates, the activation, the attention path, remat)."""
-  fields = {key.removeprefix("model."): value for key, value in settings.items() if key.startswith("model.")}
+def with_model_settings(model: model_lib.Encoder, settings: dict, prefixes=("model.",)) -> model_lib.Encoder:
+  """The model with the `model.FIELD` settings (and those of the other `prefixes`) applied to its EncoderConfig
+  (same parameters, another computation: dropout rates, the activation, the attention path, remat, dtype)."""
+  fields = {key.split(".", 1)[1]: value for key, value in settings.items() if key.startswith(prefixes)}
   known = {f.name for f in dataclasses.fields(model.cfg)}
   unknown = sorted(set(fields) - known)
   if unknown:
@@ -500,7 +501,7 @@ def bench_variant(setup: Setup, restrict: bool) -> dict:
   for name, settings in args.jax_variant.items():
     sides[f"JAX[{name}]"] = _jax_step(setup, with_settings(config, settings),
                                       with_model_settings(setup.student, settings),
-                                      with_model_settings(setup.teacher, settings))
+                                      with_model_settings(setup.teacher, settings, ("model.", "teacher.")))
   for head in heads:
     step = TorchStep(load_torch(setup.folders["student"], dev).train(), load_torch(setup.folders["teacher"], dev),
                      config, setup.probs_V, device=dev, bf16=bf16, head=head)
