@@ -446,7 +446,7 @@ def validate_run(config, workdir: pathlib.Path):
     raise validation.ConfigError(f"no task: set --config.task to a GLUE task ({', '.join(tasks.GLUE_TASKS)}) or a "
                                  ".csv/.tsv/.json/.jsonl file")
   validation.check_ranges(config, RANGES)
-  trainer.check_dropout(config)
+  trainer.check_compute(config)
   if config.task_head not in TASK_READERS:
     raise validation.ConfigError(f"--config.task_head={config.task_head!r} is not a task head: use one of "
                                  f"{', '.join(TASK_READERS)}")

@@ -772,7 +772,7 @@ def validate_config(config):
                       "--config.layer_loss.alpha_*) is 0: nothing would be learned; give one a positive weight")
   if config.layer_loss.projection not in PROJECTIONS:
     raise ConfigError(f"--config.layer_loss.projection={config.layer_loss.projection!r}: use one of {PROJECTIONS}")
-  trainer.check_dropout(config)
+  trainer.check_compute(config)
   if config.train.stop_at_plateau and not (config.train.eval_every and config.data.eval_batches
                                            and config.data.held_out_fraction):
     raise ConfigError(f"--config.train.stop_at_plateau={config.train.stop_at_plateau} judges the held-out curve, "

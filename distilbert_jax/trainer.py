@@ -371,10 +371,14 @@ def compute_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({f: getattr(defaults, f) for f in model_lib.COMPUTE_FIELDS})
 
 
-def check_dropout(config):
-  """The run's dropout generator (`train.dropout_rng`) and bits per decision (`compute.dropout_bits`)."""
+def check_compute(config):
+  """How the run computes, before anything is loaded: its dropout generator (`train.dropout_rng`) and
+  `config.compute`, whose fields the model checks together (attention "cudnn" needs a 16-bit dtype)."""
   validation.check_choice("--config.train.dropout_rng", config.train.dropout_rng, DROPOUT_RNGS)
-  validation.check_choice("--config.compute.dropout_bits", config.compute.dropout_bits, model_lib.DROPOUT_BITS)
+  try:
+    model_lib.EncoderConfig(**config.compute)
+  except ValueError as e:
+    raise ConfigError(f"--config.compute: {e}") from None
 
 
 def check_mesh_rules(rules):
